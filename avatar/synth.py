@@ -1,0 +1,386 @@
+"""The synthetic talking head: our ground truth for tests, benchmarks and the demo.
+
+A real portrait photo (default: scikit-image's astronaut) becomes a textured 2.5-D head: every photo pixel
+of the head (found by GrabCut seeded with the tracked face) is lifted to 3-D — the face from the tracked
+canonical mesh's depth, hair and neck from a head ellipsoid — and expressed in MediaPipe's canonical face
+space. Expressions are deformation fields on those points (jaw rotation that opens onto a mouth interior,
+smile, per-eye blink, brow raise). Frames are rendered by z-buffered point splatting at 2× resolution and
+downsampled, over the photo's own room with the head inpainted out (the static background plate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from avatar import camera
+from avatar.tracking import CanonicalFace, FaceObservation
+
+EXPRESSION_NAMES = ("jaw_open", "smile", "blink_left", "blink_right", "brow_raise")
+NECK_PIVOT = np.array([0.0, -7.0, -6.0])  # canonical cm: heads turn about the neck, not the nose
+HEAD_ELLIPSOID_CENTER = np.array([0.0, 1.0, -3.5])  # canonical cm
+HEAD_ELLIPSOID_RADII = np.array([8.0, 12.5, 9.5])
+
+
+@dataclass
+class SynthHead:
+    """Points of the head in canonical space with their colours and expression deformation weights."""
+
+    points: np.ndarray  # [n, 3] float32 canonical cm
+    colors: np.ndarray  # [n, 3] float32 in [0, 1]
+    alpha: np.ndarray  # [n] float32 coverage (feathered at the neck cut)
+    jaw_weight: np.ndarray  # [n] how much of the jaw rotation a point follows
+    smile_disp: np.ndarray  # [n, 3] displacement at smile = 1
+    blink_disp: np.ndarray  # [2, n, 3] displacement at blink = 1 (left, right eye)
+    brow_disp: np.ndarray  # [n, 3] displacement at brow raise = 1
+    jaw_hinge: np.ndarray  # [3] canonical point the jaw rotates about (x axis through it)
+    background: np.ndarray  # [S, S, 3] uint8 room plate with the head removed
+    intrinsics: np.ndarray  # [4] camera of the output frames
+    base_pose: np.ndarray  # [4, 4] pose at which the head sits where it was in the photo
+    size: int
+    shape: np.ndarray = field(repr=False, default=None)  # [468, 3] subject landmarks in canonical cm
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+def _segment_head(photo: np.ndarray, obs: FaceObservation) -> np.ndarray:
+    """GrabCut mask ``[H, W] bool`` of head, hair and neck, seeded by the tracked face."""
+    h, w = photo.shape[:2]
+    px = obs.landmarks_px[:468]
+    x0, y0, x1, y1 = obs.bbox
+    fw, fh = x1 - x0, y1 - y0
+    mask = np.full((h, w), cv2.GC_BGD, np.uint8)
+    mask[int(max(0, y0 - 0.9 * fh)):, int(max(0, x0 - 0.8 * fw)):int(min(w, x1 + 0.8 * fw))] = cv2.GC_PR_BGD
+    cv2.ellipse(mask, (int((x0 + x1) / 2), int((y0 + y1) / 2 - 0.15 * fh)), (int(0.75 * fw), int(0.85 * fh)),
+                0, 0, 360, cv2.GC_PR_FGD, -1)
+    cv2.fillConvexPoly(mask, cv2.convexHull(px.astype(np.int32)), cv2.GC_FGD)
+    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)
+    cv2.grabCut(np.ascontiguousarray(photo[..., ::-1]), mask, None, bgd, fgd, 5, cv2.GC_INIT_WITH_MASK)
+    fg = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.uint8)
+    # Keep the component that holds the face; smooth its outline.
+    n, labels = cv2.connectedComponents(fg)
+    nose = px[4].astype(int)
+    fg = (labels == labels[nose[1], nose[0]]).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
+    return fg.astype(bool)
+
+
+def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Sample ``image [H, W, C]`` at continuous pixel positions ``xy [n, 2]`` (pixel centres at +0.5)."""
+    h, w = image.shape[:2]
+    x = np.clip(xy[:, 0] - 0.5, 0, w - 1.001)
+    y = np.clip(xy[:, 1] - 0.5, 0, h - 1.001)
+    x0, y0 = x.astype(np.int64), y.astype(np.int64)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    return ((image[y0, x0] * (1 - fx) + image[y0, x0 + 1] * fx) * (1 - fy)
+            + (image[y0 + 1, x0] * (1 - fx) + image[y0 + 1, x0 + 1] * fx) * fy)
+
+
+def _ellipsoid_depth(pixels: np.ndarray, pose: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
+    """Distance along −z where each pixel's ray meets the head ellipsoid (closest approach if it misses)."""
+    fx, fy, cx, cy = intrinsics
+    dirs = np.stack([(pixels[:, 0] - cx) / fx, -(pixels[:, 1] - cy) / fy, -np.ones(len(pixels))], 1)
+    inv = camera.invert_pose(pose)
+    o = inv[:3, 3] - HEAD_ELLIPSOID_CENTER  # camera centre in canonical space, relative to the centre
+    d = dirs @ inv[:3, :3].T
+    o_s, d_s = o / HEAD_ELLIPSOID_RADII, d / HEAD_ELLIPSOID_RADII
+    a = (d_s**2).sum(1)
+    b = 2 * d_s @ o_s
+    c = (o_s**2).sum() - 1
+    disc = b * b - 4 * a * c
+    t_hit = (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a)
+    t_miss = -b / (2 * a)
+    return np.where(disc > 0, t_hit, t_miss)  # dirs have z = −1, so t is the distance along −z
+
+
+def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, size: int,
+               supersample: int = 3) -> SynthHead:
+    """Lift the tracked photo into a :class:`SynthHead` rendered into ``size``² frames."""
+    from scipy.interpolate import LinearNDInterpolator
+
+    h, w = photo.shape[:2]
+    k_photo = camera.mediapipe_intrinsics(w, h)
+    pose_photo = obs.head_pose
+    px = obs.landmarks_px[:468]
+    x0, y0, x1, y1 = obs.bbox
+    fw, fh = x1 - x0, y1 - y0
+
+    head_mask = _segment_head(photo, obs)
+    neck_cut = y1 + 0.12 * fh  # below this the neck belongs to the (static) body in the plate
+    rows = np.arange(h)[:, None].repeat(w, 1)
+    head_mask &= rows < neck_cut + 8
+
+    # Depth of the face from the tracked canonical mesh; hair, ears and neck from the head ellipsoid,
+    # with the face's offset from the ellipsoid fading out beyond the face outline.
+    face_depth = -camera.transform_points(pose_photo, face.vertices)[:, 2]
+    ys, xs = np.nonzero(head_mask)
+    pix = np.stack([xs, ys], 1).astype(np.float64) + 0.5
+    ell = _ellipsoid_depth(pix, pose_photo, k_photo)
+    ell_at_landmarks = _ellipsoid_depth(px, pose_photo, k_photo)
+    offset = LinearNDInterpolator(px, face_depth - ell_at_landmarks)(pix)
+    offset_map = np.zeros((h, w), np.float32)
+    inside = np.zeros((h, w), np.float32)
+    ok = ~np.isnan(offset)
+    offset_map[ys[ok], xs[ok]] = offset[ok]
+    inside[ys[ok], xs[ok]] = 1
+    blur_num = cv2.GaussianBlur(offset_map * inside, (0, 0), 6)
+    blur_den = cv2.GaussianBlur(inside, (0, 0), 6)
+    dist = cv2.distanceTransform((1 - inside).astype(np.uint8), cv2.DIST_L2, 5)
+    extrap = np.where(blur_den > 1e-3, blur_num / np.maximum(blur_den, 1e-6), 0) * np.exp(-dist / (0.1 * fw))
+    depth_offset = np.where(inside > 0, offset_map, extrap)
+    depth_map = np.zeros((h, w), np.float32)
+    depth_map[ys, xs] = ell + depth_offset[ys, xs]
+    # Smooth away the seam between face and ellipsoid: a depth cliff would tear open when the head turns.
+    m = head_mask.astype(np.float32)
+    sigma = 0.04 * fw
+    depth_map = cv2.GaussianBlur(depth_map * m, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(m, (0, 0), sigma), 1e-6)
+    depth_map = np.where(head_mask, depth_map, 0).astype(np.float32)
+
+    # Supersampled points: each photo pixel gives supersample² points with bilinear colour and depth.
+    offs = (np.arange(supersample) + 0.5) / supersample - 0.5
+    sub = np.stack(np.meshgrid(offs, offs), -1).reshape(-1, 2)
+    pts2d = (pix[:, None, :] + sub[None]).reshape(-1, 2).astype(np.float32)
+    colors = _bilinear(photo.astype(np.float32), pts2d)
+    depth_filled = cv2.inpaint(depth_map, (~head_mask).astype(np.uint8), 3, cv2.INPAINT_NS)
+    depths = _bilinear(depth_filled[..., None], pts2d)[:, 0]
+    alpha = _smoothstep((neck_cut + 8 - pts2d[:, 1]) / 16.0)
+    cam_pts = camera.backproject(pts2d.astype(np.float64), depths.astype(np.float64), k_photo)
+    canon = camera.transform_points(camera.invert_pose(pose_photo), cam_pts)
+
+    # The subject's own landmark positions in canonical space (lifted the same way as the texture).
+    shape = camera.transform_points(camera.invert_pose(pose_photo),
+                                    camera.backproject(px, face_depth, k_photo))
+
+    mouth_pts, mouth_cols, mouth_jaw = _mouth_interior(shape, supersample)
+    jaw_w = _jaw_weight(canon, shape)
+    points = np.concatenate([canon, mouth_pts])
+    head = SynthHead(
+        points=points.astype(np.float32),
+        colors=np.concatenate([colors / 255.0, mouth_cols]).astype(np.float32),
+        alpha=np.concatenate([alpha, np.ones(len(mouth_pts))]).astype(np.float32),
+        jaw_weight=np.concatenate([jaw_w, mouth_jaw]).astype(np.float32),
+        smile_disp=_smile_field(points, shape).astype(np.float32),
+        blink_disp=np.stack([_blink_field(points, shape, side) for side in ("left", "right")]).astype(np.float32),
+        brow_disp=_brow_field(points, shape).astype(np.float32),
+        jaw_hinge=np.array([0.0, shape[13, 1] + 1.5, -5.0]),
+        background=None,  # set below
+        intrinsics=camera.mediapipe_intrinsics(size, size),
+        base_pose=np.eye(4),
+        size=size,
+        shape=shape,
+    )
+
+    # Frame = a square crop of the photo around head and shoulders; the plate is that crop with the
+    # head inpainted out, and the base pose puts the rendered head where the photo had it.
+    side = int(min(h, w, round(3.3 * fw)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 0.2 * fh
+    cx0 = int(np.clip(cx - side / 2, 0, w - side))
+    cy0 = int(np.clip(cy - side / 2, 0, h - side))
+    hole = cv2.dilate(head_mask.astype(np.uint8) * (rows < neck_cut), np.ones((9, 9), np.uint8))
+    plate = cv2.inpaint(photo, hole, 9, cv2.INPAINT_TELEA)
+    crop = plate[cy0:cy0 + side, cx0:cx0 + side]
+    head.background = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    scale = size / side
+    target_px = (px - [cx0, cy0]) * scale
+    head.base_pose = camera.solve_pose_pnp(shape, target_px, head.intrinsics, None)
+    return head
+
+
+def _mouth_interior(shape: np.ndarray, supersample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dark mouth cavity with upper teeth and a tongue, recessed behind the lips (canonical cm)."""
+    left, right = shape[61], shape[291]
+    top = shape[13]
+    z = min(left[2], right[2], top[2]) - 2.3  # behind where the lower lip goes when the jaw opens
+    step = 0.05 / supersample * 3
+    xs = np.arange(left[0] - 0.6, right[0] + 0.6, step)  # wider than the lips: hidden by the cheeks
+    ys = np.arange(top[1] - 4.0, top[1] + 0.3, step)
+    gx, gy = np.meshgrid(xs, ys)
+    pts = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, z)], 1)
+    rel = (top[1] + 0.3 - pts[:, 1]) / 4.3  # 0 at the top, 1 at the bottom
+    cols = np.tile([0.30, 0.08, 0.10], (len(pts), 1))
+    cols[rel < 0.15] = [0.90, 0.88, 0.82]  # upper teeth
+    cols[rel > 0.6] = [0.70, 0.30, 0.32]  # tongue
+    shade = 1.0 - 0.5 * np.abs((pts[:, 0] - (left[0] + right[0]) / 2) / (right[0] - left[0]) * 2) ** 2
+    return pts, cols * shade[:, None], np.zeros(len(pts))  # the cavity stays with the skull
+
+
+def _jaw_weight(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """1 for the chin and lower lip, 0 for the upper face: a sharp split between the lips, soft elsewhere."""
+    mouth_y = (shape[13, 1] + shape[14, 1]) / 2
+    half_width = (shape[291, 0] - shape[61, 0]) / 2
+    mid_x = (shape[291, 0] + shape[61, 0]) / 2
+    lateral = np.maximum(np.abs(points[:, 0] - mid_x) - half_width, 0)
+    softness = 1e-3 + 0.6 * lateral  # a clean split between the lips (no smeared points); cheeks stretch
+    w = 0.5 * (1 + np.tanh((mouth_y - points[:, 1]) / (2 * softness)))
+    w *= np.exp(-0.5 * (lateral / 2.5) ** 2)
+    chin_y = shape[152, 1]
+    w *= np.where(points[:, 1] < chin_y, np.exp(-((chin_y - points[:, 1]) / 2.5) ** 2), 1.0)  # neck stretches
+    w *= _smoothstep((points[:, 2] + 3.0) / 4.0)  # not the back of the head
+    return w
+
+
+def _smile_field(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    disp = np.zeros_like(points)
+    for idx, sign in ((61, -1), (291, 1)):
+        g = np.exp(-0.5 * (np.linalg.norm(points - shape[idx], axis=1) / 1.3) ** 2)
+        disp += g[:, None] * np.array([0.35 * sign, 0.45, -0.15])
+    return disp
+
+
+def _blink_field(points: np.ndarray, shape: np.ndarray, side: str) -> np.ndarray:
+    """The upper lid slides down over the eye (and a touch forward, so it covers it)."""
+    outer, inner, upper, lower = (263, 362, 386, 374) if side == "left" else (33, 133, 159, 145)
+    centre = (shape[outer] + shape[inner]) / 2
+    half_w = abs(shape[outer, 0] - shape[inner, 0]) / 2 * 1.15
+    lid_y = shape[upper, 1]
+    travel = (shape[upper, 1] - shape[lower, 1]) * 1.05
+    dx = np.abs(points[:, 0] - centre[0]) / half_w
+    lateral = _smoothstep((1.25 - dx) / 0.5)
+    above = points[:, 1] - lid_y
+    vertical = np.where(above >= -0.05, np.exp(-np.maximum(above, 0) / 0.6), 0.0)
+    w = lateral * vertical * (np.abs(points[:, 2] - centre[2]) < 2.0)
+    disp = np.zeros_like(points)
+    disp[:, 1] = -travel * w
+    disp[:, 2] = 0.12 * w
+    return disp
+
+
+def _brow_field(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    disp = np.zeros_like(points)
+    for brow in ((70, 63, 105, 66, 107), (300, 293, 334, 296, 336)):
+        c = shape[list(brow)].mean(0)
+        g = np.exp(-0.5 * (np.linalg.norm((points - c) * [0.7, 1.0, 1.0], axis=1) / 1.8) ** 2)
+        disp[:, 1] += 0.75 * g
+    return disp
+
+
+def deform(head: SynthHead, expression: np.ndarray) -> np.ndarray:
+    """Canonical points ``[n, 3]`` of the head with ``expression [5]`` (order of EXPRESSION_NAMES) applied."""
+    jaw, smile, blink_l, blink_r, brow = expression
+    pts = head.points + smile * head.smile_disp + blink_l * head.blink_disp[0] + blink_r * head.blink_disp[1]
+    pts = pts + brow * head.brow_disp
+    angle = np.radians(18.0) * jaw * head.jaw_weight  # [n]
+    rel = pts - head.jaw_hinge
+    c, s = np.cos(angle), np.sin(angle)
+    y = rel[:, 1] * c - rel[:, 2] * s  # rotate about −x: the chin goes down and back
+    z = rel[:, 1] * s + rel[:, 2] * c
+    return np.stack([pts[:, 0], y + head.jaw_hinge[1], z + head.jaw_hinge[2]], 1)
+
+
+def head_pose(head: SynthHead, yaw: float, pitch: float, roll: float, translation_cm: np.ndarray) -> np.ndarray:
+    """Pose with the head turned (degrees) about the neck pivot and shifted, relative to the base pose."""
+    rot = camera.make_pose(camera.euler_to_matrix(yaw, pitch, roll), np.zeros(3))
+    to_pivot = camera.make_pose(np.eye(3), NECK_PIVOT)
+    from_pivot = camera.make_pose(np.eye(3), -NECK_PIVOT)
+    shift = camera.make_pose(np.eye(3), np.asarray(translation_cm, float))
+    return shift @ head.base_pose @ to_pivot @ rot @ from_pivot
+
+
+def render(head: SynthHead, pose: np.ndarray, expression: np.ndarray, supersample: int = 2) -> np.ndarray:
+    """Render one RGB frame ``[S, S, 3] uint8``: z-buffered splats at ``supersample``× then area-downsampled."""
+    size = head.size
+    hi = size * supersample
+    k = head.intrinsics * np.array([supersample, supersample, supersample, supersample])
+    cam = camera.transform_points(pose, deform(head, expression))
+    uv = camera.project(cam, k)
+    depth = -cam[:, 2]
+    ui, vi = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
+    valid = (ui >= 0) & (ui < hi) & (vi >= 0) & (vi < hi) & (depth > 1e-3)
+    idx = np.nonzero(valid)[0]
+    pix = torch.from_numpy(vi[idx] * hi + ui[idx])
+    # Nearest point per pixel: one scatter-min over (quantised depth, point index) packed into int64.
+    key = torch.from_numpy((np.round(depth[idx] * 1000).astype(np.int64) << 24) | np.arange(len(idx)))
+    zbuf = torch.full((hi * hi,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    zbuf.scatter_reduce_(0, pix, key, reduce="amin")
+    hit = zbuf != torch.iinfo(torch.int64).max
+    winner = idx[(zbuf[hit] & ((1 << 24) - 1)).numpy()]
+    color = np.zeros((hi * hi, 3), np.float32)
+    cover = np.zeros(hi * hi, np.float32)
+    hit_np = hit.numpy()
+    color[hit_np] = head.colors[winner] * head.alpha[winner, None]
+    cover[hit_np] = head.alpha[winner]
+    color, cover = color.reshape(hi, hi, 3), cover.reshape(hi, hi)
+    # Fill pinholes (stretched skin) from their neighbours; leave the silhouette alone.
+    got = hit_np.reshape(hi, hi).astype(np.float32)
+    for _ in range(2):
+        n = cv2.boxFilter(got, -1, (3, 3), normalize=False)
+        hole = (got == 0) & (n >= 4)
+        if not hole.any():
+            break
+        csum = cv2.boxFilter(color, -1, (3, 3), normalize=False)
+        asum = cv2.boxFilter(cover, -1, (3, 3), normalize=False)
+        color[hole] = csum[hole] / n[hole, None]
+        cover[hole] = asum[hole] / n[hole]
+        got[hole] = 1
+    color = cv2.resize(color, (size, size), interpolation=cv2.INTER_AREA)
+    cover = cv2.resize(cover, (size, size), interpolation=cv2.INTER_AREA)
+    bg = head.background.astype(np.float32) / 255.0
+    out = color + (1 - cover[..., None]) * bg
+    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Motion:
+    """Per-frame ground truth of a synthetic clip."""
+
+    angles_deg: np.ndarray  # [t, 3] yaw, pitch, roll
+    translation_cm: np.ndarray  # [t, 3]
+    expression: np.ndarray  # [t, 5] in EXPRESSION_NAMES order
+
+
+def _smooth_noise(rng: np.random.Generator, t: np.ndarray, n_waves: int = 3) -> np.ndarray:
+    """Sum of a few random sinusoids over phase ``t`` in [0, 1], scaled to [-1, 1]."""
+    out = np.zeros_like(t)
+    for _ in range(n_waves):
+        out += np.sin(2 * np.pi * (rng.uniform(0.7, 3.0) * t + rng.uniform()))
+    return out / n_waves
+
+
+def make_motion(frames: int, fps: float, seed: int = 0) -> Motion:
+    """A talking-head performance: turns and nods within ±25°, small shifts, speech, smiles, blinks, brows.
+
+    Motion is defined over the clip's phase, so a short clip still covers the whole pose range.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, frames, endpoint=False)
+    yaw = 24.0 * np.sin(2 * np.pi * (2.0 * t + rng.uniform()))
+    pitch = 14.0 * np.sin(2 * np.pi * (2.7 * t + rng.uniform()))
+    roll = 9.0 * np.sin(2 * np.pi * (1.3 * t + rng.uniform()))
+    trans = np.stack([1.2 * _smooth_noise(rng, t), 0.8 * _smooth_noise(rng, t), 1.5 * _smooth_noise(rng, t)], 1)
+    seconds = np.arange(frames) / fps
+    speech = np.clip(0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * seconds + rng.uniform(0, 6)), 0, 1)
+    talking = _smooth_noise(rng, t) > -0.3
+    jaw = np.clip(speech * talking * rng.uniform(0.5, 1.0) + 0.15 * _smooth_noise(rng, t), 0, 1)
+    smile = np.clip(0.25 + 0.75 * _smooth_noise(rng, t), -0.5, 1.0)
+    blink = np.zeros(frames)
+    next_blink = rng.integers(5, 30)
+    while next_blink < frames:  # a blink every ~1–4 s, closed for ~3 frames
+        shape = np.array([0.5, 1.0, 1.0, 0.6, 0.2])
+        end = min(frames, next_blink + len(shape))
+        blink[next_blink:end] = shape[: end - next_blink]
+        next_blink += int(rng.uniform(1.0, 4.0) * fps)
+    wink = np.clip(_smooth_noise(rng, t) - 0.6, 0, 1) * 2  # now and then one eye alone
+    brow = np.clip(_smooth_noise(rng, t) * 1.3, 0, 1)
+    expression = np.stack([jaw, smile, np.clip(blink + wink, 0, 1), blink, brow], 1)
+    return Motion(np.stack([yaw, pitch, roll], 1), trans, expression)
+
+
+def novel_poses(motion: Motion, count: int, seed: int = 0, min_distance_deg: float = 8.0) -> np.ndarray:
+    """``[count, 3]`` yaw/pitch/roll within the clip's range but ≥ ``min_distance_deg`` from every clip pose."""
+    rng = np.random.default_rng(seed + 1)
+    lo, hi = motion.angles_deg.min(0), motion.angles_deg.max(0)
+    chosen: list[np.ndarray] = []
+    for _ in range(20000):
+        cand = rng.uniform(lo * 0.9, hi * 0.9)
+        if np.linalg.norm(motion.angles_deg - cand, axis=1).min() >= min_distance_deg:
+            chosen.append(cand)
+            if len(chosen) == count:
+                break
+    return np.array(chosen).reshape(-1, 3)
