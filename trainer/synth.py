@@ -75,7 +75,8 @@ def make_subject(cfg: SynthConfig) -> dict:
         frames_meta = []
         preview = []
         with VideoWriter(tmp / "video.mp4", cfg.size, cfg.size, cfg.fps) as writer:
-            for i in tqdm(range(cfg.frames), desc="rendering", unit="frame", leave=False):
+            for i in tqdm(range(cfg.frames), desc="rendering", unit="frame", leave=False,
+                                  disable=None):
                 pose = synth.head_pose(head, *motion.angles_deg[i], motion.translation_cm[i])
                 frame = synth.render(head, pose, motion.expression[i])
                 writer.write(frame)

@@ -1,0 +1,1 @@
+"""Exporter (ONNX / TensorRT, occupancy cache): lands with the export issue."""

@@ -1,0 +1,1 @@
+"""Live loop (sources, render engines, sinks): lands with the live issue."""

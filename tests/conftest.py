@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a repo script the way users do (``python trainer/x.py …`` from the repo root)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory) -> Path:
+    """A short synthetic talking-head subject (48 frames, 128²) shared by the tests."""
+    from trainer.synth import SynthConfig, make_subject
+
+    out = tmp_path_factory.mktemp("synth") / "subject"
+    make_subject(SynthConfig(out=str(out), frames=48, size=128, novel=6, seed=3))
+    return out
