@@ -153,7 +153,7 @@ def _load_background(path: str, width: int, height: int) -> np.ndarray:
     return bgr[..., ::-1].copy()
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
     return cv2.resize(img, (size, size), interpolation=interp)
 
@@ -222,13 +222,13 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             row = row_of_frame.get(i)
             if row is None:
                 continue
-            crop = _resize(rgb[y0:y0 + side, x0:x0 + side], cfg.size)
+            crop = resize_square(rgb[y0:y0 + side, x0:x0 + side], cfg.size)
             cv2.imwrite(str(tmp / "frames" / f"{i:06d}.png"), crop[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if plate_full is None and row in sample_rows:
                 samples.append(crop)
                 masks.append(head_mask(crop_px[row], cfg.size))
         if plate_full is not None:
-            plate = _resize(plate_full[y0:y0 + side, x0:x0 + side], cfg.size)
+            plate = resize_square(plate_full[y0:y0 + side, x0:x0 + side], cfg.size)
             background_source = str(cfg.background)
         else:
             plate = estimate_background(np.stack(samples), np.stack(masks))
@@ -305,3 +305,71 @@ def read_transforms(directory: str | Path, split: str) -> dict:
         if key not in meta:
             raise UserError(f"{path} lacks {key!r}")
     return meta
+
+
+@dataclass
+class FrameSet:
+    """One split of a dataset in memory."""
+
+    directory: Path
+    images: np.ndarray | None  # [t, h, w, 3] uint8, or None when loaded without images
+    poses: np.ndarray  # [t, 4, 4]
+    expressions: np.ndarray  # [t, 52] float32
+    bboxes: np.ndarray  # [t, 4] face boxes x0, y0, x1, y1 in pixels
+    frame_indices: np.ndarray  # [t] index in the source video
+    file_paths: list[str]
+    intrinsics: np.ndarray  # [4]
+    image_size: tuple[int, int]  # (width, height)
+    expression_names: list[str]
+    head_bounds: tuple[np.ndarray, np.ndarray]  # canonical cm min, max
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+    def read_image(self, i: int) -> np.ndarray:
+        return read_rgb(self.directory / self.file_paths[i])
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """RGB ``[h, w, 3] uint8`` from an image file, or a :class:`UserError`."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise UserError(f"cannot read image {path}")
+    return bgr[..., ::-1].copy()
+
+
+def load_split(directory: str | Path, split: str, with_images: bool = True) -> FrameSet:
+    """The one loader of a prepared dataset split (frames, poses, expressions, boxes, camera)."""
+    directory = Path(directory)
+    meta = read_transforms(directory, split)
+    frames = meta["frames"]
+    w, h = meta["image_size"]
+    images = None
+    if with_images:
+        images = np.zeros((len(frames), h, w, 3), np.uint8)
+        for i, f in enumerate(frames):
+            img = read_rgb(directory / f["file_path"])
+            if img.shape[:2] != (h, w):
+                raise UserError(f"{f['file_path']} is {img.shape[1]}x{img.shape[0]}, the dataset says {w}x{h}")
+            images[i] = img
+    bounds = meta.get("head_bounds") or {"min": [-12, -17, -15], "max": [12, 15, 10]}
+    return FrameSet(
+        directory=directory,
+        images=images,
+        poses=np.array([f["transform_matrix"] for f in frames], dtype=np.float64).reshape(-1, 4, 4),
+        expressions=np.array([f["expression"] for f in frames], dtype=np.float32).reshape(len(frames), -1),
+        bboxes=np.array([f["bbox"] for f in frames], dtype=np.float32).reshape(-1, 4),
+        frame_indices=np.array([f.get("frame_index", i) for i, f in enumerate(frames)], dtype=np.int64),
+        file_paths=[f["file_path"] for f in frames],
+        intrinsics=np.asarray(meta["intrinsics"], dtype=np.float64),
+        image_size=(int(w), int(h)),
+        expression_names=list(meta["expression_names"]),
+        head_bounds=(np.asarray(bounds["min"], float), np.asarray(bounds["max"], float)),
+    )
+
+
+def load_background(directory: str | Path) -> np.ndarray:
+    path = Path(directory) / "background.png"
+    if not path.is_file():
+        raise UserError(f"{directory} lacks background.png: is it a dataset made by trainer/prepare.py?")
+    return read_rgb(path)

@@ -1,0 +1,124 @@
+"""The avatar bundle: ``avatar.json`` + ``weights.safetensors`` + ``background.png``. Never a pickle.
+
+This module is the one way to write and read a bundle; the trainer, evaluator, renderer, exporter and
+live loop all go through it. A bundle from someone else is data only: JSON, raw tensors and an image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from avatar.errors import UserError
+from avatar.fileio import write_bytes_atomic, write_json_atomic
+from avatar.model import Avatar, SamplingConfig
+
+BUNDLE_FORMAT = "nerface-avatar-bundle"
+BUNDLE_VERSION = 1
+META_FILE, WEIGHTS_FILE, BACKGROUND_FILE = "avatar.json", "weights.safetensors", "background.png"
+
+
+@dataclass
+class LoadedAvatar:
+    model: Avatar
+    meta: dict
+    background: torch.Tensor  # [h, w, 3] float in [0, 1]
+
+    @property
+    def intrinsics(self) -> np.ndarray:
+        return np.asarray(self.meta["intrinsics"], dtype=np.float64)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        w, h = self.meta["image_size"]
+        return int(w), int(h)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(**self.meta["sampling"])
+
+    def latent(self, index: int = 0) -> torch.Tensor:
+        return self.model.latents[index].detach()
+
+
+def expression_stats(expressions: np.ndarray) -> dict[str, list[float]]:
+    """min, max, mean and a neutral expression (the training frame with the least expression) of ``[t, e]``."""
+    activity = expressions[:, 1:].sum(1)  # entry 0 is MediaPipe's `_neutral` score, not an expression
+    return {"min": expressions.min(0).tolist(), "max": expressions.max(0).tolist(),
+            "mean": expressions.mean(0).tolist(), "neutral": expressions[int(activity.argmin())].tolist()}
+
+
+def reference_pose(poses: np.ndarray) -> np.ndarray:
+    """The training pose that faces the camera most directly (rotation closest to identity)."""
+    angles = np.arccos(np.clip((np.trace(poses[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1))
+    return poses[int(angles.argmin())]
+
+
+def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np.ndarray) -> None:
+    """Write the bundle files atomically; ``avatar.json`` goes last, so its presence means complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_bytes_atomic(directory / WEIGHTS_FILE, save(tensors))
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(background[..., ::-1]))
+    write_bytes_atomic(directory / BACKGROUND_FILE, png.tobytes())
+    full = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "field": model.field_name,
+            "field_hparams": model.hparams, "latent_dim": int(model.latents.shape[1]),
+            "num_latents": int(model.latents.shape[0]), "weights": WEIGHTS_FILE, "background": BACKGROUND_FILE,
+            **meta}
+    write_json_atomic(directory / META_FILE, full)
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> LoadedAvatar:
+    """Open a bundle safely; another format version, a missing file or a missing tensor is a :class:`UserError`."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{directory} is not an avatar bundle (no {META_FILE}); make one with trainer/fit.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
+    if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
+        raise UserError(f"{directory} is bundle format {meta.get('format')!r} version {meta.get('version')!r}; "
+                        f"this program reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION} — retrain or convert it")
+    for key in ("field", "field_hparams", "latent_dim", "num_latents", "intrinsics", "image_size",
+                "expression_names", "sampling"):
+        if key not in meta:
+            raise UserError(f"{meta_path} lacks {key!r}")
+    hp = dict(meta["field_hparams"])
+    hp.pop("latent_dim", None)
+    try:
+        model = Avatar(meta["field"], hp, meta["num_latents"], meta["latent_dim"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{meta_path}: bad field description ({exc})") from None
+    weights_path = directory / meta.get("weights", WEIGHTS_FILE)
+    if not weights_path.is_file():
+        raise UserError(f"{directory} lacks its weights file {weights_path.name}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise UserError(f"{weights_path} lacks tensor {missing[0]!r} ({len(missing)} missing): incomplete bundle")
+    wrong = [k for k in expected if tensors[k].shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"{weights_path}: tensor {wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, "
+                        f"expected {tuple(expected[wrong[0]].shape)}")
+    model.load_state_dict({k: tensors[k] for k in expected})
+    model.to(device).eval()
+    bg_path = directory / meta.get("background", BACKGROUND_FILE)
+    bgr = cv2.imread(str(bg_path), cv2.IMREAD_COLOR) if bg_path.is_file() else None
+    if bgr is None:
+        raise UserError(f"{directory} lacks a readable background image {bg_path.name}")
+    background = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
+    return LoadedAvatar(model, meta, background)

@@ -1,0 +1,152 @@
+"""Held-out evaluation: the avatar beside a nearest-training-frame baseline, and picture sheets.
+
+Protocol (the paper's): test frames are rendered with their tracked expression and head pose and the
+*first training frame's* latent code. The baseline shows, as is, the training image closest in expression
+and head pose — every number has a floor beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avatar import camera, metrics
+from avatar.bundle import LoadedAvatar
+from avatar.dataset import FrameSet, load_split, read_rgb, resize_square
+from avatar.model import normals_from_depth, render_image
+
+
+def pose_expression_distance(expr_a: np.ndarray, pose_a: np.ndarray, exprs: np.ndarray, poses: np.ndarray) -> np.ndarray:
+    """Distance ``[t]`` from one (expression, pose) to many: expression L2 + rotation (rad) + translation (dm)."""
+    d_expr = np.linalg.norm(exprs - expr_a, axis=1)
+    rel = np.einsum("ij,tkj->tik", pose_a[:3, :3], poses[:, :3, :3])
+    d_rot = np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1))
+    d_trans = np.linalg.norm(poses[:, :3, 3] - pose_a[:3, 3], axis=1) / 10.0
+    return d_expr + d_rot + d_trans
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def sheet(truth: np.ndarray, render: dict[str, torch.Tensor], intrinsics: np.ndarray) -> np.ndarray:
+    """ground truth | render | error heat-map | normals from depth | foreground mask, as one RGB image."""
+    rgb = render["rgb"].cpu().numpy()
+    err = np.abs(rgb - truth).mean(-1)
+    heat = cv2.applyColorMap(_to_uint8(np.clip(err * 4, 0, 1)), cv2.COLORMAP_INFERNO)[..., ::-1]
+    alpha = render["alpha"].cpu().numpy()
+    normals = normals_from_depth(render["depth"].cpu(), intrinsics).numpy()
+    normals_img = _to_uint8((normals * 0.5 + 0.5) * alpha[..., None] + (1 - alpha[..., None]) * 0.0)
+    mask = _to_uint8(np.repeat(alpha[..., None], 3, -1))
+    return np.concatenate([_to_uint8(truth), _to_uint8(rgb), heat, normals_img, mask], 1)
+
+
+def score(loaded: LoadedAvatar, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], latent_index: int = 0,
+          sheets_dir: Path | None = None, sheet_prefix: str = "test", sheet_every: int = 5,
+          progress: str | None = None) -> tuple[list[dict], list[np.ndarray]]:
+    """Render ``items`` of (head pose, expression, truth image float [h, w, 3]) and score them."""
+    w, h = loaded.image_size
+    rows, renders = [], []
+    latent = loaded.latent(latent_index)
+    for i, (pose, expr, truth) in enumerate(tqdm(items, desc=progress or "rendering", leave=False,
+                                                  disable=None if progress else True)):
+        out = render_image(loaded.model, pose, expr, latent, loaded.intrinsics, w, h, loaded.background, loaded.sampling)
+        pred = out["rgb"].cpu().numpy()
+        rows.append(metrics.image_metrics(pred, truth))
+        renders.append(pred)
+        if sheets_dir is not None and i % sheet_every == 0:
+            sheets_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(sheets_dir / f"{sheet_prefix}_{i:04d}.png"), sheet(truth, out, loaded.intrinsics)[..., ::-1])
+    return rows, renders
+
+
+def pick(count: int, limit: int) -> np.ndarray:
+    return np.arange(count) if limit <= 0 or limit >= count else np.linspace(0, count - 1, limit).astype(int)
+
+
+def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | None, max_frames: int = 0,
+             log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Score the test split (avatar and nearest-training-frame baseline) and novel poses where known."""
+    test = load_split(data_dir, "test")
+    train = load_split(data_dir, "train", with_images=False)
+    if len(test) == 0:
+        raise ValueError(f"{data_dir} has no test frames")
+    idx = pick(len(test), max_frames)
+    items = [(test.poses[i], test.expressions[i], test.images[i].astype(np.float32) / 255.0) for i in idx]
+    sheets = Path(out_dir) / "sheets" if out_dir is not None else None
+    rows, _ = score(loaded, items, 0, sheets, "test", max(1, len(items) // 4), "test frames" if progress else None)
+    baseline_rows = []
+    for i in idx:
+        j = int(pose_expression_distance(test.expressions[i], test.poses[i], train.expressions, train.poses).argmin())
+        nearest = train.read_image(j).astype(np.float32) / 255.0
+        baseline_rows.append(metrics.image_metrics(nearest, test.images[i].astype(np.float32) / 255.0))
+    result = {
+        "protocol": "held-out test frames (the last part of the video), tracked expression and pose, "
+                    "latent code of the first training frame",
+        "test": {"avatar": metrics.mean_metrics(rows), "nearest_training_frame": metrics.mean_metrics(baseline_rows)},
+        "test_frames": [{"frame_index": int(test.frame_indices[i]), "avatar": r, "nearest_training_frame": b}
+                        for i, r, b in zip(idx, rows, baseline_rows)],
+    }
+    novel = novel_pose_items(data_dir, train, max_frames)
+    if novel:
+        nrows, _ = score(loaded, novel, 0, sheets, "novel", max(1, len(novel) // 4), "novel poses" if progress else None)
+        result["novel_poses"] = {"avatar": metrics.mean_metrics(nrows)}
+    log(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of the mean metrics."""
+    lines = ["| frames | method | PSNR ↑ | SSIM ↑ | L1 ↓ | LPIPS |", "|---|---|---|---|---|---|"]
+    for group, methods in (("test", result.get("test", {})), ("novel poses", result.get("novel_poses", {})),
+                           ("test", {"untrained": result["untrained"]} if "untrained" in result else {})):
+        for name, m in methods.items():
+            lpips = m["lpips"] if isinstance(m["lpips"], float) else "unavailable"
+            lines.append(f"| {group} ({m['frames']}) | {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['l1']:.4f} | {lpips} |")
+    return "\n".join(lines)
+
+
+def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For a synthetic subject: its ``novel/`` frames with true poses moved into the dataset's pose space.
+
+    The tracked canonical space differs from the synthetic one by a rigid transform; it is estimated from
+    the training frames (tracked pose vs true pose) and applied to the novel frames' true poses. Their
+    expressions are tracked like any frame's; the images get the dataset's crop.
+    """
+    report_path = Path(data_dir) / "report.json"
+    if not report_path.is_file():
+        return []
+    report = json.loads(report_path.read_text())
+    subject = Path(report.get("video", "")).parent
+    truth_path, novel_path = subject / "truth.json", subject / "novel" / "truth.json"
+    if not (truth_path.is_file() and novel_path.is_file()):
+        return []
+    truth = json.loads(truth_path.read_text())
+    novel = json.loads(novel_path.read_text())
+    true_poses = np.array([f["head_pose"] for f in truth["frames"]])[train.frame_indices]
+    # A maps tracked-canonical → true-canonical: tracked_pose ≈ true_pose @ A.
+    rel = np.einsum("tij,tjk->tik", np.linalg.inv(true_poses), train.poses)
+    u, _, vt = np.linalg.svd(rel[:, :3, :3].sum(0))
+    align = camera.make_pose(u @ vt, np.median(rel[:, :3, 3], axis=0))
+    crop = report["crop"]
+    x0, y0, side = crop["x0"], crop["y0"], crop["side"]
+    w, h = train.image_size
+    from avatar.tracking import FaceTracker
+
+    items = []
+    with FaceTracker("image") as tracker:
+        frames = novel["frames"]
+        for f in [frames[i] for i in pick(len(frames), limit)]:
+            full = read_rgb(novel_path.parent / f["file_path"])
+            obs = tracker.track(full)
+            if obs is None:
+                continue
+            img = resize_square(full[y0:y0 + side, x0:x0 + side], w)
+            items.append((np.asarray(f["head_pose"]) @ align, obs.blendshapes, img.astype(np.float32) / 255.0))
+    return items

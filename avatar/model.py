@@ -1,0 +1,118 @@
+"""The avatar: coarse and fine fields plus per-frame latent codes, and the one way to render it.
+
+``render_rays`` is the renderer interface the trainer, the evaluator and the offline renderer share:
+(rays of one frame, expression, latent code, background) → colour, depth, alpha, coarse and fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from avatar import rays as ray_utils
+from avatar import volrend
+from avatar.fields import FIELDS
+
+
+@dataclass
+class SamplingConfig:
+    coarse: int = 64  # stratified samples per ray for the coarse network
+    fine: int = 64  # extra importance samples for the fine network
+    chunk: int = 8192  # rays per forward pass when rendering whole images
+
+
+class Avatar(nn.Module):
+    """Two fields of the same kind (coarse, fine) and a learnable latent code per training frame."""
+
+    def __init__(self, field: str, field_kwargs: dict, num_frames: int, latent_dim: int = 32):
+        super().__init__()
+        if field not in FIELDS:
+            raise ValueError(f"unknown field {field!r}; choose from {sorted(FIELDS)}")
+        self.field_name = field
+        self.coarse = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
+        self.fine = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
+        self.latents = nn.Parameter(torch.zeros(num_frames, latent_dim))
+        box = self.coarse.hparams
+        self.register_buffer("box_min", torch.tensor(box["box_min"]), persistent=False)
+        self.register_buffer("box_max", torch.tensor(box["box_max"]), persistent=False)
+
+    @property
+    def hparams(self) -> dict:
+        return self.coarse.hparams
+
+    def forward(self, rays: dict[str, Tensor], expression: Tensor, frame_index: int, background: Tensor,
+                sampling: "SamplingConfig", perturb: bool = True) -> dict[str, Tensor]:
+        """Training entry point (what DistributedDataParallel wraps): one frame's rays, its own latent code."""
+        return render_rays(self, rays, expression, self.latents[frame_index], background, sampling, perturb)
+
+
+def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor, "e"],
+                latent: Float[Tensor, "l"], background: Float[Tensor, "n 3"], sampling: SamplingConfig,
+                perturb: bool = False) -> dict[str, Tensor]:
+    """Render the rays of one frame (from :func:`avatar.rays.frame_rays`) through coarse then fine.
+
+    Returns ``rgb [n, 3]``, ``depth [n]``, ``alpha [n]`` of the fine pass and ``rgb_coarse [n, 3]``.
+    """
+    condition = torch.cat([expression, latent], -1)
+    origins, dirs, near, far = rays["origins"], rays["dirs"], rays["near"], rays["far"]
+    n = origins.shape[0]
+
+    def run(field: nn.Module, t: Tensor) -> dict[str, Tensor]:
+        pts = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # [n, s, 3]
+        view = dirs[:, None, :].expand_as(pts)
+        rgb, sigma = field(pts.reshape(-1, 3), view.reshape(-1, 3), condition)
+        # Rays that miss the head box see only the background.
+        sigma = sigma.reshape(n, -1) * rays["hit"][:, None]
+        return volrend.composite(rgb.reshape(n, -1, 3), sigma, t, far, background)
+
+    t_coarse = volrend.stratified_samples(near, far, sampling.coarse, perturb)
+    coarse = run(model.coarse, t_coarse)
+    if sampling.fine > 0:
+        t_fine = volrend.importance_samples(t_coarse, coarse["weights"], sampling.fine, perturb)
+        t_all, _ = torch.sort(torch.cat([t_coarse, t_fine], -1), -1)
+        fine = run(model.fine, t_all)
+    else:
+        fine = coarse
+    return {"rgb": fine["rgb"], "depth": fine["depth"], "alpha": fine["alpha"], "rgb_coarse": coarse["rgb"]}
+
+
+@torch.no_grad()
+def render_image(model: Avatar, head_pose: np.ndarray | Tensor, expression: np.ndarray | Tensor,
+                 latent: Tensor, intrinsics: np.ndarray | Tensor, width: int, height: int,
+                 background: Float[Tensor, "h w 3"], sampling: SamplingConfig) -> dict[str, Tensor]:
+    """Render a whole frame: ``rgb [h, w, 3]``, ``depth [h, w]``, ``alpha [h, w]`` (float in [0, 1])."""
+    device = model.box_min.device
+    as_t = lambda a: torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float32, device=device)
+    pose, expr, k = as_t(head_pose), as_t(expression), as_t(intrinsics)
+    pixels = ray_utils.pixel_grid(width, height, device)
+    bg = background.reshape(-1, 3).to(device)
+    outs: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "alpha": []}
+    for start in range(0, pixels.shape[0], sampling.chunk):
+        sl = slice(start, start + sampling.chunk)
+        rays = ray_utils.frame_rays(pixels[sl], k, pose, model.box_min, model.box_max)
+        out = render_rays(model, rays, expr, latent.to(device), bg[sl], sampling, perturb=False)
+        for key in outs:
+            outs[key].append(out[key])
+    return {
+        "rgb": torch.cat(outs["rgb"]).reshape(height, width, 3),
+        "depth": torch.cat(outs["depth"]).reshape(height, width),
+        "alpha": torch.cat(outs["alpha"]).reshape(height, width),
+    }
+
+
+def normals_from_depth(depth: Float[Tensor, "h w"], intrinsics: np.ndarray) -> Float[Tensor, "h w 3"]:
+    """Camera-space normals from a depth map (finite differences of back-projected points), in [-1, 1]."""
+    h, w = depth.shape
+    fx, fy, cx, cy = [float(v) for v in intrinsics]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=depth.dtype), torch.arange(w, dtype=depth.dtype), indexing="ij")
+    pts = torch.stack([(xs + 0.5 - cx) / fx * depth, -(ys + 0.5 - cy) / fy * depth, -depth], -1)
+    dx = torch.zeros_like(pts)
+    dy = torch.zeros_like(pts)
+    dx[:, 1:-1] = pts[:, 2:] - pts[:, :-2]
+    dy[1:-1] = pts[:-2] - pts[2:]
+    n = torch.cross(dx, dy, dim=-1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-8)

@@ -1,0 +1,157 @@
+"""Training pieces shared by `trainer/fit.py`: config presets, ray batches, checkpoints (safetensors, atomic)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from avatar.errors import UserError
+from avatar.fileio import write_bytes_atomic
+
+
+@dataclass
+class FitConfig:
+    """Everything a training run depends on; written to ``config.json`` so any run can be repeated."""
+
+    out: str = "avatars/me"
+    data: str | None = None  # a prepared dataset directory …
+    video: str | None = None  # … or a video to prepare first (into OUT/dataset)
+    background: str = "auto"  # with --video: the empty-background image, or auto
+    size: int = 512  # with --video: frame size of the prepared dataset
+    field: str = "nerface"
+    preset: str = "cpu"
+    width: int = 256  # field backbone width (the paper: 256)
+    depth: int = 8
+    rays_per_step: int = 2048
+    inside_fraction: float = 0.95  # share of rays drawn inside the (padded) head box
+    coarse_samples: int = 64
+    fine_samples: int = 64
+    lr: float = 5e-4
+    lr_decay_steps: int = 250_000  # lr falls by 10× over this many steps (exponentially)
+    latent_dim: int = 32
+    latent_l2: float = 0.05
+    max_steps: int = 400_000
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    val_every: int = 5000
+    eval_frames: int = 0  # test frames scored at the end (0 = all)
+    chunk: int = 8192
+    device: str = "auto"
+    seed: int = 0
+    landmarker: str | None = None
+
+
+PRESETS: dict[str, dict] = {
+    # The paper: 512², 2048 rays, 64 + 64 samples, 400k steps (about 2 days on a 2021 GPU).
+    "paper": dict(size=512, width=256, rays_per_step=2048, coarse_samples=64, fine_samples=64, max_steps=400_000,
+                  lr_decay_steps=250_000, checkpoint_every=5000, val_every=10_000),
+    # Minutes on a laptop CPU: a narrower backbone, fewer rays and samples.
+    "cpu": dict(size=128, width=128, rays_per_step=1024, coarse_samples=32, fine_samples=32, max_steps=1500,
+                lr_decay_steps=3000, checkpoint_every=100, val_every=500),
+    # A pipeline check in about a minute: learns the background/foreground split and a blurry head.
+    "smoke": dict(size=64, width=128, rays_per_step=512, coarse_samples=24, fine_samples=24, max_steps=250,
+                  lr_decay_steps=600, checkpoint_every=50, val_every=150, eval_frames=8, log_every=5),
+}
+
+
+def config_with_preset(preset: str, **overrides) -> FitConfig:
+    """Defaults, then the preset, then explicit overrides (None means 'not given')."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = replace(FitConfig(), **PRESETS[preset], preset=preset)
+    names = {f.name for f in fields(FitConfig)}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+def padded_box(bbox: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The face box grown to hold hair, ears and chin: ``[x0, y0, x1, y1]`` clipped to the image."""
+    x0, y0, x1, y1 = bbox
+    w, h = x1 - x0, y1 - y0
+    return np.array([max(0, x0 - 0.3 * w), max(0, y0 - 0.5 * h), min(width, x1 + 0.3 * w), min(height, y1 + 0.2 * h)])
+
+
+def sample_pixels(rng: np.random.Generator, count: int, box: np.ndarray, width: int, height: int,
+                  inside_fraction: float) -> np.ndarray:
+    """``[count, 2]`` integer pixels: ``inside_fraction`` of them uniformly in ``box``, the rest anywhere."""
+    n_in = int(round(count * inside_fraction))
+    x0, y0, x1, y1 = box
+    inside = np.stack([rng.integers(int(x0), max(int(x0) + 1, int(np.ceil(x1))), n_in),
+                       rng.integers(int(y0), max(int(y0) + 1, int(np.ceil(y1))), n_in)], 1)
+    anywhere = np.stack([rng.integers(0, width, count - n_in), rng.integers(0, height, count - n_in)], 1)
+    return np.clip(np.concatenate([inside, anywhere]), 0, [width - 1, height - 1])
+
+
+def learning_rate(cfg: FitConfig, step: int) -> float:
+    return cfg.lr * (0.1 ** (step / max(1, cfg.lr_decay_steps)))
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    cfg: FitConfig) -> None:
+    """Model + Adam state + step in one safetensors file, written atomically (no pickles)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "param_groups": json.dumps(opt["param_groups"])}
+    write_bytes_atomic(path, save(tensors, metadata=meta))
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step stored in a checkpoint, or None if there is none / it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+    except (FileNotFoundError, SafetensorError, OSError, KeyError, ValueError):
+        return None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model and optimizer from :func:`save_checkpoint`; returns the step."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit this model (another config?): {str(exc)[:200]}") from None
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])

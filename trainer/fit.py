@@ -1,0 +1,293 @@
+"""Train a NerFace avatar: a dynamic radiance field of your head, conditioned on expression, head pose and a
+per-frame latent code, with the static background closing every ray.
+
+    python trainer/fit.py --video me.mp4 [--background empty.png|auto] --out avatars/me     # prepare + train + evaluate
+    python trainer/fit.py --data DATASET_DIR --out avatars/me [--preset smoke|cpu|paper]   # from a prepared dataset
+    python trainer/fit.py --out avatars/me --resume                                         # continue a stopped run
+    torchrun --nproc_per_node=N trainer/fit.py …                                             # data-parallel (DDP)
+
+The --out directory becomes the avatar bundle (avatar.json, weights.safetensors, background.png) and holds
+config.json, checkpoint.safetensors (every --checkpoint-every steps and on Ctrl-C), TensorBoard logs in tb/,
+metrics.json and evaluation sheets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/fit.py`
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from avatar import bundle as bundle_io
+from avatar import rays as ray_utils
+from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset
+from avatar.errors import UserError, run_cli
+from avatar.evaluation import evaluate, format_table, pick, score
+from avatar.fileio import write_json_atomic
+from avatar.model import Avatar, SamplingConfig
+from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, checkpoint_step, config_with_preset, learning_rate,
+                             load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--video", help="portrait video to prepare and train on")
+    src.add_argument("--data", help="dataset directory made by trainer/prepare.py")
+    p.add_argument("--out", required=True, help="output directory: becomes the avatar bundle")
+    p.add_argument("--background", help="with --video: image of the empty scene, or 'auto' (default)")
+    p.add_argument("--size", type=int, help="with --video: frame size to prepare (preset default)")
+    p.add_argument("--field", choices=["nerface"], help="radiance field (default nerface: the paper's MLP)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                   help="smoke: ~1 min pipeline check; cpu: minutes on a CPU; paper: the paper's 512², 400k steps")
+    p.add_argument("--max-steps", type=int, help="training steps (preset default)")
+    p.add_argument("--rays-per-step", type=int, help="rays per step (paper: 2048)")
+    p.add_argument("--width", type=int, help="field backbone width (paper: 256)")
+    p.add_argument("--coarse-samples", type=int, help="stratified samples per ray (paper: 64)")
+    p.add_argument("--fine-samples", type=int, help="importance samples per ray (paper: 64)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 5e-4)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--val-every", type=int, help="steps between validation images in TensorBoard")
+    p.add_argument("--eval-frames", type=int, help="test frames to score at the end (0 = all)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--landmarker", help="path to face_landmarker.task (for --video)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing a run in --out")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    return p
+
+
+class Distributed:
+    """torchrun's environment, if any: gloo on CPUs, NCCL on GPUs."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
+    """Config for this run: a fresh one from the arguments, or the stored one when resuming."""
+    out = Path(args.out)
+    stored = out / "config.json"
+    if args.resume:
+        if not stored.is_file():
+            raise UserError(f"nothing to resume in {out} (no config.json); start a run without --resume")
+        base = FitConfig(**{k: v for k, v in json.loads(stored.read_text()).items()
+                            if k in {f.name for f in fields(FitConfig)}})
+        # Only the length of the run may change on resume.
+        if args.max_steps is not None:
+            base.max_steps = args.max_steps
+        return base, True
+    if (out / CHECKPOINT_FILE).exists() or (out / "config.json").exists():
+        if not args.overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+        for name in (CHECKPOINT_FILE, "config.json", bundle_io.META_FILE, "metrics.json", "untrained_metrics.json"):
+            (out / name).unlink(missing_ok=True)
+    if bool(args.video) == bool(args.data):
+        raise UserError("give exactly one of --video VIDEO or --data DATASET_DIR")
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(FitConfig)}
+    overrides["out"] = str(out)
+    overrides.pop("preset", None)
+    cfg = config_with_preset(args.preset, **overrides)
+    if cfg.video:
+        cfg.data = str(out / "dataset")
+    return cfg, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, resuming = resolve_config(args)
+    device = pick_device(cfg.device)
+    ddp = Distributed(device)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        return train(cfg, resuming, device, ddp, evaluate_at_end=not args.no_eval)
+    finally:
+        ddp.close()
+
+
+def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed, evaluate_at_end: bool) -> int:
+    out = Path(cfg.out)
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.video and not (Path(cfg.data) / "transforms_train.json").is_file():
+            prepare_dataset(PrepareConfig(video=cfg.video, out=cfg.data, background=cfg.background, size=cfg.size,
+                                          landmarker=cfg.landmarker, overwrite=True))
+        if not resuming:
+            write_json_atomic(out / "config.json", asdict(cfg))
+    ddp.barrier()
+
+    train_set = load_split(cfg.data, "train")
+    val_set = load_split(cfg.data, "val")
+    background_np = load_background(cfg.data)
+    if len(train_set) == 0:
+        raise UserError(f"{cfg.data} has no training frames")
+    w, h = train_set.image_size
+    torch.manual_seed(cfg.seed)
+    box_min, box_max = train_set.head_bounds
+    model = Avatar(cfg.field, dict(box_min=box_min.tolist(), box_max=box_max.tolist(),
+                                   expression_dim=train_set.expressions.shape[1], width=cfg.width, depth=cfg.depth),
+                   num_frames=len(train_set), latent_dim=cfg.latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step = 0
+    ckpt_path = out / CHECKPOINT_FILE
+    if resuming and ckpt_path.is_file():
+        step = load_checkpoint(ckpt_path, model, optimizer)
+    sampling = SamplingConfig(cfg.coarse_samples, cfg.fine_samples, cfg.chunk)
+    loaded = bundle_io.LoadedAvatar(model, {"intrinsics": train_set.intrinsics.tolist(), "image_size": [w, h],
+                                            "sampling": sampling.__dict__}, torch.from_numpy(background_np / 255.0).float())
+
+    # The untrained model's score on the same frames, once per run: the floor "training helped" is read against.
+    if ddp.main and evaluate_at_end and not resuming and step == 0:
+        test_set = load_split(cfg.data, "test")
+        idx = pick(len(test_set), cfg.eval_frames)
+        model.eval()
+        rows, _ = score(loaded, [(test_set.poses[i], test_set.expressions[i], test_set.images[i] / 255.0) for i in idx])
+        from avatar.metrics import mean_metrics
+
+        write_json_atomic(out / "untrained_metrics.json", mean_metrics(rows))
+
+    trainer_model: torch.nn.Module = model
+    if ddp.enabled:
+        trainer_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    images = torch.from_numpy(train_set.images).to(device)  # uint8 [t, h, w, 3]
+    background = torch.from_numpy(background_np).to(device).float() / 255.0
+    intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
+    poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
+    expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
+    boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
+    rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + step)  # each rank its own frames and rays
+
+    writer = None
+    if ddp.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=None if ddp.main else True,
+               dynamic_ncols=True)
+    start, start_step = time.perf_counter(), step
+    loss_history: list[float] = []
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            i = int(rng.integers(len(train_set)))
+            px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, boxes[i], w, h, cfg.inside_fraction)).to(device)
+            target = images[i, px[:, 1], px[:, 0]].float() / 255.0
+            rays = ray_utils.frame_rays(px, intrinsics, poses[i], model.box_min, model.box_max)
+            outputs = trainer_model(rays, expressions[i], i, background[px[:, 1], px[:, 0]], sampling, True)
+            mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
+            mse_coarse = torch.mean((outputs["rgb_coarse"] - target) ** 2)
+            loss = mse_fine + mse_coarse + cfg.latent_l2 * model.latents[i].pow(2).sum()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            psnr = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10)))
+            loss_history.append(float(loss.detach()))
+            if ddp.main:
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    bar.set_postfix(loss=f"{loss_history[-1]:.4f}", psnr=f"{psnr:.2f}")
+                    writer.add_scalar("train/loss", loss_history[-1], step)
+                    writer.add_scalar("train/psnr", psnr, step)
+                    writer.add_scalar("train/lr", learning_rate(cfg, step), step)
+                if cfg.val_every and step % cfg.val_every == 0 and len(val_set):
+                    log_validation(writer, loaded, val_set, step, model)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    save_checkpoint(ckpt_path, model, optimizer, step, cfg)
+    except KeyboardInterrupt:
+        if ddp.main:
+            save_checkpoint(ckpt_path, model, optimizer, step, cfg)
+            bar.close()
+            print(f"interrupted at step {step}; checkpoint saved — continue with: "
+                  f"python trainer/fit.py --out {cfg.out} --resume", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    if not ddp.main:
+        return 0
+    seconds = time.perf_counter() - start
+    if writer is not None:
+        writer.flush()
+        writer.close()
+
+    train_stats = {"steps": step, "seconds_this_session": round(seconds, 1),
+                   "steps_per_second": round((step - start_step) / max(seconds, 1e-9), 3),
+                   "loss_first": loss_history[0] if loss_history else None,
+                   "loss_last_100_mean": float(np.mean(loss_history[-100:])) if loss_history else None}
+    meta = {
+        "intrinsics": train_set.intrinsics.tolist(),
+        "image_size": [w, h],
+        "expression_names": train_set.expression_names,
+        "expression_stats": bundle_io.expression_stats(train_set.expressions),
+        "reference_head_pose": bundle_io.reference_pose(train_set.poses).tolist(),
+        "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
+        "sampling": sampling.__dict__,
+        "train_frame_indices": train_set.frame_indices.tolist(),
+        "step": step,
+        "dataset": str(cfg.data),
+        "training": train_stats,
+    }
+    model.eval()
+    bundle_io.save_bundle(out, model, meta, background_np)
+    print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
+    if evaluate_at_end:
+        loaded_bundle = bundle_io.load_bundle(out, device)
+        result = evaluate(loaded_bundle, cfg.data, out, cfg.eval_frames, log=lambda s: None)
+        untrained = out / "untrained_metrics.json"
+        if untrained.is_file():
+            result["untrained"] = json.loads(untrained.read_text())
+        result["training"] = train_stats
+        write_json_atomic(out / "metrics.json", result)
+        print(format_table(result))
+    return 0
+
+
+@torch.no_grad()
+def log_validation(writer, loaded: bundle_io.LoadedAvatar, val_set, step: int, model: Avatar) -> None:
+    """Render one validation frame (latent code of the first training frame) into TensorBoard."""
+    from avatar.model import render_image
+
+    model.eval()
+    k = (step // max(1, 1)) % len(val_set)
+    w, h = val_set.image_size
+    out = render_image(model, val_set.poses[k], val_set.expressions[k], model.latents[0].detach(), val_set.intrinsics,
+                       w, h, loaded.background, loaded.sampling)
+    truth = torch.from_numpy(val_set.images[k]).float() / 255.0
+    pred = out["rgb"].cpu()
+    writer.add_image("val/truth_render", torch.cat([truth, pred], 1).permute(2, 0, 1), step)
+    writer.add_scalar("val/psnr", float(-10 * torch.log10(((pred - truth) ** 2).mean())), step)
+    model.train()
+
+
+if __name__ == "__main__":
+    run_cli(main)
