@@ -23,3 +23,17 @@ def subject(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "subject"
     make_subject(SynthConfig(out=str(out), frames=48, size=128, novel=6, seed=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def dataset64(subject, tmp_path_factory) -> Path:
+    """The synthetic subject prepared at 64² (with its true background plate)."""
+    from avatar.dataset import PrepareConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "d64"
+    prepare_dataset(PrepareConfig(video=str(subject / "video.mp4"), out=str(out), size=64,
+                                  background=str(subject / "background.png")), progress=False, log=lambda s: None)
+    return out
+
+
+TINY_FIT = ["--width", "32", "--rays-per-step", "64", "--coarse-samples", "8", "--fine-samples", "8"]

@@ -233,6 +233,15 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                   f"python trainer/fit.py --out {cfg.out} --resume", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    ddp_report = None
+    if ddp.enabled:
+        # Every rank's weights must be identical after DDP: gather a checksum from each and record them.
+        local = torch.tensor([float(sum(p.detach().double().sum() for p in model.parameters()))], dtype=torch.float64, device=device)
+        gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(ddp.world)]
+        dist.all_gather(gathered, local)
+        sums = [float(g) for g in gathered]
+        ddp_report = {"world_size": ddp.world, "backend": dist.get_backend(), "param_checksums": sums,
+                      "ranks_identical": all(s == sums[0] for s in sums)}
     if not ddp.main:
         return 0
     seconds = time.perf_counter() - start
@@ -243,7 +252,8 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     train_stats = {"steps": step, "seconds_this_session": round(seconds, 1),
                    "steps_per_second": round((step - start_step) / max(seconds, 1e-9), 3),
                    "loss_first": loss_history[0] if loss_history else None,
-                   "loss_last_100_mean": float(np.mean(loss_history[-100:])) if loss_history else None}
+                   "loss_last_100_mean": float(np.mean(loss_history[-100:])) if loss_history else None,
+                   "distributed": ddp_report}
     meta = {
         "intrinsics": train_set.intrinsics.tolist(),
         "image_size": [w, h],

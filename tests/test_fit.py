@@ -1,0 +1,139 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from avatar.bundle import load_bundle
+from avatar.errors import UserError
+from avatar.training import CHECKPOINT_FILE, checkpoint_step
+from tests.conftest import ROOT, TINY_FIT, run_script
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(dataset64, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "avatar"
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "nerface", "--preset", "smoke",
+                   "--max-steps", "120", "--eval-frames", "3", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_smoke_training_learns_and_is_evaluated(smoke_bundle):
+    metrics = json.loads((smoke_bundle / "metrics.json").read_text())
+    avatar, baseline = metrics["test"]["avatar"], metrics["test"]["nearest_training_frame"]
+    assert avatar["frames"] == baseline["frames"] == 3  # real renders of held-out frames, both rows
+    assert avatar["psnr"] > metrics["untrained"]["psnr"] + 1.0  # training helped
+    assert metrics["training"]["loss_last_100_mean"] < metrics["training"]["loss_first"]
+    assert "unavailable" in avatar["lpips"]
+    assert "novel_poses" in metrics  # the synthetic subject's unseen head poses are scored too
+    assert list((smoke_bundle / "sheets").glob("test_*.png"))
+    config = json.loads((smoke_bundle / "config.json").read_text())
+    assert config["preset"] == "smoke" and config["max_steps"] == 120
+
+
+def test_bundle_holds_no_pickles(smoke_bundle):
+    for path in smoke_bundle.rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:2]
+            assert head != b"\x80\x04" and head != b"\x80\x02" and head != b"PK", f"{path} looks like a pickle/torch zip"
+    meta = json.loads((smoke_bundle / "avatar.json").read_text())
+    for key in ("version", "field", "field_hparams", "intrinsics", "image_size", "expression_names",
+                "expression_stats", "reference_head_pose"):
+        assert key in meta
+    loaded = load_bundle(smoke_bundle)
+    assert loaded.model.latents.shape[1] == 32
+
+
+def test_bundle_with_wrong_version_or_missing_tensor_is_refused(smoke_bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(smoke_bundle, bad, ignore=shutil.ignore_patterns("tb", "sheets", CHECKPOINT_FILE))
+    meta = json.loads((bad / "avatar.json").read_text())
+    (bad / "avatar.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(UserError, match="version"):
+        load_bundle(bad)
+    r = run_script("trainer/evaluate.py", str(bad), "--data", str(bad))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "version" in r.stderr
+
+    (bad / "avatar.json").write_text(json.dumps(meta))
+    tensors = load_file(bad / "weights.safetensors")
+    tensors.pop("fine.density.weight")
+    save_file(tensors, bad / "weights.safetensors")
+    with pytest.raises(UserError, match="fine.density.weight"):
+        load_bundle(bad)
+    r = run_script("trainer/render.py", str(bad), "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "lacks tensor" in r.stderr
+
+
+def test_render_offline_video(smoke_bundle, tmp_path):
+    out = tmp_path / "sweep.mp4"
+    r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(out), "--frames", "4", "--yaw=-20:20",
+                   "--set", "jawOpen=+0.4", "--normals", "--mask")
+    assert r.returncode == 0, r.stderr
+    from avatar.video import probe_video
+
+    info = probe_video(out)
+    assert (info.width, info.height) == (64 * 3, 64)
+
+
+def test_interrupted_training_resumes_to_the_same_step(dataset64, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
+            "--max-steps", "60", "--checkpoint-every", "5", "--no-eval", *TINY_FIT]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / CHECKPOINT_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and (checkpoint_step(ckpt) or 0) < 15 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to save: only the periodic checkpoint survives
+    proc.wait()
+    saved = checkpoint_step(ckpt)
+    assert saved is not None and 15 <= saved < 60
+    assert not (out / "avatar.json").exists()
+    r = run_script("trainer/fit.py", "--out", str(out), "--resume", "--no-eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "avatar.json").read_text())["step"] == 60
+    assert checkpoint_step(ckpt) == 60
+
+
+def test_ctrl_c_saves_a_checkpoint(dataset64, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
+            "--max-steps", "100000", "--checkpoint-every", "100000", "--no-eval", *TINY_FIT]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "config.json").exists():
+        time.sleep(0.1)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert (checkpoint_step(out / CHECKPOINT_FILE) or 0) > 0
+    assert "--resume" in err and "Traceback" not in err
+
+
+def test_existing_run_needs_resume_or_overwrite(smoke_bundle):
+    r = run_script("trainer/fit.py", "--data", "whatever", "--out", str(smoke_bundle))
+    assert r.returncode != 0 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    r = run_script("trainer/fit.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(dataset64, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
+                        "--max-steps", "6", "--no-eval", *TINY_FIT],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dist = json.loads((out / "avatar.json").read_text())["training"]["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo"
+    assert dist["ranks_identical"] and len(set(dist["param_checksums"])) == 1

@@ -1,0 +1,136 @@
+"""Render an avatar to a video: novel head poses, expression edits, reenactment from another video.
+
+    python trainer/render.py BUNDLE --out out.mp4 [--frames 60] [--yaw=-25:25] [--pitch=-10:10]
+                             [--set jawOpen=+0.4 --set mouthSmileLeft=0.8] [--drive OTHER_VIDEO]
+                             [--normals] [--mask] [--size N]
+
+Starts from the avatar's neutral expression and reference head pose. --yaw/--pitch sweep the head
+(degrees, START:END over the clip); --set edits blendshapes (`=+v` relative to neutral, `=v` absolute),
+ramped in over the clip; --drive takes another video's tracked expressions and head motion relative to its
+first frame (reenactment). --normals and --mask add panels beside the colour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/render.py`
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avatar.bundle import LoadedAvatar, load_bundle
+from avatar.errors import UserError, run_cli
+from avatar.model import normals_from_depth, render_image
+from avatar.retarget import relative_expression, relative_pose, rotate_about
+from avatar.training import pick_device
+from avatar.video import VideoWriter
+
+
+def parse_range(text: str | None, name: str) -> tuple[float, float]:
+    if text is None:
+        return 0.0, 0.0
+    try:
+        parts = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise UserError(f"--{name} wants START:END in degrees (e.g. -25:25), got {text!r}") from None
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def parse_edits(items: list[str], names: list[str], neutral: np.ndarray) -> np.ndarray:
+    """``--set name=+v`` / ``name=v`` → the edited expression ``[e]`` (relative edits add to neutral)."""
+    target = neutral.copy()
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set wants NAME=VALUE or NAME=+DELTA, got {item!r}")
+        name, value = item.split("=", 1)
+        if name not in names:
+            raise UserError(f"unknown blendshape {name!r}; known: {', '.join(n for n in names if not n.startswith('_'))}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {value!r} is not a number") from None
+        k = names.index(name)
+        target[k] = neutral[k] + v if value.strip().startswith(("+", "-")) else v
+    return np.clip(target, 0.0, 1.0)
+
+
+def conditioning(loaded: LoadedAvatar, args: argparse.Namespace) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(head pose, expression) per output frame."""
+    meta = loaded.meta
+    stats = meta["expression_stats"]
+    neutral = np.asarray(stats["neutral"], np.float32)
+    reference = np.asarray(meta["reference_head_pose"])
+    pivot = (np.asarray(meta["head_bounds"]["min"]) + np.asarray(meta["head_bounds"]["max"])) / 2
+    if args.drive:
+        from avatar.dataset import track_video
+
+        track = track_video(args.drive, args.landmarker)
+        out = []
+        for pose, expr in zip(track.poses, track.expressions):
+            out.append((relative_pose(pose, track.poses[0], reference),
+                        relative_expression(expr, track.expressions[0], neutral, np.asarray(stats["min"]),
+                                            np.asarray(stats["max"]))))
+        return out[: args.frames] if args.frames else out
+    n = args.frames or 60
+    yaw0, yaw1 = parse_range(args.yaw, "yaw")
+    pitch0, pitch1 = parse_range(args.pitch, "pitch")
+    edited = parse_edits(args.set or [], meta["expression_names"], neutral)
+    out = []
+    for s in np.linspace(0.0, 1.0, n):
+        pose = rotate_about(reference, pivot, yaw0 + s * (yaw1 - yaw0), pitch0 + s * (pitch1 - pitch0))
+        out.append((pose, (neutral + s * (edited - neutral)).astype(np.float32)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="avatar bundle directory")
+    p.add_argument("--out", required=True, help="output video (.mp4)")
+    p.add_argument("--frames", type=int, default=0, help="number of frames (default 60; with --drive: all)")
+    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--yaw", help="head yaw sweep START:END in degrees, written --yaw=-25:25")
+    p.add_argument("--pitch", help="head pitch sweep START:END in degrees")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="blendshape edit, e.g. jawOpen=+0.4 (repeatable)")
+    p.add_argument("--drive", help="reenact: drive the avatar with another video's face")
+    p.add_argument("--latent", type=int, default=0, help="which training frame's latent code (default 0, the paper's)")
+    p.add_argument("--normals", action="store_true", help="add a normals-from-depth panel")
+    p.add_argument("--mask", action="store_true", help="add a foreground-mask panel")
+    p.add_argument("--size", type=int, help="output height in pixels (default: the avatar's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--landmarker", help="face_landmarker.task for --drive")
+    args = p.parse_args(argv)
+
+    loaded = load_bundle(args.bundle, pick_device(args.device))
+    if not 0 <= args.latent < loaded.meta["num_latents"]:
+        raise UserError(f"--latent must be in [0, {loaded.meta['num_latents'] - 1}]")
+    w, h = loaded.image_size
+    scale = (args.size / h) if args.size else 1.0
+    rw, rh = int(round(w * scale)) // 2 * 2, int(round(h * scale)) // 2 * 2
+    k = loaded.intrinsics * scale
+    background = loaded.background
+    if (rw, rh) != (w, h):
+        background = torch.nn.functional.interpolate(background.permute(2, 0, 1)[None], size=(rh, rw), mode="bilinear",
+                                                     align_corners=False)[0].permute(1, 2, 0)
+    frames = conditioning(loaded, args)
+    panels = 1 + args.normals + args.mask
+    latent = loaded.latent(args.latent)
+    with VideoWriter(args.out, rw * panels, rh, args.fps) as writer:
+        for pose, expr in tqdm(frames, desc="rendering", unit="frame", disable=None):
+            out = render_image(loaded.model, pose, expr, latent, k, rw, rh, background, loaded.sampling)
+            images = [out["rgb"].cpu().numpy()]
+            alpha = out["alpha"].cpu().numpy()[..., None]
+            if args.normals:
+                images.append((normals_from_depth(out["depth"].cpu(), k).numpy() * 0.5 + 0.5) * alpha)
+            if args.mask:
+                images.append(np.repeat(alpha, 3, -1))
+            writer.write(np.clip(np.concatenate(images, 1) * 255 + 0.5, 0, 255).astype(np.uint8))
+    print(f"wrote {len(frames)} frames to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
