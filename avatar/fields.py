@@ -64,7 +64,7 @@ class NerfaceField(nn.Module):
 
     def forward(self, points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
                 condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
-        """Canonical points (cm), unit view directions and one frame's ``[expression, latent]`` → rgb, sigma."""
+        """Canonical points (cm), unit view directions and one frame's ``[expression, latent]`` → rgb, density ≥ 0 (1/cm)."""
         p = positional_encoding((points - self.center) / self.half_extent, self.pos_freqs)
         h = p
         for i, layer in enumerate(self.layers):
@@ -76,7 +76,9 @@ class NerfaceField(nn.Module):
             elif i == self.skip:
                 h = h + self.cond_skip(condition)
             h = torch.relu(h)
-        sigma = self.density(h)[..., 0]
+        # Shifted softplus instead of the paper's ReLU: a ReLU density head that starts negative everywhere
+        # never receives a gradient (the whole image stays background); softplus always does.
+        sigma = torch.nn.functional.softplus(self.density(h)[..., 0] - 1.0)
         rgb = torch.sigmoid(self.color(torch.cat([self.feature(h), positional_encoding(dirs, self.dir_freqs)], -1)))
         return rgb, sigma
 

@@ -54,7 +54,7 @@ def composite(rgb: Float[Tensor, "n s 3"], sigma: Float[Tensor, "n s"], t: Float
     ``alpha [n]`` (accumulated foreground opacity = the mask) and ``weights [n, s]``.
     """
     deltas = torch.cat([t[:, 1:] - t[:, :-1], (far[:, None] - t[:, -1:]).clamp_min(0.0)], -1)
-    alpha = 1.0 - torch.exp(-torch.relu(sigma) * deltas)
+    alpha = 1.0 - torch.exp(-sigma.clamp_min(0.0) * deltas)
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], -1), -1)
     weights = alpha * trans[:, :-1]  # [n, s]
     remaining = trans[:, -1]  # [n] what reaches the background

@@ -125,11 +125,12 @@ def test_missing_dataset_is_one_line(tmp_path):
     r = run_script("trainer/fit.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+    assert not (tmp_path / "o").exists()
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(dataset64, tmp_path):
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
                         "--max-steps", "6", "--no-eval", *TINY_FIT],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ def test_composite_empty_space_shows_background():
     n, s = 4, 8
     t = torch.linspace(1, 2, s).expand(n, s)
     bg = torch.rand(n, 3)
-    out = volrend.composite(torch.rand(n, s, 3), torch.zeros(n, s), t, torch.full((n,), 2.0), bg)
+    out = volrend.composite(torch.rand(n, s, 3), torch.zeros(n, s), t, torch.full((n,), 2.0), bg)  # density 0
     torch.testing.assert_close(out["rgb"], bg)
     torch.testing.assert_close(out["alpha"], torch.zeros(n))
 

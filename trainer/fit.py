@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from avatar import bundle as bundle_io
 from avatar import rays as ray_utils
-from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset
+from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset, read_transforms
 from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed, evaluate_at_end: bool) -> int:
     out = Path(cfg.out)
+    if not cfg.video:
+        read_transforms(cfg.data, "train")  # a wrong --data fails before anything is written
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.video and not (Path(cfg.data) / "transforms_train.json").is_file():
