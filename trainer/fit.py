@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, fields
@@ -120,7 +121,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     return cfg, False
 
 
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM both end in a checkpoint, even when started from a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     args = build_parser().parse_args(argv)
     cfg, resuming = resolve_config(args)
     device = pick_device(cfg.device)
