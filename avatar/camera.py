@@ -131,7 +131,7 @@ def solve_pose_pnp(points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarra
 
 
 def triangulate_shape(pixels: np.ndarray, poses: np.ndarray, intrinsics: np.ndarray,
-                      prior: np.ndarray, prior_weight: float) -> np.ndarray:
+                      prior: np.ndarray, prior_weight: float | np.ndarray) -> np.ndarray:
     """Per-vertex linear triangulation of a rigid shape seen by posed frames.
 
     pixels ``[t, n, 2]``, poses ``[t, 4, 4]``, prior ``[n, 3]`` (the canonical shape) → shape ``[n, 3]``.
@@ -154,8 +154,9 @@ def triangulate_shape(pixels: np.ndarray, poses: np.ndarray, intrinsics: np.ndar
     scale = 1.0 / np.maximum(depth, 1e-6)
     a = np.concatenate([a_u * scale[..., None], a_v * scale[..., None]], 0)  # [2t, n, 3]
     b = np.concatenate([b_u * scale, b_v * scale], 0)  # [2t, n]
-    ata = np.einsum("kni,knj->nij", a, a) + prior_weight**2 * np.eye(3)
-    atb = np.einsum("kni,kn->ni", a, b) + prior_weight**2 * prior
+    w2 = np.broadcast_to(np.asarray(prior_weight, dtype=np.float64) ** 2, (3,))
+    ata = np.einsum("kni,knj->nij", a, a) + np.diag(w2)
+    atb = np.einsum("kni,kn->ni", a, b) + w2 * prior
     return np.linalg.solve(ata, atb[..., None])[..., 0]
 
 
