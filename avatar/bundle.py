@@ -65,13 +65,17 @@ def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np
     """Write the bundle files atomically; ``avatar.json`` goes last, so its presence means complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Weights are stored at half precision (half the size, no visible change); loading restores float32.
+    tensors = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
     write_bytes_atomic(directory / WEIGHTS_FILE, save(tensors))
     ok, png = cv2.imencode(".png", np.ascontiguousarray(background[..., ::-1]))
     write_bytes_atomic(directory / BACKGROUND_FILE, png.tobytes())
     full = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "field": model.field_name,
             "field_hparams": model.hparams, "latent_dim": int(model.latents.shape[1]),
             "num_latents": int(model.latents.shape[0]), "weights": WEIGHTS_FILE, "background": BACKGROUND_FILE,
+            "weights_dtype": "float16",
+            "occupancy_resolution": int(model.occupancy.resolution) if hasattr(model, "occupancy") else None,
             **meta}
     write_json_atomic(directory / META_FILE, full)
 
@@ -96,7 +100,8 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     hp = dict(meta["field_hparams"])
     hp.pop("latent_dim", None)
     try:
-        model = Avatar(meta["field"], hp, meta["num_latents"], meta["latent_dim"])
+        model = Avatar(meta["field"], hp, meta["num_latents"], meta["latent_dim"],
+                       occupancy_resolution=int(meta.get("occupancy_resolution", 64)))
     except (TypeError, ValueError) as exc:
         raise UserError(f"{meta_path}: bad field description ({exc})") from None
     weights_path = directory / meta.get("weights", WEIGHTS_FILE)
@@ -114,7 +119,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     if wrong:
         raise UserError(f"{weights_path}: tensor {wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, "
                         f"expected {tuple(expected[wrong[0]].shape)}")
-    model.load_state_dict({k: tensors[k] for k in expected})
+    model.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in expected})
     model.to(device).eval()
     bg_path = directory / meta.get("background", BACKGROUND_FILE)
     bgr = cv2.imread(str(bg_path), cv2.IMREAD_COLOR) if bg_path.is_file() else None

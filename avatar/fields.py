@@ -84,3 +84,78 @@ class NerfaceField(nn.Module):
 
 
 FIELDS = {"nerface": NerfaceField}
+
+
+def spherical_harmonics_deg2(dirs: Float[Tensor, "n 3"]) -> Float[Tensor, "n 9"]:
+    """Real spherical harmonics up to degree 2 of unit directions (cheap view-dependence)."""
+    x, y, z = dirs.unbind(-1)
+    return torch.stack([torch.full_like(x, 0.2821), 0.4886 * y, 0.4886 * z, 0.4886 * x, 1.0925 * x * y,
+                        1.0925 * y * z, 0.3154 * (3 * z * z - 1), 1.0925 * x * z, 0.5463 * (x * x - y * y)], -1)
+
+
+class FastField(nn.Module):
+    """Expression-blended tri-planes decoded by a tiny MLP.
+
+    A neutral tri-plane plus ``bases`` expression tri-planes; one frame's expression is mapped (a linear map,
+    initialised with the principal components of the training expressions) to ``bases`` weights, and the
+    planes are blended **once per frame** — per sample the cost is three bilinear lookups and a 2×64 MLP,
+    whatever the number of bases. Tri-planes use ``grid_sample``, which ONNX and TensorRT support.
+    """
+
+    def __init__(self, box_min: list[float], box_max: list[float], expression_dim: int = 52, latent_dim: int = 32,
+                 resolution: int = 128, channels: int = 16, bases: int = 6, hidden: int = 64,
+                 expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
+                 **_ignored):
+        super().__init__()
+        self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
+                            expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
+                            channels=channels, bases=bases, hidden=hidden)
+        lo, hi = torch.tensor(box_min, dtype=torch.float32), torch.tensor(box_max, dtype=torch.float32)
+        self.register_buffer("center", (lo + hi) / 2, persistent=False)
+        self.register_buffer("half_extent", (hi - lo) / 2, persistent=False)
+        self.channels, self.bases = channels, bases
+        # planes[0] is the neutral face; planes[1:] are expression bases. Small random init breaks symmetry.
+        self.planes = nn.Parameter(torch.randn(bases + 1, 3, channels, resolution, resolution) * 0.1)
+        with torch.no_grad():
+            self.planes[1:] *= 0.1
+        self.expression_map = nn.Linear(expression_dim, bases)
+        if expression_components is not None:
+            comps = torch.tensor(expression_components, dtype=torch.float32)[:bases]
+            mean = torch.tensor(expression_mean, dtype=torch.float32)
+            with torch.no_grad():
+                self.expression_map.weight.zero_()
+                self.expression_map.weight[: comps.shape[0]] = comps
+                self.expression_map.bias.copy_(-(comps @ mean) if comps.shape[0] == bases else
+                                               torch.cat([-(comps @ mean), torch.zeros(bases - comps.shape[0])]))
+        self.layer1 = nn.Linear(3 * channels, hidden)
+        self.latent_in = nn.Linear(latent_dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, hidden)
+        self.density = nn.Linear(hidden, 1)
+        self.color = nn.Linear(hidden + 9, 3)
+
+    def blend(self, condition: Float[Tensor, "c"]) -> Float[Tensor, "3 ch r r"]:
+        """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
+        expression = condition[: self.hparams["expression_dim"]]
+        weights = torch.cat([torch.ones(1, device=condition.device), self.expression_map(expression)])
+        return torch.einsum("k,kpcij->pcij", weights, self.planes)
+
+    def query(self, planes: Float[Tensor, "3 ch r r"], points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+              condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
+        """Look up blended planes at canonical points and decode colour and density."""
+        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
+        coords = torch.stack([p[:, [0, 1]], p[:, [0, 2]], p[:, [1, 2]]])[:, None]  # [3, 1, n, 2]
+        feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
+        feats = feats[:, :, 0].permute(2, 0, 1).reshape(points.shape[0], -1)  # [n, 3 ch]
+        latent = condition[self.hparams["expression_dim"]:]
+        h = torch.relu(self.layer1(feats) + self.latent_in(latent))
+        h = torch.relu(self.layer2(h))
+        sigma = torch.nn.functional.softplus(self.density(h)[:, 0] - 1.0)
+        rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
+        return rgb, sigma
+
+    def forward(self, points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+                condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
+        return self.query(self.blend(condition), points, dirs, condition)
+
+
+FIELDS["fast"] = FastField

@@ -20,29 +20,44 @@ from avatar.fields import FIELDS
 
 @dataclass
 class SamplingConfig:
-    coarse: int = 64  # stratified samples per ray for the coarse network
-    fine: int = 64  # extra importance samples for the fine network
+    coarse: int = 64  # nerface: stratified samples per ray for the coarse network
+    fine: int = 64  # nerface: extra importance samples for the fine network
     chunk: int = 8192  # rays per forward pass when rendering whole images
+    step: float = 0.0  # fast: fixed marching step in cm
+    culling: bool = True  # fast: skip empty cells with the occupancy grid (False: the dense reference)
 
 
 class Avatar(nn.Module):
-    """Two fields of the same kind (coarse, fine) and a learnable latent code per training frame."""
+    """The fields and a learnable latent code per training frame.
 
-    def __init__(self, field: str, field_kwargs: dict, num_frames: int, latent_dim: int = 32):
+    ``nerface``: two MLP fields (coarse, fine) with hierarchical sampling, as in the paper.
+    ``fast``: one expression-blended tri-plane field and an occupancy grid for culled, packed marching.
+    """
+
+    def __init__(self, field: str, field_kwargs: dict, num_frames: int, latent_dim: int = 32,
+                 occupancy_resolution: int = 64):
         super().__init__()
         if field not in FIELDS:
             raise ValueError(f"unknown field {field!r}; choose from {sorted(FIELDS)}")
         self.field_name = field
-        self.coarse = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
-        self.fine = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
+        if field == "fast":
+            from avatar.occupancy import OccupancyGrid
+
+            self.field = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
+            box = self.field.hparams
+            self.occupancy = OccupancyGrid(torch.tensor(box["box_min"]), torch.tensor(box["box_max"]),
+                                           occupancy_resolution)
+        else:
+            self.coarse = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
+            self.fine = FIELDS[field](latent_dim=latent_dim, **field_kwargs)
         self.latents = nn.Parameter(torch.zeros(num_frames, latent_dim))
-        box = self.coarse.hparams
+        box = self.hparams
         self.register_buffer("box_min", torch.tensor(box["box_min"]), persistent=False)
         self.register_buffer("box_max", torch.tensor(box["box_max"]), persistent=False)
 
     @property
     def hparams(self) -> dict:
-        return self.coarse.hparams
+        return (self.field if self.field_name == "fast" else self.coarse).hparams
 
     def forward(self, rays: dict[str, Tensor], expression: Tensor, frame_index: int, background: Tensor,
                 sampling: "SamplingConfig", perturb: bool = True) -> dict[str, Tensor]:
@@ -60,6 +75,18 @@ def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor
     condition = torch.cat([expression, latent], -1)
     origins, dirs, near, far = rays["origins"], rays["dirs"], rays["near"], rays["far"]
     n = origins.shape[0]
+    if model.field_name == "fast":
+        from avatar.occupancy import march_culled, march_dense
+
+        planes = model.field.blend(condition)  # once per frame
+
+        def query(points: Tensor, view: Tensor) -> tuple[Tensor, Tensor]:
+            return model.field.query(planes, points, view, condition)
+
+        if sampling.culling:
+            return march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
+                                perturb=perturb)
+        return march_dense(query, origins, dirs, near, far, background, sampling.step)
 
     def run(field: nn.Module, t: Tensor) -> dict[str, Tensor]:
         pts = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # [n, s, 3]

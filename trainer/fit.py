@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: becomes the avatar bundle")
     p.add_argument("--background", help="with --video: image of the empty scene, or 'auto' (default)")
     p.add_argument("--size", type=int, help="with --video: frame size to prepare (preset default)")
-    p.add_argument("--field", choices=["nerface"], help="radiance field (default nerface: the paper's MLP)")
+    p.add_argument("--field", choices=["nerface", "fast"],
+                   help="nerface (default): the paper's MLP; fast: expression-blended tri-planes + occupancy culling")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
                    help="smoke: ~1 min pipeline check; cpu: minutes on a CPU; paper: the paper's 512², 400k steps")
     p.add_argument("--max-steps", type=int, help="training steps (preset default)")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--val-every", type=int, help="steps between validation images in TensorBoard")
     p.add_argument("--eval-frames", type=int, help="test frames to score at the end (0 = all)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (0 = no limit)")
+    p.add_argument("--plane-resolution", type=int, help="fast field: tri-plane resolution")
+    p.add_argument("--expression-bases", type=int, help="fast field: expression bases blended per frame")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--seed", type=int)
     p.add_argument("--landmarker", help="path to face_landmarker.task (for --video)")
@@ -115,7 +119,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(FitConfig)}
     overrides["out"] = str(out)
     overrides.pop("preset", None)
-    cfg = config_with_preset(args.preset, **overrides)
+    overrides.pop("field", None)
+    cfg = config_with_preset(args.preset, args.field or "nerface", **overrides)
     if cfg.video:
         cfg.data = str(out / "dataset")
     return cfg, False
@@ -162,15 +167,14 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     w, h = train_set.image_size
     torch.manual_seed(cfg.seed)
     box_min, box_max = train_set.head_bounds
-    model = Avatar(cfg.field, dict(box_min=box_min.tolist(), box_max=box_max.tolist(),
-                                   expression_dim=train_set.expressions.shape[1], width=cfg.width, depth=cfg.depth),
-                   num_frames=len(train_set), latent_dim=cfg.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = build_model(cfg, train_set).to(device)
+    optimizer = build_optimizer(cfg, model)
     step = 0
     ckpt_path = out / CHECKPOINT_FILE
     if resuming and ckpt_path.is_file():
         step = load_checkpoint(ckpt_path, model, optimizer)
-    sampling = SamplingConfig(cfg.coarse_samples, cfg.fine_samples, cfg.chunk)
+    step_cm = float(np.linalg.norm(box_max - box_min) / cfg.march_steps)
+    sampling = SamplingConfig(cfg.coarse_samples, cfg.fine_samples, cfg.chunk, step=step_cm)
     loaded = bundle_io.LoadedAvatar(model, {"intrinsics": train_set.intrinsics.tolist(), "image_size": [w, h],
                                             "sampling": sampling.__dict__}, torch.from_numpy(background_np / 255.0).float())
 
@@ -214,14 +218,17 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             rays = ray_utils.frame_rays(px, intrinsics, poses[i], model.box_min, model.box_max)
             outputs = trainer_model(rays, expressions[i], i, background[px[:, 1], px[:, 0]], sampling, True)
             mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
-            mse_coarse = torch.mean((outputs["rgb_coarse"] - target) ** 2)
-            loss = mse_fine + mse_coarse + cfg.latent_l2 * model.latents[i].pow(2).sum()
+            loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
+            if "rgb_coarse" in outputs:
+                loss = loss + torch.mean((outputs["rgb_coarse"] - target) ** 2)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
+            if cfg.field == "fast" and step % cfg.occupancy_every == 0:
+                update_occupancy(model, expressions, rng, ddp)
             psnr = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10)))
             loss_history.append(float(loss.detach()))
             if ddp.main:
@@ -233,8 +240,11 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                     writer.add_scalar("train/lr", learning_rate(cfg, step), step)
                 if cfg.val_every and step % cfg.val_every == 0 and len(val_set):
                     log_validation(writer, loaded, val_set, step, model)
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                out_of_time = cfg.max_minutes > 0 and (time.perf_counter() - start) > cfg.max_minutes * 60
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
                     save_checkpoint(ckpt_path, model, optimizer, step, cfg)
+            if cfg.max_minutes > 0 and (time.perf_counter() - start) > cfg.max_minutes * 60:
+                break  # the time budget (same wall time for every field in comparisons)
     except KeyboardInterrupt:
         if ddp.main:
             save_checkpoint(ckpt_path, model, optimizer, step, cfg)
@@ -278,6 +288,9 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         "training": train_stats,
     }
     model.eval()
+    if cfg.field == "fast":
+        finalize_occupancy(model, expressions)
+        meta["occupied_fraction"] = model.occupancy.occupied_fraction()
     bundle_io.save_bundle(out, model, meta, background_np)
     print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
     if evaluate_at_end:
@@ -290,6 +303,58 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         write_json_atomic(out / "metrics.json", result)
         print(format_table(result))
     return 0
+
+
+def build_model(cfg: FitConfig, train_set) -> Avatar:
+    box_min, box_max = train_set.head_bounds
+    common = dict(box_min=box_min.tolist(), box_max=box_max.tolist(), expression_dim=train_set.expressions.shape[1])
+    if cfg.field == "fast":
+        # Initialise the expression → basis-weight map with the principal components of the training expressions.
+        e = train_set.expressions.astype(np.float64)
+        mean = e.mean(0)
+        _, _, vt = np.linalg.svd(e - mean, full_matrices=False)
+        field_kwargs = dict(common, resolution=cfg.plane_resolution, channels=cfg.plane_channels,
+                            bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
+                            expression_components=vt[: cfg.expression_bases].tolist())
+    else:
+        field_kwargs = dict(common, width=cfg.width, depth=cfg.depth)
+    return Avatar(cfg.field, field_kwargs, num_frames=len(train_set), latent_dim=cfg.latent_dim,
+                  occupancy_resolution=cfg.occupancy_resolution)
+
+
+def build_optimizer(cfg: FitConfig, model: Avatar) -> torch.optim.Optimizer:
+    if cfg.field != "fast":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    planes = [model.field.planes]
+    others = [p for n, p in model.named_parameters() if n != "field.planes"]
+    return torch.optim.Adam([{"params": others, "lr": cfg.lr, "lr_scale": 1.0},
+                             {"params": planes, "lr": cfg.grid_lr, "lr_scale": cfg.grid_lr / cfg.lr}], eps=1e-15)
+
+
+def _density_fn(model: Avatar, expression: torch.Tensor):
+    condition = torch.cat([expression, model.latents[0].detach()])
+    planes = model.field.blend(condition)
+    return lambda pts: model.field.query(planes, pts, torch.zeros_like(pts), condition)[1]
+
+
+@torch.no_grad()
+def update_occupancy(model: Avatar, expressions: torch.Tensor, rng: np.random.Generator, ddp: "Distributed") -> None:
+    """Decayed-max update under a random training expression (all ranks agree: same grid everywhere)."""
+    k = int(rng.integers(len(expressions)))
+    if ddp.enabled:
+        k_t = torch.tensor([k])
+        dist.broadcast(k_t, 0)
+        k = int(k_t)
+    model.occupancy.update(_density_fn(model, expressions[k]))
+
+
+@torch.no_grad()
+def finalize_occupancy(model: Avatar, expressions: torch.Tensor, count: int = 24) -> None:
+    """The bundle's grid: conservative over the training expression range (max over many, dilated)."""
+    picks = np.linspace(0, len(expressions) - 1, min(count, len(expressions))).astype(int)
+    extremes = [int(expressions[:, j].argmax()) for j in range(expressions.shape[1])]  # each blendshape at its peak
+    frames = sorted(set(picks.tolist()) | set(extremes))
+    model.occupancy.finalize([_density_fn(model, expressions[k]) for k in frames], samples_per_cell=1)
 
 
 @torch.no_grad()
