@@ -235,8 +235,8 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             background_source = "auto"
         cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
 
-        bounds_lo = shape.min(0) - [1.5, 7.0, 11.0]  # neck below, back of the head behind the face mesh
-        bounds_hi = shape.max(0) + [1.5, 5.0, 1.5]  # hair above
+        bounds_lo = shape.min(0) - [4.0, 7.0, 11.0]  # neck below, back of the head behind the face mesh
+        bounds_hi = shape.max(0) + [4.0, 9.0, 3.0]  # hair above and to the sides (big hair too)
         common = {
             "format": DATASET_FORMAT,
             "camera_convention": "opengl: transform_matrix maps canonical face space (cm) to camera, "

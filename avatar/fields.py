@@ -131,6 +131,8 @@ class FastField(nn.Module):
         self.latent_in = nn.Linear(latent_dim, hidden, bias=False)
         self.layer2 = nn.Linear(hidden, hidden)
         self.density = nn.Linear(hidden, 1)
+        with torch.no_grad():  # start empty (density ≈ 0.007/cm): the loss grows the head where it is needed
+            self.density.bias.fill_(-4.0)
         self.color = nn.Linear(hidden + 9, 3)
 
     def blend(self, condition: Float[Tensor, "c"]) -> Float[Tensor, "3 ch r r"]:
@@ -149,7 +151,9 @@ class FastField(nn.Module):
         latent = condition[self.hparams["expression_dim"]:]
         h = torch.relu(self.layer1(feats) + self.latent_in(latent))
         h = torch.relu(self.layer2(h))
-        sigma = torch.nn.functional.softplus(self.density(h)[:, 0] - 1.0)
+        # exp activation (as instant-ngp): opaque skin needs densities of ~10/cm, which exp reaches with small
+        # raw values; a softplus/ReLU head would need thousands of steps to grow that far.
+        sigma = torch.exp(self.density(h)[:, 0].clamp(max=15.0) - 1.0)
         rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
         return rgb, sigma
 

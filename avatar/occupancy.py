@@ -25,7 +25,7 @@ class OccupancyGrid(nn.Module):
         self.resolution, self.threshold = resolution, threshold
         self.register_buffer("box_min", box_min.clone().float(), persistent=False)
         self.register_buffer("box_max", box_max.clone().float(), persistent=False)
-        self.register_buffer("density", torch.full((resolution,) * 3, 1e3), persistent=False)
+        self.register_buffer("density", torch.zeros((resolution,) * 3), persistent=False)
         self.register_buffer("mask", torch.ones((resolution,) * 3, dtype=torch.bool))  # saved in the bundle
 
     def cell_centers(self, jitter: bool = False) -> Float[Tensor, "r3 3"]:
@@ -41,7 +41,7 @@ class OccupancyGrid(nn.Module):
         pts = self.cell_centers(jitter=True)
         new = torch.cat([density_fn(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
         self.density = torch.maximum(self.density * decay, new.reshape(self.density.shape))
-        self.mask = self.density > self.threshold
+        self.mask = _dilate(self.density > self.threshold)  # neighbours stay reachable, so surfaces can grow
 
     @torch.no_grad()
     def finalize(self, density_fns: list[Callable[[Tensor], Tensor]], samples_per_cell: int = 2,
@@ -53,8 +53,7 @@ class OccupancyGrid(nn.Module):
                 pts = self.cell_centers(jitter=True)
                 d = torch.cat([fn(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
                 best = torch.maximum(best, d.reshape(best.shape))
-        mask = (best > self.threshold).float()[None, None]
-        self.mask = torch.nn.functional.max_pool3d(mask, 3, stride=1, padding=1)[0, 0] > 0
+        self.mask = _dilate(best > self.threshold)
         self.density = best
 
     def occupied(self, points: Float[Tensor, "n 3"]) -> Tensor:
@@ -68,6 +67,11 @@ class OccupancyGrid(nn.Module):
 
     def occupied_fraction(self) -> float:
         return float(self.mask.float().mean())
+
+
+def _dilate(mask: Tensor) -> Tensor:
+    """Grow a boolean ``[r, r, r]`` mask by one cell in every direction."""
+    return torch.nn.functional.max_pool3d(mask.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
 
 
 def composite_packed(ray_indices: Int[Tensor, "m"], t: Float[Tensor, "m"], sigma: Float[Tensor, "m"],

@@ -227,7 +227,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             loss.backward()
             optimizer.step()
             step += 1
-            if cfg.field == "fast" and step % cfg.occupancy_every == 0:
+            if cfg.field == "fast" and step >= 128 and step % cfg.occupancy_every == 0:
                 update_occupancy(model, expressions, rng, ddp)
             psnr = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10)))
             loss_history.append(float(loss.detach()))

@@ -1,0 +1,134 @@
+"""Rendering speed of the fast field against the paper's field, side by side in one process.
+
+    python bench/render_speed.py --fast avatars/fast --data DATASET [--paper avatars/paper] [--frames 20]
+
+Renders held-out test frames with each method at 128² and 256² (torch on this CPU) and prints a Markdown
+table: method, resolution, PSNR (where the dataset has ground truth at that size), median seconds per
+frame, frames per second and the ratio to the paper field. Also: occupancy culling on vs off (PSNR must not
+move) and rendering at half resolution + bilinear upsampling (its PSNR cost). The paper field's speed does
+not depend on its weights, so without --paper an untrained paper-sized field is timed (PSNR then "—").
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from avatar.bundle import LoadedAvatar, load_bundle
+from avatar.dataset import load_split
+from avatar.metrics import psnr
+from avatar.model import Avatar, SamplingConfig, render_image
+
+
+def scaled(loaded: LoadedAvatar, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    w, h = loaded.image_size
+    k = loaded.intrinsics * (size / h)
+    bg = torch.nn.functional.interpolate(loaded.background.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                                         align_corners=False)[0].permute(1, 2, 0)
+    return k, bg
+
+
+def time_frames(loaded: LoadedAvatar, frames, size: int, sampling: SamplingConfig, truth=None, upsample_from: int = 0):
+    """Median seconds per frame and mean PSNR (None without truth)."""
+    render_size = upsample_from or size
+    k, bg = scaled(loaded, render_size)
+    latent = loaded.latent(0)
+    times, scores = [], []
+    for j, (pose, expr) in enumerate(frames):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = render_image(loaded.model, pose, expr, latent, k, render_size, render_size, bg, sampling)
+            rgb = out["rgb"]
+            if upsample_from:
+                rgb = torch.nn.functional.interpolate(rgb.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                                                      align_corners=False)[0].permute(1, 2, 0)
+        times.append(time.perf_counter() - start)
+        if truth is not None:
+            scores.append(psnr(rgb.numpy(), truth[j]))
+    return statistics.median(times), (float(np.mean(scores)) if scores else None)
+
+
+def paper_stand_in(loaded_fast: LoadedAvatar) -> LoadedAvatar:
+    """An untrained field of the paper's size (8×256, 64+64 samples): its speed is the paper field's speed."""
+    meta = dict(loaded_fast.meta)
+    hp = loaded_fast.meta["field_hparams"]
+    model = Avatar("nerface", dict(box_min=hp["box_min"], box_max=hp["box_max"], expression_dim=hp["expression_dim"],
+                                   width=256, depth=8), num_frames=1).eval()
+    meta["sampling"] = SamplingConfig(64, 64, 16384).__dict__
+    return LoadedAvatar(model, meta, loaded_fast.background)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", required=True, help="bundle of a fast-field avatar")
+    p.add_argument("--paper", help="bundle of a paper-field avatar (default: an untrained stand-in, timing only)")
+    p.add_argument("--data", required=True, help="its dataset (test frames give the conditioning and the truth)")
+    p.add_argument("--frames", type=int, default=20, help="frames per fast-field row (median)")
+    p.add_argument("--paper-frames", type=int, default=1, help="frames per paper-field row (each takes ~30 s+)")
+    p.add_argument("--sizes", default="128,256")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    fast = load_bundle(args.fast)
+    paper = load_bundle(args.paper) if args.paper else paper_stand_in(fast)
+    test = load_split(args.data, "test")
+    idx = np.linspace(0, len(test) - 1, min(args.frames, len(test))).astype(int)
+    frames = [(test.poses[i], test.expressions[i]) for i in idx]
+    data_size = test.image_size[1]
+    truth_all = [test.images[i].astype(np.float32) / 255.0 for i in idx]
+    base = fast.sampling
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        truth = truth_all if size == data_size else None
+        sampling = SamplingConfig(**{**base.__dict__, "chunk": size * size})
+        render_image(fast.model, *frames[0], fast.latent(0), *scaled(fast, size)[:1], size, size, scaled(fast, size)[1],
+                     sampling)  # warm-up
+        t_fast, p_fast = time_frames(fast, frames, size, sampling, truth)
+        t_dense, p_dense = time_frames(fast, frames[: max(3, len(frames) // 4)], size,
+                                       SamplingConfig(**{**sampling.__dict__, "culling": False}),
+                                       truth[: max(3, len(frames) // 4)] if truth else None)
+        t_half, p_half = time_frames(fast, frames, size, SamplingConfig(**{**sampling.__dict__, "chunk": size * size}),
+                                     truth, upsample_from=size // 2)
+        n_paper = max(1, args.paper_frames)
+        t_paper, p_paper = time_frames(paper, frames[:n_paper], size, paper.sampling, truth[:n_paper] if truth else None)
+        if truth is not None:  # culling on vs off on the same frames
+            _, p_fast_same = time_frames(fast, frames[: max(3, len(frames) // 4)], size, sampling,
+                                         truth[: max(3, len(frames) // 4)])
+        else:
+            p_fast_same = None
+        for name, t, ps in (("paper field (8×256 MLP, 64+64 samples)" + ("" if args.paper else ", untrained stand-in"), t_paper, p_paper),
+                            ("fast field, occupancy culling off (dense reference)", t_dense, p_dense),
+                            ("fast field (culled, packed, early termination)", t_fast, p_fast),
+                            (f"fast field at {size // 2}² + bilinear upsampling", t_half, p_half)):
+            rows.append((name, size, ps, t, t_paper))
+        if p_fast_same is not None and p_dense is not None:
+            rows.append((f"culling on − off, PSNR on the same {max(3, len(frames) // 4)} frames: "
+                         f"{p_fast_same - p_dense:+.3f} dB", size, None, None, None))
+
+    print(f"Rendering speed, {date.today()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__} (CPU); median of "
+          f"{len(frames)} frames (paper field: {max(1, args.paper_frames)}).\n")
+    print("| method | resolution | PSNR (dB) | s / frame | frames / s | × paper field |")
+    print("|---|---|---|---|---|---|")
+    for name, size, ps, t, t_paper in rows:
+        if t is None:
+            print(f"| {name} | {size}² | | | | |")
+            continue
+        print(f"| {name} | {size}² | {'—' if ps is None else f'{ps:.2f}'} | {t:.4f} | {1 / t:.1f} | {t_paper / t:.0f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

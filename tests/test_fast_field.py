@@ -1,0 +1,76 @@
+import torch
+
+from avatar import volrend
+from avatar.fields import FastField
+from avatar.occupancy import OccupancyGrid, composite_packed, march_culled, march_dense
+from avatar.rays import frame_rays, pixel_grid
+
+BOX = (torch.tensor([-10.0, -10, -10]), torch.tensor([10.0, 10, 10]))
+
+
+def sphere_query(points, dirs):
+    """A soft opaque ball of radius 5 with position-dependent colour."""
+    r = points.norm(dim=-1)
+    sigma = 5.0 * torch.sigmoid((5.0 - r) * 4)
+    rgb = torch.sigmoid(points[:, [0, 1, 2]] / 3)
+    return rgb, sigma
+
+
+def camera_rays(n=24):
+    k = torch.tensor([40.0, 40.0, n / 2, n / 2])
+    pose = torch.eye(4)
+    pose[2, 3] = -40.0
+    return frame_rays(pixel_grid(n, n), k, pose, *BOX)
+
+
+def test_packed_composite_equals_dense_composite():
+    torch.manual_seed(0)
+    n, s, step = 5, 7, 0.3
+    t = (torch.arange(s) + 0.5).expand(n, s) * step
+    sigma, rgb = torch.rand(n, s) * 3, torch.rand(n, s, 3)
+    dense = volrend.composite(rgb, sigma, t, t[:, -1] + step, torch.zeros(n, 3))
+    rows = torch.arange(n).repeat_interleave(s)
+    packed = composite_packed(rows, t.reshape(-1), sigma.reshape(-1), rgb.reshape(-1, 3), step, n, torch.ones(n))
+    torch.testing.assert_close(packed["rgb"], dense["rgb"])
+    torch.testing.assert_close(packed["alpha"], dense["alpha"])
+
+
+def test_culled_renderer_matches_the_dense_reference():
+    rays = camera_rays()
+    bg = torch.rand(rays["origins"].shape[0], 3)
+    args = (rays["origins"], rays["dirs"], rays["near"], rays["far"], bg)
+    dense = march_dense(sphere_query, *args, step=0.2)
+    grid = OccupancyGrid(*BOX, resolution=32, threshold=0.01)
+    grid.finalize([lambda p: sphere_query(p, p)[1]])
+    assert 0.01 < grid.occupied_fraction() < 0.3  # it does cull
+    culled = march_culled(sphere_query, grid, *args, step=0.2, min_transmittance=1e-4)
+    assert culled["samples"] < 0.3 * dense["samples"]
+    torch.testing.assert_close(culled["rgb"], dense["rgb"], atol=2e-3, rtol=0)
+    torch.testing.assert_close(culled["alpha"], dense["alpha"], atol=2e-3, rtol=0)
+
+
+def test_rays_that_hit_nothing_and_empty_batches():
+    rays = camera_rays(8)
+    bg = torch.rand(64, 3)
+    grid = OccupancyGrid(*BOX, resolution=8)
+    grid.mask.zero_()  # nothing occupied
+    out = march_culled(sphere_query, grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], bg, step=0.5)
+    torch.testing.assert_close(out["rgb"], bg)
+    assert out["samples"] == 0
+    empty = march_culled(sphere_query, grid, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0),
+                         torch.zeros(0, 3), step=0.5)
+    assert empty["rgb"].shape == (0, 3)
+
+
+def test_fast_field_blends_expression_bases_once_per_frame():
+    torch.manual_seed(0)
+    f = FastField([-10, -10, -10], [10, 10, 10], expression_dim=52, latent_dim=32, resolution=16, channels=4, bases=3)
+    cond_a, cond_b = torch.zeros(84), torch.zeros(84)
+    cond_b[25] = 1.0
+    with torch.no_grad():
+        f.expression_map.weight.normal_()
+    pa, pb = f.blend(cond_a), f.blend(cond_b)
+    assert pa.shape == (3, 4, 16, 16) and not torch.allclose(pa, pb)
+    pts = torch.rand(10, 3) * 10 - 5
+    rgb, sigma = f(pts, torch.nn.functional.normalize(torch.rand(10, 3), dim=-1), cond_b)
+    assert rgb.shape == (10, 3) and (sigma >= 0).all()
