@@ -101,7 +101,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     hp.pop("latent_dim", None)
     try:
         model = Avatar(meta["field"], hp, meta["num_latents"], meta["latent_dim"],
-                       occupancy_resolution=int(meta.get("occupancy_resolution", 64)))
+                       occupancy_resolution=int(meta.get("occupancy_resolution") or 64))
     except (TypeError, ValueError) as exc:
         raise UserError(f"{meta_path}: bad field description ({exc})") from None
     weights_path = directory / meta.get("weights", WEIGHTS_FILE)

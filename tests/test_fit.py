@@ -138,3 +138,51 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(dataset64, tmp_path):
     dist = json.loads((out / "avatar.json").read_text())["training"]["distributed"]
     assert dist["world_size"] == 2 and dist["backend"] == "gloo"
     assert dist["ranks_identical"] and len(set(dist["param_checksums"])) == 1
+
+
+def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, tmp_path):
+    out = tmp_path / "fast"
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "fast", "--preset", "smoke",
+                   "--max-steps", "200", "--eval-frames", "3", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["avatar"]["psnr"] > metrics["untrained"]["psnr"] + 3.0
+    loaded = load_bundle(out)
+    assert loaded.meta["field"] == "fast" and 0.0 < loaded.meta["occupied_fraction"] < 1.0
+
+    import dataclasses
+
+    import numpy as np
+
+    from avatar.dataset import load_split
+    from avatar.metrics import psnr
+    from avatar.model import render_image
+
+    test = load_split(dataset64, "test")
+    w, h = loaded.image_size
+    dense = dataclasses.replace(loaded.sampling, culling=False)
+    for i in range(min(3, len(test))):
+        args = (loaded.model, test.poses[i], test.expressions[i], loaded.latent(0), loaded.intrinsics, w, h,
+                loaded.background)
+        culled_img = render_image(*args, loaded.sampling)["rgb"].numpy()
+        dense_img = render_image(*args, dense)["rgb"].numpy()
+        truth = test.images[i] / 255.0
+        assert abs(psnr(culled_img, truth) - psnr(dense_img, truth)) <= 0.1
+        assert np.abs(culled_img - dense_img).max() < 0.05
+
+
+def test_a_256_fast_avatar_bundle_is_at_most_50_mb(tmp_path):
+    import numpy as np
+
+    from avatar.bundle import save_bundle
+    from avatar.model import Avatar
+    from avatar.training import config_with_preset
+
+    cfg = config_with_preset("paper", "fast")  # the 256²+ setting: the largest planes we ship
+    model = Avatar("fast", dict(box_min=[-12, -17, -14], box_max=[12, 15, 10], expression_dim=52,
+                                resolution=cfg.plane_resolution, channels=cfg.plane_channels,
+                                bases=cfg.expression_bases, hidden=cfg.hidden), num_frames=3000)
+    save_bundle(tmp_path / "b", model, {"intrinsics": [1, 1, 128, 128], "image_size": [256, 256]},
+                np.zeros((256, 256, 3), np.uint8))
+    total = sum(p.stat().st_size for p in (tmp_path / "b").iterdir())
+    assert total <= 50 * 2**20, total
