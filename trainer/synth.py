@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from avatar import camera, synth
+from avatar.dataset import read_rgb
 from avatar.errors import UserError, run_cli
 from avatar.fileio import atomic_directory, write_json_atomic
 from avatar.tracking import FaceTracker, load_canonical_face
@@ -45,13 +46,9 @@ def load_photo(path: str | None) -> np.ndarray:
         import skimage.data
 
         return skimage.data.astronaut()
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file")
-    bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise UserError(f"{p} is not a readable image")
-    return bgr[..., ::-1].copy()
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    return read_rgb(path)
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
