@@ -65,8 +65,8 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(size=128, width=128, rays_per_step=1024, coarse_samples=32, fine_samples=32, max_steps=1500,
                 lr_decay_steps=3000, checkpoint_every=100, val_every=500),
     # A pipeline check in about a minute: learns the background/foreground split and a blurry head.
-    "smoke": dict(size=64, width=128, rays_per_step=512, coarse_samples=24, fine_samples=24, max_steps=250,
-                  lr_decay_steps=600, checkpoint_every=50, val_every=150, eval_frames=8, log_every=5),
+    "smoke": dict(size=64, width=128, rays_per_step=512, coarse_samples=24, fine_samples=24, max_steps=200,
+                  lr_decay_steps=600, checkpoint_every=50, val_every=100, eval_frames=6, log_every=5),
 }
 
 
