@@ -6,7 +6,6 @@ live loop all go through it. A bundle from someone else is data only: JSON, raw 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from avatar.errors import UserError
-from avatar.fileio import write_bytes_atomic, write_json_atomic
+from avatar.fileio import read_json, write_bytes_atomic, write_json_atomic
 from avatar.model import Avatar, SamplingConfig
 
 BUNDLE_FORMAT = "nerface-avatar-bundle"
@@ -86,10 +85,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{directory} is not an avatar bundle (no {META_FILE}); make one with trainer/fit.py")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
+    meta = read_json(meta_path)
     if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
         raise UserError(f"{directory} is bundle format {meta.get('format')!r} version {meta.get('version')!r}; "
                         f"this program reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION} — retrain or convert it")

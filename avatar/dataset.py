@@ -13,7 +13,6 @@ in pixels of the written frame.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from avatar import camera
 from avatar.errors import UserError
-from avatar.fileio import atomic_directory, write_json_atomic
+from avatar.fileio import atomic_directory, read_json, write_json_atomic
 from avatar.tracking import BLENDSHAPE_NAMES, NUM_FACE_VERTICES, FaceTracker, load_canonical_face
 from avatar.video import iter_frames, probe_video
 
@@ -294,10 +293,7 @@ def read_transforms(directory: str | Path, split: str) -> dict:
     path = Path(directory) / f"transforms_{split}.json"
     if not path.is_file():
         raise UserError(f"{path} not found: is {directory} a dataset made by trainer/prepare.py?")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    meta = read_json(path)
     if meta.get("format") != DATASET_FORMAT:
         raise UserError(f"{path} has format {meta.get('format')!r}, expected {DATASET_FORMAT!r}; "
                         "re-run trainer/prepare.py")

@@ -80,3 +80,16 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; invalid JSON (or a non-object top level) is a one-line :class:`UserError`."""
+    from avatar.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data

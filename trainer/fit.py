@@ -36,7 +36,7 @@ from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
 from avatar.model import Avatar, SamplingConfig
-from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, checkpoint_step, config_with_preset, learning_rate,
+from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
                              load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
 
 
@@ -363,7 +363,7 @@ def log_validation(writer, loaded: bundle_io.LoadedAvatar, val_set, step: int, m
     from avatar.model import render_image
 
     model.eval()
-    k = (step // max(1, 1)) % len(val_set)
+    k = step % len(val_set)  # a different validation frame each time
     w, h = val_set.image_size
     out = render_image(model, val_set.poses[k], val_set.expressions[k], model.latents[0].detach(), val_set.intrinsics,
                        w, h, loaded.background, loaded.sampling)

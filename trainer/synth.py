@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar import camera, synth
+from avatar import synth
 from avatar.dataset import read_rgb
 from avatar.errors import UserError, run_cli
 from avatar.fileio import atomic_directory, write_json_atomic
