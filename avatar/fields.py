@@ -141,21 +141,32 @@ class FastField(nn.Module):
         weights = torch.cat([torch.ones(1, device=condition.device), self.expression_map(expression)])
         return torch.einsum("k,kpcij->pcij", weights, self.planes)
 
-    def query(self, planes: Float[Tensor, "3 ch r r"], points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
-              condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
-        """Look up blended planes at canonical points and decode colour and density."""
+    def latent_bias(self, condition: Float[Tensor, "c"]) -> Float[Tensor, "hidden"]:
+        """The latent code's share of the first layer: the same for every sample of a frame."""
+        return self.latent_in(condition[self.hparams["expression_dim"]:])
+
+    def decode(self, planes: Float[Tensor, "3 ch r r"], latent_bias: Float[Tensor, "hidden"],
+               points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
+        """The per-sample work, given one frame's state: three bilinear lookups and the tiny MLP.
+
+        This is what the exporter turns into ONNX (frame state as inputs, a dynamic number of samples).
+        """
         p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
         coords = torch.stack([p[:, [0, 1]], p[:, [0, 2]], p[:, [1, 2]]])[:, None]  # [3, 1, n, 2]
         feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
         feats = feats[:, :, 0].permute(2, 0, 1).reshape(points.shape[0], -1)  # [n, 3 ch]
-        latent = condition[self.hparams["expression_dim"]:]
-        h = torch.relu(self.layer1(feats) + self.latent_in(latent))
+        h = torch.relu(self.layer1(feats) + latent_bias)
         h = torch.relu(self.layer2(h))
         # exp activation (as instant-ngp): opaque skin needs densities of ~10/cm, which exp reaches with small
         # raw values; a softplus/ReLU head would need thousands of steps to grow that far.
         sigma = torch.exp(self.density(h)[:, 0].clamp(max=15.0) - 1.0)
         rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
         return rgb, sigma
+
+    def query(self, planes: Float[Tensor, "3 ch r r"], points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+              condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
+        """Look up blended planes at canonical points and decode colour and density."""
+        return self.decode(planes, self.latent_bias(condition), points, dirs)
 
     def forward(self, points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
                 condition: Float[Tensor, "c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:

@@ -25,6 +25,7 @@ class SamplingConfig:
     chunk: int = 8192  # rays per forward pass when rendering whole images
     step: float = 0.0  # fast: fixed marching step in cm
     culling: bool = True  # fast: skip empty cells with the occupancy grid (False: the dense reference)
+    blocks_per_round: int = 2  # fast: occupied blocks marched per ray between early-termination checks
 
 
 class Avatar(nn.Module):
@@ -67,7 +68,7 @@ class Avatar(nn.Module):
 
 def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor, "e"],
                 latent: Float[Tensor, "l"], background: Float[Tensor, "n 3"], sampling: SamplingConfig,
-                perturb: bool = False) -> dict[str, Tensor]:
+                perturb: bool = False, on_samples=None) -> dict[str, Tensor]:
     """Render the rays of one frame (from :func:`avatar.rays.frame_rays`) through coarse then fine.
 
     Returns ``rgb [n, 3]``, ``depth [n]``, ``alpha [n]`` of the fine pass and ``rgb_coarse [n, 3]``.
@@ -78,14 +79,14 @@ def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor
     if model.field_name == "fast":
         from avatar.occupancy import march_culled, march_dense
 
-        planes = model.field.blend(condition)  # once per frame
+        planes, bias = model.field.blend(condition), model.field.latent_bias(condition)  # once per frame
 
         def query(points: Tensor, view: Tensor) -> tuple[Tensor, Tensor]:
-            return model.field.query(planes, points, view, condition)
+            return model.field.decode(planes, bias, points, view)
 
         if sampling.culling:
             return march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
-                                perturb=perturb)
+                                blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples)
         return march_dense(query, origins, dirs, near, far, background, sampling.step)
 
     def run(field: nn.Module, t: Tensor) -> dict[str, Tensor]:
@@ -129,6 +130,27 @@ def render_image(model: Avatar, head_pose: np.ndarray | Tensor, expression: np.n
         "depth": torch.cat(outs["depth"]).reshape(height, width),
         "alpha": torch.cat(outs["alpha"]).reshape(height, width),
     }
+
+
+@torch.no_grad()
+def carve_occupancy(model: Avatar, head_poses: Float[Tensor, "f 4 4"], expressions: Float[Tensor, "f e"],
+                    latents: Float[Tensor, "f l"], intrinsics: Float[Tensor, "4"], width: int, height: int,
+                    sampling: SamplingConfig, passes: int = 2) -> tuple[float, float]:
+    """Render these frames (jittered steps, ``passes`` times) and carve the occupancy grid down to the cells
+    their rays saw (see :meth:`avatar.occupancy.OccupancyGrid.carve`). Returns the occupied fraction before
+    and after."""
+    device = model.box_min.device
+    pixels = ray_utils.pixel_grid(width, height, device)
+    grid = model.occupancy
+    for _ in range(passes):
+        for pose, expr, latent in zip(head_poses, expressions, latents):
+            for start in range(0, pixels.shape[0], sampling.chunk):
+                rays = ray_utils.frame_rays(pixels[start:start + sampling.chunk], intrinsics, pose, model.box_min,
+                                            model.box_max)
+                bg = torch.zeros(rays["origins"].shape[0], 3, device=device)
+                render_rays(model, rays, expr, latent, bg, sampling, perturb=True, on_samples=grid.record_visibility)
+    before = grid.carve()
+    return before, grid.occupied_fraction()
 
 
 def normals_from_depth(depth: Float[Tensor, "h w"], intrinsics: np.ndarray) -> Float[Tensor, "h w 3"]:

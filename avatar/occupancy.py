@@ -5,13 +5,18 @@ a boolean mask ``density > threshold``. It receives a density callback; it never
 final mask is made conservative over the whole training expression range (max over many expressions,
 dilated by one cell) and stored in the bundle.
 
-The culled renderer marches fixed steps along each ray in segments, evaluates the field only at samples in
-occupied cells (packed, addressed by ray index), composites them, and drops rays whose transmittance is
-negligible (early termination). The background closes every ray, as in the dense renderer.
+After training, cells that no training ray saw (the head's interior, the back of the head) are carved away
+(:meth:`OccupancyGrid.carve`), leaving a thin shell around the visible surface.
+
+The culled renderer marches fixed steps along each ray in blocks: one lookup in a coarse grid skips a whole
+empty block, the remaining steps are culled with the fine grid, the field is evaluated only at samples in
+occupied cells (packed, addressed by ray index), and rays whose transmittance is negligible stop (early
+termination). The background closes every ray, as in the dense renderer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -27,6 +32,10 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("box_max", box_max.clone().float(), persistent=False)
         self.register_buffer("density", torch.zeros((resolution,) * 3), persistent=False)
         self.register_buffer("mask", torch.ones((resolution,) * 3, dtype=torch.bool))  # saved in the bundle
+        self.coarse_factor = 4
+        self.visibility: Tensor | None = None  # max compositing weight per cell, while carving
+        self._coarse: Tensor | None = None
+        self._coarse_key: tuple | None = None
 
     def cell_centers(self, jitter: bool = False) -> Float[Tensor, "r3 3"]:
         r = self.resolution
@@ -56,6 +65,56 @@ class OccupancyGrid(nn.Module):
         self.mask = _dilate(best > self.threshold)
         self.density = best
 
+    @torch.no_grad()
+    def record_visibility(self, points: Float[Tensor, "m 3"], weights: Float[Tensor, "m"]) -> None:
+        """Keep, per cell, the largest compositing weight any rendered sample in it had (for :meth:`carve`)."""
+        if self.visibility is None:
+            self.visibility = torch.zeros_like(self.density)
+        frac = (points - self.box_min) / (self.box_max - self.box_min)
+        idx = (frac * self.resolution).long().clamp(0, self.resolution - 1)
+        r = self.resolution
+        flat = (idx[:, 0] * r + idx[:, 1]) * r + idx[:, 2]
+        self.visibility = self.visibility.reshape(-1).scatter_reduce(0, flat, weights.detach(), "amax").reshape(
+            self.density.shape)
+
+    @torch.no_grad()
+    def carve(self, min_weight: float = 1e-4) -> float:
+        """Drop occupied cells that no recorded ray ever saw (head interior, the back of the head), keeping a
+        one-cell margin around what was seen. Returns the occupied fraction before carving.
+
+        Early termination already skips them for rays that reach an opaque surface, but every ray pays for the
+        samples it takes to get opaque and rays at grazing angles pay for much more; a thin shell is cheap for all.
+        """
+        before = self.occupied_fraction()
+        if self.visibility is not None:
+            self.mask = self.mask & _dilate(self.visibility > min_weight)
+            self.visibility = None
+        return before
+
+    def coarse_mask(self) -> Tensor:
+        """The mask max-pooled by ``coarse_factor`` and dilated by one coarse cell (cached per mask version)."""
+        key = (self.mask.data_ptr(), self.mask._version)
+        if self._coarse_key != key:
+            pooled = torch.nn.functional.max_pool3d(self.mask.float()[None, None], self.coarse_factor,
+                                                    ceil_mode=True)[0, 0] > 0
+            self._coarse, self._coarse_key = _dilate(pooled), key
+        return self._coarse
+
+    def block_steps(self, step: float) -> int:
+        """Steps per block such that half a block is shorter than a coarse cell on every axis: then a block whose
+        midpoint is in an empty cell of the dilated coarse mask holds no occupied point."""
+        coarse_cell = float(((self.box_max - self.box_min) / self.coarse_mask().shape[0]).min())
+        return int(max(1, min(32, math.floor(2 * coarse_cell / step * 0.999))))
+
+    def coarse_occupied(self, points: Float[Tensor, "n 3"]) -> Tensor:
+        """Bool ``[n]`` from the dilated coarse mask; indices are clamped to the box (see :meth:`block_steps`)."""
+        coarse = self.coarse_mask()
+        rc = coarse.shape[0]
+        frac = (points - self.box_min) / (self.box_max - self.box_min)
+        idx = (frac * rc).long().clamp(0, rc - 1)
+        flat = (idx[:, 0] * rc + idx[:, 1]) * rc + idx[:, 2]
+        return coarse.reshape(-1)[flat]
+
     def occupied(self, points: Float[Tensor, "n 3"]) -> Tensor:
         """Bool ``[n]``: is each canonical point inside an occupied cell (False outside the box)."""
         frac = (points - self.box_min) / (self.box_max - self.box_min)
@@ -80,7 +139,8 @@ def composite_packed(ray_indices: Int[Tensor, "m"], t: Float[Tensor, "m"], sigma
     """Composite packed samples (sorted by ray, then depth) onto their rays.
 
     Returns per ray the colour and depth sums of these samples, their opacity (``alpha``), and the
-    transmittance left after them (``transmittance``), starting from ``start_transmittance``.
+    transmittance left after them (``transmittance``), starting from ``start_transmittance``; and per
+    sample its compositing weight (``weights [m]``).
     """
     alpha = 1.0 - torch.exp(-sigma * step)
     log_t = torch.log1p(-alpha.clamp(max=1 - 1e-6))
@@ -95,18 +155,26 @@ def composite_packed(ray_indices: Int[Tensor, "m"], t: Float[Tensor, "m"], sigma
     color = torch.zeros(n_rays, 3, device=t.device, dtype=rgb.dtype).index_add_(0, ray_indices, weights[:, None] * rgb)
     depth = torch.zeros(n_rays, device=t.device, dtype=t.dtype).index_add_(0, ray_indices, weights * t)
     acc = torch.zeros(n_rays, device=t.device, dtype=t.dtype).index_add_(0, ray_indices, weights)
-    return {"rgb": color, "depth": depth, "alpha": acc, "transmittance": start_transmittance * torch.exp(total)}
+    return {"rgb": color, "depth": depth, "alpha": acc, "transmittance": start_transmittance * torch.exp(total),
+            "weights": weights}
 
 
 def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid: OccupancyGrid | None,
                  origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Float[Tensor, "n"],
-                 far: Float[Tensor, "n"], background: Float[Tensor, "n 3"], step: float, segment: int = 16,
-                 perturb: bool = False, min_transmittance: float = 1e-3) -> dict[str, Tensor]:
-    """Render rays with fixed steps, occupancy culling, packed evaluation and early termination.
+                 far: Float[Tensor, "n"], background: Float[Tensor, "n 3"], step: float, blocks_per_round: int = 2,
+                 perturb: bool = False, min_transmittance: float = 1e-3,
+                 on_samples: Callable[[Tensor, Tensor], None] | None = None) -> dict[str, Tensor]:
+    """Render rays with fixed steps, two-level occupancy culling, packed evaluation and early termination.
+
+    Each ray's fixed steps are grouped in blocks; a block is skipped when the coarse grid says it is empty
+    (one lookup per block), the steps of the remaining blocks are culled one by one with the fine grid. Rays
+    are marched ``blocks_per_round`` occupied blocks at a time; after each round rays whose transmittance is
+    negligible stop (early termination). All work of a round is one packed field call — no per-ray loop.
 
     ``query(points [m, 3], dirs [m, 3]) → (rgb [m, 3], sigma [m])`` is the field for this frame. With
-    ``grid=None`` nothing is culled (but rays still terminate early). Returns ``rgb``, ``depth``, ``alpha``
-    per ray and the number of field samples evaluated (``samples``).
+    ``grid=None`` nothing is culled (rays still terminate early). ``on_samples(points, weights)`` sees every
+    evaluated sample (for visibility carving). Returns ``rgb``, ``depth``, ``alpha`` per ray and the number
+    of field samples evaluated (``samples``).
     """
     n = origins.shape[0]
     device = origins.device
@@ -114,32 +182,52 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     depth = torch.zeros(n, device=device)
     acc = torch.zeros(n, device=device)
     trans = torch.ones(n, device=device)
-    offset = torch.rand(n, device=device) if perturb else torch.full((n,), 0.5, device=device)
-    active = torch.nonzero(far > near)[:, 0]
-    max_steps = int(torch.ceil(((far - near).max() / step)).item()) if n and active.numel() else 0
     evaluated = 0
-    ks = torch.arange(segment, device=device)
-    for start in range(0, max_steps, segment):
-        if active.numel() == 0:
-            break
-        t = near[active, None] + (start + ks + offset[active, None]) * step  # [a, k]
-        valid = t < far[active, None]
-        pts = origins[active, None, :] + dirs[active, None, :] * t[..., None]
+    offset = torch.rand(n, device=device) if perturb else torch.full((n,), 0.5, device=device)
+    length = (far - near).clamp_min(0.0)
+    steps_per_ray = torch.ceil(length / step - offset).clamp_min(0).long()  # steps k with near+(k+off)·step < far
+    block = grid.block_steps(step) if grid is not None else 16
+    max_steps = int(steps_per_ray.max()) if n else 0
+    if max_steps > 0:
+        n_blocks = (max_steps + block - 1) // block
+        # Block b of a ray holds steps [b·block, (b+1)·block); its midpoint decides the coarse test.
+        b = torch.arange(n_blocks, device=device)
+        keep = b[None, :] * block < steps_per_ray[:, None]  # [n, nb]
         if grid is not None:
-            valid = valid & grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)
-        rows, cols = torch.nonzero(valid, as_tuple=True)
-        if rows.numel():
-            ray_ids = active[rows]
-            rgb, sigma = query(pts[rows, cols], dirs[ray_ids])
+            t_mid = near[:, None] + ((b[None, :] + 0.5) * block + offset[:, None] - 0.5) * step
+            mid = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
+            keep = keep & grid.coarse_occupied(mid.reshape(-1, 3)).reshape(keep.shape)
+        ray_of, block_of = torch.nonzero(keep, as_tuple=True)  # sorted by ray, then depth
+        counts = torch.bincount(ray_of, minlength=n)
+        rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
+        ks = torch.arange(block, device=device)
+        for first in range(0, int(counts.max()) if n else 0, blocks_per_round):
+            sel = (rank >= first) & (rank < first + blocks_per_round)
+            sel &= trans[ray_of] > min_transmittance
+            if not bool(sel.any()):
+                break
+            rays, blocks = ray_of[sel], block_of[sel]
+            k = blocks[:, None] * block + ks[None, :]  # [m, block] step indices
+            valid = k < steps_per_ray[rays, None]
+            t = near[rays, None] + (k + offset[rays, None]) * step
+            pts = origins[rays, None, :] + dirs[rays, None, :] * t[..., None]
+            if grid is not None:
+                valid = valid & grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)
+            rows, cols = torch.nonzero(valid, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            sample_rays = rays[rows]
+            # Packed per ray: compact the ids of the rays this round touches.
+            active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
+            rgb, sigma = query(pts[rows, cols], dirs[sample_rays])
             evaluated += rows.numel()
-            out = composite_packed(rows, t[rows, cols], sigma, rgb, step, active.numel(), trans[active])
+            out = composite_packed(local, t[rows, cols], sigma, rgb, step, active.numel(), trans[active])
+            if on_samples is not None:
+                on_samples(pts[rows, cols], out["weights"])
             color = color.index_add(0, active, out["rgb"])
             depth = depth.index_add(0, active, out["depth"])
             acc = acc.index_add(0, active, out["alpha"])
             trans = trans.index_copy(0, active, out["transmittance"])
-        # Keep rays that still see through and have not left the box.
-        still = (trans[active] > min_transmittance) & (near[active] + (start + segment) * step < far[active])
-        active = active[still]
     color = color + trans[:, None] * background
     depth = depth + trans * far
     return {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}

@@ -37,3 +37,13 @@ def dataset64(subject, tmp_path_factory) -> Path:
 
 
 TINY_FIT = ["--width", "32", "--rays-per-step", "64", "--coarse-samples", "8", "--fine-samples", "8"]
+
+
+@pytest.fixture(scope="session")
+def fast_bundle(dataset64, tmp_path_factory) -> Path:
+    """A fast-field avatar trained briefly on the 64² subject (shared by the fit, export and live tests)."""
+    out = tmp_path_factory.mktemp("fast") / "avatar"
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "fast", "--preset", "smoke",
+                   "--max-steps", "200", "--eval-frames", "3", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

@@ -35,7 +35,7 @@ from avatar.dataset import PrepareConfig, load_background, load_split, prepare_d
 from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
-from avatar.model import Avatar, SamplingConfig
+from avatar.model import Avatar, SamplingConfig, carve_occupancy
 from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
                              load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
 
@@ -219,6 +219,10 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             outputs = trainer_model(rays, expressions[i], i, background[px[:, 1], px[:, 0]], sampling, True)
             mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
             loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
+            if cfg.field == "fast":
+                loss = loss + fast_field_regularisers(cfg, model, expressions[i], i, sampling.step)
+                a = outputs["alpha"].clamp(1e-4, 1 - 1e-4)
+                loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
             if "rgb_coarse" in outputs:
                 loss = loss + torch.mean((outputs["rgb_coarse"] - target) ** 2)
             for group in optimizer.param_groups:
@@ -290,7 +294,12 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     model.eval()
     if cfg.field == "fast":
         finalize_occupancy(model, expressions)
-        meta["occupied_fraction"] = model.occupancy.occupied_fraction()
+        frames = finalize_frames(expressions, poses)
+        # Rays at ~160 px still cross every cell of a 64³ grid; more pixels only cost time.
+        s = min(1.0, 160 / max(w, h))
+        before, after = carve_occupancy(model, poses[frames], expressions[frames], model.latents[frames].detach(),
+                                        intrinsics * s, round(w * s), round(h * s), sampling)
+        meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
     bundle_io.save_bundle(out, model, meta, background_np)
     print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
     if evaluate_at_end:
@@ -331,6 +340,16 @@ def build_optimizer(cfg: FitConfig, model: Avatar) -> torch.optim.Optimizer:
                              {"params": planes, "lr": cfg.grid_lr, "lr_scale": cfg.grid_lr / cfg.lr}], eps=1e-15)
 
 
+def fast_field_regularisers(cfg: FitConfig, model: Avatar, expression: torch.Tensor, frame: int,
+                            step_cm: float) -> torch.Tensor:
+    """Sparsity: mean opacity of one marching step at random points of the head box, under this frame's condition."""
+    if cfg.sparsity_weight <= 0:
+        return torch.zeros((), device=expression.device)
+    pts = model.box_min + torch.rand(cfg.sparsity_points, 3, device=expression.device) * (model.box_max - model.box_min)
+    sigma = model.field(pts, torch.zeros_like(pts), torch.cat([expression, model.latents[frame]]))[1]
+    return cfg.sparsity_weight * torch.mean(1 - torch.exp(-sigma * step_cm))
+
+
 def _density_fn(model: Avatar, expression: torch.Tensor):
     condition = torch.cat([expression, model.latents[0].detach()])
     planes = model.field.blend(condition)
@@ -348,12 +367,21 @@ def update_occupancy(model: Avatar, expressions: torch.Tensor, rng: np.random.Ge
     model.occupancy.update(_density_fn(model, expressions[k]))
 
 
-@torch.no_grad()
-def finalize_occupancy(model: Avatar, expressions: torch.Tensor, count: int = 24) -> None:
-    """The bundle's grid: conservative over the training expression range (max over many, dilated)."""
+def finalize_frames(expressions: torch.Tensor, poses: torch.Tensor | None = None, count: int = 24) -> list[int]:
+    """Training frames that span the range: evenly spread, each blendshape at its peak, the extreme head turns."""
     picks = np.linspace(0, len(expressions) - 1, min(count, len(expressions))).astype(int)
-    extremes = [int(expressions[:, j].argmax()) for j in range(expressions.shape[1])]  # each blendshape at its peak
-    frames = sorted(set(picks.tolist()) | set(extremes))
+    extremes = [int(expressions[:, j].argmax()) for j in range(expressions.shape[1])]
+    if poses is not None:  # most yaw / pitch either way (the direction of the head's forward axis in camera space)
+        forward = poses[:, :3, 2]
+        for axis in (0, 1):
+            extremes += [int(forward[:, axis].argmax()), int(forward[:, axis].argmin())]
+    return sorted(set(picks.tolist()) | set(extremes))
+
+
+@torch.no_grad()
+def finalize_occupancy(model: Avatar, expressions: torch.Tensor) -> None:
+    """The bundle's grid: conservative over the training expression range (max over many, dilated)."""
+    frames = finalize_frames(expressions)
     model.occupancy.finalize([_density_fn(model, expressions[k]) for k in frames], samples_per_cell=1)
 
 

@@ -1,0 +1,232 @@
+"""Export a fast-field avatar for fast inference: ONNX graphs, a TensorRT engine, the occupancy cache.
+
+    python export/build.py avatars/me                       # ONNX (+ occupancy cache), parity and timing
+    python export/build.py avatars/me --engine all          # also TensorRT where an NVIDIA GPU is present
+    python export/build.py avatars/me --engine tensorrt --fp16
+
+Writes into the bundle: blend.onnx (once per frame: expression, latent code → blended tri-planes), model.onnx
+(per sample, dynamic sample count: colour and density), occupancy.safetensors (the grid the engines cull with),
+model.plan (TensorRT, when built) and engines.json (parity figures and the measured frames/s of every engine
+that runs here; `run_live.py --engine auto` takes the fastest). Culling and packing stay outside the graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from torch import nn
+
+from avatar.bundle import LoadedAvatar, load_bundle
+from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MODEL, OnnxEngine, RenderEngine,
+                            TensorRTEngine, TorchEngine, save_occupancy_cache, tensorrt_unavailable_reason, time_engine)
+from avatar.errors import UserError, run_cli
+from avatar.fileio import write_bytes_atomic, write_json_atomic
+from avatar.retarget import rotate_about
+
+OPSET = 17
+
+
+class _Decoder(nn.Module):
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+
+    def forward(self, planes, latent_bias, points, dirs):
+        return self.field.decode(planes, latent_bias, points, dirs)
+
+
+class _Blend(nn.Module):
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+
+    def forward(self, expression, latent):
+        condition = torch.cat([expression, latent])
+        return self.field.blend(condition), self.field.latent_bias(condition)
+
+
+def _onnx_bytes(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                dynamic_axes: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(module, args, buf, input_names=input_names, output_names=output_names, opset_version=OPSET,
+                      dynamic_axes=dynamic_axes, dynamo=False)
+    return buf.getvalue()
+
+
+def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
+    """blend.onnx, model.onnx and the occupancy cache, each written atomically."""
+    field = loaded.model.field.eval()
+    e = field.hparams["expression_dim"]
+    l = field.hparams["latent_dim"]
+    with torch.no_grad():
+        planes, bias = field.blend(torch.zeros(e + l)), field.latent_bias(torch.zeros(e + l))
+        n = 64
+        pts = torch.rand(n, 3) * (field.half_extent * 2) + field.center - field.half_extent
+        dirs = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)
+        model_bytes = _onnx_bytes(_Decoder(field), (planes, bias, pts, dirs), ["planes", "latent_bias", "points", "dirs"],
+                                  ["rgb", "sigma"], {"points": {0: "samples"}, "dirs": {0: "samples"},
+                                                     "rgb": {0: "samples"}, "sigma": {0: "samples"}})
+        blend_bytes = _onnx_bytes(_Blend(field), (torch.zeros(e), torch.zeros(l)), ["expression", "latent"],
+                                  ["planes", "latent_bias"], {})
+    write_bytes_atomic(directory / ONNX_MODEL, model_bytes)
+    write_bytes_atomic(directory / ONNX_BLEND, blend_bytes)
+    save_occupancy_cache(directory / OCCUPANCY_CACHE, loaded.model.occupancy, loaded.sampling.step)
+
+
+def build_tensorrt(directory: Path, fp16: bool, max_samples: int = 1 << 21) -> None:
+    """model.plan from model.onnx with an optimisation profile over the ragged sample count."""
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise UserError(reason)
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse((directory / ONNX_MODEL).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {ONNX_MODEL}: {errors}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        shape = list(inp.shape)
+        if shape[0] == -1:  # points / dirs: [samples, 3]
+            profile.set_shape(inp.name, (1, 3), (1 << 16, 3), (max_samples, 3))
+        else:
+            profile.set_shape(inp.name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError("TensorRT failed to build an engine from model.onnx (see its log above)")
+    write_bytes_atomic(directory / TRT_MODEL, bytes(plan))
+
+
+def parity_frames(loaded: LoadedAvatar, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Conditionings inside the avatar's training range: expressions between its per-blendshape min and max,
+    head turns up to ±15° around its reference pose, its latent codes."""
+    rng = np.random.default_rng(seed)
+    stats = loaded.meta["expression_stats"]
+    lo, hi = np.asarray(stats["min"]), np.asarray(stats["max"])
+    ref = np.asarray(loaded.meta["reference_head_pose"], dtype=np.float64)
+    bounds = loaded.meta["head_bounds"]
+    centre = (np.asarray(bounds["min"]) + np.asarray(bounds["max"])) / 2
+    out = []
+    for i in range(count):
+        mix = rng.uniform(0, 1, lo.shape) ** 2  # mostly mild expressions, as in speech
+        expr = lo + (hi - lo) * mix if i else np.asarray(stats["neutral"])
+        yaw, pitch = rng.uniform(-15, 15), rng.uniform(-8, 8)
+        pose = rotate_about(ref, centre, yaw, pitch, 0.0)
+        latent = loaded.latent(int(rng.integers(loaded.model.latents.shape[0]))).numpy()
+        out.append((expr.astype(np.float32), pose.astype(np.float32), latent))
+    return out
+
+
+def max_pixel_difference(a: RenderEngine, b: RenderEngine, frames, size: int) -> float:
+    """Largest absolute difference of any channel of any pixel, on the 0–255 scale of the frames sent out."""
+    worst = 0.0
+    for f in frames:
+        x = (a.render(*f, size)["rgb"] * 255).round()
+        y = (b.render(*f, size)["rgb"] * 255).round()
+        worst = max(worst, float((x - y).abs().max()))
+    return worst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="a fast-field avatar bundle from trainer/fit.py --field fast")
+    p.add_argument("--engine", choices=["onnx", "tensorrt", "all"], default="onnx",
+                   help="onnx (default): ONNX graphs + ONNX Runtime; tensorrt: also a TensorRT engine (NVIDIA GPU "
+                        "needed); all: ONNX, and TensorRT where it can be built")
+    p.add_argument("--size", type=int, default=0, help="frame size for the parity check and timing (default: the "
+                                                       "avatar's training size)")
+    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in half precision; also report "
+                                                      "fp16 parity of the torch engine")
+    p.add_argument("--frames", type=int, default=20, help="frames for the parity check and the timing (median)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    directory = Path(args.bundle)
+    if args.engine == "tensorrt":
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            raise UserError(reason)
+    loaded = load_bundle(directory)
+    if loaded.model.field_name != "fast":
+        raise UserError(f"{directory} holds a {loaded.model.field_name!r} field; only fast-field avatars export "
+                        "(train one with trainer/fit.py --field fast)")
+    size = args.size or loaded.image_size[1]
+    if size < 8 or size > 2048:
+        raise UserError(f"--size {size}: choose 8–2048 pixels")
+    export_onnx(loaded, directory)
+    frames = parity_frames(loaded, max(2, args.frames))
+    torch_engine = TorchEngine(loaded)
+    ort_engine = OnnxEngine(loaded, directory)
+    parity = {"onnxruntime_fp32_max_abs_255": max_pixel_difference(torch_engine, ort_engine, frames, size)}
+    print(f"parity at {size}²: ONNX Runtime ({', '.join(ort_engine.providers)}) vs torch, max abs pixel difference "
+          f"{parity['onnxruntime_fp32_max_abs_255']:.0f}/255 over {len(frames)} frames")
+    engines: dict[str, RenderEngine] = {"torch": torch_engine, "onnxruntime": ort_engine}
+    if args.engine in ("tensorrt", "all"):
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            print(f"TensorRT skipped: {reason}")
+        else:
+            build_tensorrt(directory, args.fp16)
+            trt_engine = TensorRTEngine(loaded, directory)
+            key = f"tensorrt_{'fp16' if args.fp16 else 'fp32'}_max_abs_255"
+            parity[key] = max_pixel_difference(torch_engine, trt_engine, frames, size)
+            print(f"parity at {size}²: TensorRT ({'fp16' if args.fp16 else 'fp32'}) vs torch: {parity[key]:.0f}/255")
+            engines["tensorrt"] = trt_engine
+    if args.fp16:
+        parity["torch_fp16_max_abs_255"] = fp16_parity(loaded, frames, size)
+        print(f"parity at {size}²: torch with fp16 field vs fp32: {parity['torch_fp16_max_abs_255']:.0f}/255")
+    fps = {name: round(1.0 / time_engine(engine, frames, size), 2) for name, engine in engines.items()}
+    best = max(fps, key=fps.get)
+    record = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "size": size, "frames": len(frames), "parity": parity,
+              "fps": fps, "auto": best, "files": {"onnx": [ONNX_BLEND, ONNX_MODEL], "occupancy": OCCUPANCY_CACHE}}
+    write_json_atomic(directory / ENGINES_FILE, record)
+    print(f"frames/s at {size}² (median of {len(frames)}): " + ", ".join(f"{k} {v:.1f}" for k, v in fps.items())
+          + f"; --engine auto will use {best}")
+    print(f"wrote {ONNX_BLEND}, {ONNX_MODEL}, {OCCUPANCY_CACHE}, {ENGINES_FILE} into {directory}")
+    return 0
+
+
+def fp16_parity(loaded: LoadedAvatar, frames, size: int) -> float:
+    """The torch engine with the decoder's weights and inputs in fp16 (where this torch supports it) vs fp32."""
+    import copy
+
+    half = copy.deepcopy(loaded)
+    half.model = copy.deepcopy(loaded.model)
+    reference = TorchEngine(loaded)
+
+    class _Half(TorchEngine):
+        def decode(self, state, points, dirs):
+            f = half.model.field.half()
+            rgb, sigma = f.decode(state[0].half(), state[1].half(), points.half(), dirs.half())
+            return rgb.float(), sigma.float()
+
+    try:
+        return max_pixel_difference(reference, _Half(half), frames[:4], size)
+    except RuntimeError:
+        return math.nan
+
+
+if __name__ == "__main__":
+    run_cli(main)
