@@ -211,7 +211,8 @@ class TensorRTEngine(RenderEngine):
 
     def frame_state(self, expression, latent):
         # The frame state (the blend) is one einsum; torch on the GPU does it as fast as anything.
-        return TorchEngine.frame_state(self, expression, latent)
+        planes, bias = TorchEngine.frame_state(self, expression, latent)
+        return self.loaded.model.field.channels_last(planes).contiguous(), bias
 
     def decode(self, state, points, dirs):
         n = points.shape[0]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 
 class OccupancyGrid(nn.Module):
-    def __init__(self, box_min: Tensor, box_max: Tensor, resolution: int = 64, threshold: float = 0.01):
+    def __init__(self, box_min: Tensor, box_max: Tensor, resolution: int = 64, threshold: float = 0.3):
         super().__init__()
         self.resolution, self.threshold = resolution, threshold
         self.register_buffer("box_min", box_min.clone().float(), persistent=False)
@@ -163,7 +163,8 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
                  origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Float[Tensor, "n"],
                  far: Float[Tensor, "n"], background: Float[Tensor, "n 3"], step: float, blocks_per_round: int = 2,
                  perturb: bool = False, min_transmittance: float = 1e-3,
-                 on_samples: Callable[[Tensor, Tensor], None] | None = None) -> dict[str, Tensor]:
+                 on_samples: Callable[[Tensor, Tensor], None] | None = None,
+                 chunk_samples: int = 16384) -> dict[str, Tensor]:
     """Render rays with fixed steps, two-level occupancy culling, packed evaluation and early termination.
 
     Each ray's fixed steps are grouped in blocks; a block is skipped when the coarse grid says it is empty
@@ -219,7 +220,7 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
             sample_rays = rays[rows]
             # Packed per ray: compact the ids of the rays this round touches.
             active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
-            rgb, sigma = query(pts[rows, cols], dirs[sample_rays])
+            rgb, sigma = _query_chunked(query, pts[rows, cols], dirs[sample_rays], chunk_samples)
             evaluated += rows.numel()
             out = composite_packed(local, t[rows, cols], sigma, rgb, step, active.numel(), trans[active])
             if on_samples is not None:
@@ -231,6 +232,15 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     color = color + trans[:, None] * background
     depth = depth + trans * far
     return {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}
+
+
+def _query_chunked(query, points: Float[Tensor, "m 3"], dirs: Float[Tensor, "m 3"], chunk: int) -> tuple[Tensor, Tensor]:
+    """The field on ``chunk`` samples at a time. A tiny MLP on this CPU is memory-bound: its [hidden, chunk]
+    activations must stay in cache (16k samples: ~2× faster than one call over a whole frame's samples)."""
+    if points.shape[0] <= chunk or torch.is_grad_enabled():
+        return query(points, dirs)
+    parts = [query(points[i:i + chunk], dirs[i:i + chunk]) for i in range(0, points.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def march_dense(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], origins: Float[Tensor, "n 3"],

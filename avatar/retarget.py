@@ -35,3 +35,26 @@ def rotate_about(pose: np.ndarray, pivot: np.ndarray, yaw: float = 0.0, pitch: f
     to_pivot = camera.make_pose(np.eye(3), pivot)
     rot = camera.make_pose(camera.euler_to_matrix(yaw, pitch, roll), np.zeros(3))
     return pose @ to_pivot @ rot @ camera.invert_pose(to_pivot)
+
+
+def pose_range(poses: np.ndarray, reference: np.ndarray) -> dict[str, list[float]]:
+    """The training head motion relative to the reference pose: min/max of yaw, pitch, roll (degrees) and of
+    the translation (cm, in the head's frame). Stored in the bundle; the live loop clamps to it."""
+    deltas = [camera.invert_pose(reference) @ p for p in poses]
+    euler = np.array([camera.matrix_to_euler(d[:3, :3]) for d in deltas])
+    trans = np.array([d[:3, 3] for d in deltas])
+    return {"euler_min": euler.min(0).tolist(), "euler_max": euler.max(0).tolist(),
+            "translation_min": trans.min(0).tolist(), "translation_max": trans.max(0).tolist()}
+
+
+def clamp_pose(pose: np.ndarray, reference: np.ndarray, limits: dict | None, margin_deg: float = 5.0,
+               margin_cm: float = 1.0) -> np.ndarray:
+    """``[4, 4]``: the pose with its motion relative to the reference clamped to the trained range (plus a margin)."""
+    if not limits:
+        return pose
+    delta = camera.invert_pose(reference) @ pose
+    euler = np.clip(camera.matrix_to_euler(delta[:3, :3]), np.asarray(limits["euler_min"]) - margin_deg,
+                    np.asarray(limits["euler_max"]) + margin_deg)
+    trans = np.clip(delta[:3, 3], np.asarray(limits["translation_min"]) - margin_cm,
+                    np.asarray(limits["translation_max"]) + margin_cm)
+    return reference @ camera.make_pose(camera.euler_to_matrix(*euler), trans)

@@ -53,9 +53,9 @@ class FitConfig:
     # and speed everywhere (rays march through it). Two regularisers: the opacity of random points in the head
     # box (L1, saturates on real surfaces) and the binary entropy of each ray's opacity (rays end on something
     # or see the background).
-    sparsity_weight: float = 1e-2
+    sparsity_weight: float = 5e-2
     sparsity_points: int = 4096
-    opacity_entropy_weight: float = 1e-3
+    opacity_entropy_weight: float = 1e-2
     occupancy_resolution: int = 64
     occupancy_every: int = 16
     march_steps: int = 192  # marching steps across the head box diagonal (step = diagonal / march_steps)

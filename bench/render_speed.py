@@ -2,11 +2,12 @@
 
     python bench/render_speed.py --fast avatars/fast --data DATASET [--paper avatars/paper] [--frames 20]
 
-Renders held-out test frames with each method at 128² and 256² (torch on this CPU) and prints a Markdown
-table: method, resolution, PSNR (where the dataset has ground truth at that size), median seconds per
-frame, frames per second and the ratio to the paper field. Also: occupancy culling on vs off (PSNR must not
-move) and rendering at half resolution + bilinear upsampling (its PSNR cost). The paper field's speed does
-not depend on its weights, so without --paper an untrained paper-sized field is timed (PSNR then "—").
+Renders held-out test frames with each method at 128² and 256² on this machine and prints a Markdown table:
+method, resolution, PSNR (where the dataset has ground truth at that size), median seconds per frame, frames
+per second and the ratio to the paper field. The fast field is rendered through each render engine the
+bundle has (torch; ONNX Runtime and TensorRT after export/build.py). Also: occupancy culling on vs off (PSNR
+must not move) and rendering at half resolution + bilinear upsampling (its PSNR cost). The paper field's
+speed does not depend on its weights, so without --paper an untrained paper-sized field is timed.
 """
 
 from __future__ import annotations
@@ -68,9 +69,28 @@ def paper_stand_in(loaded_fast: LoadedAvatar) -> LoadedAvatar:
     return LoadedAvatar(model, meta, loaded_fast.background)
 
 
+def time_engine_frames(engine, loaded: LoadedAvatar, frames, size: int, truth=None, upsample_from: int = 0):
+    """Median seconds per frame and mean PSNR through a render engine (the live loop's path)."""
+    render_size = upsample_from or size
+    engine.render(frames[0][1], frames[0][0], loaded.latent(0), render_size)  # warm-up
+    times, scores = [], []
+    for j, (pose, expr) in enumerate(frames):
+        start = time.perf_counter()
+        rgb = engine.render(expr, pose, loaded.latent(0), render_size)["rgb"]
+        if upsample_from:
+            rgb = torch.nn.functional.interpolate(rgb.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                                                  align_corners=False)[0].permute(1, 2, 0)
+        times.append(time.perf_counter() - start)
+        if truth is not None:
+            scores.append(psnr(rgb.numpy(), truth[j]))
+    return statistics.median(times), (float(np.mean(scores)) if scores else None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from avatar.engines import OnnxEngine, TensorRTEngine, TorchEngine, tensorrt_unavailable_reason
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", required=True, help="bundle of a fast-field avatar")
+    p.add_argument("--fast", required=True, help="bundle of a fast-field avatar (export/build.py adds the engine rows)")
     p.add_argument("--paper", help="bundle of a paper-field avatar (default: an untrained stand-in, timing only)")
     p.add_argument("--data", required=True, help="its dataset (test frames give the conditioning and the truth)")
     p.add_argument("--frames", type=int, default=20, help="frames per fast-field row (median)")
@@ -88,34 +108,32 @@ def main(argv: list[str] | None = None) -> int:
     frames = [(test.poses[i], test.expressions[i]) for i in idx]
     data_size = test.image_size[1]
     truth_all = [test.images[i].astype(np.float32) / 255.0 for i in idx]
-    base = fast.sampling
+    engines = {"torch": TorchEngine(fast)}
+    if (Path(args.fast) / "model.onnx").is_file():
+        engines["onnxruntime"] = OnnxEngine(fast, args.fast)
+    if tensorrt_unavailable_reason() is None and (Path(args.fast) / "model.plan").is_file():
+        engines["tensorrt"] = TensorRTEngine(fast, args.fast)
+    few = max(3, len(frames) // 4)
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         truth = truth_all if size == data_size else None
-        sampling = SamplingConfig(**{**base.__dict__, "chunk": size * size})
-        render_image(fast.model, *frames[0], fast.latent(0), *scaled(fast, size)[:1], size, size, scaled(fast, size)[1],
-                     sampling)  # warm-up
-        t_fast, p_fast = time_frames(fast, frames, size, sampling, truth)
-        t_dense, p_dense = time_frames(fast, frames[: max(3, len(frames) // 4)], size,
-                                       SamplingConfig(**{**sampling.__dict__, "culling": False}),
-                                       truth[: max(3, len(frames) // 4)] if truth else None)
-        t_half, p_half = time_frames(fast, frames, size, SamplingConfig(**{**sampling.__dict__, "chunk": size * size}),
-                                     truth, upsample_from=size // 2)
+        sampling = SamplingConfig(**{**fast.sampling.__dict__, "chunk": size * size})
         n_paper = max(1, args.paper_frames)
         t_paper, p_paper = time_frames(paper, frames[:n_paper], size, paper.sampling, truth[:n_paper] if truth else None)
-        if truth is not None:  # culling on vs off on the same frames
-            _, p_fast_same = time_frames(fast, frames[: max(3, len(frames) // 4)], size, sampling,
-                                         truth[: max(3, len(frames) // 4)])
-        else:
-            p_fast_same = None
-        for name, t, ps in (("paper field (8×256 MLP, 64+64 samples)" + ("" if args.paper else ", untrained stand-in"), t_paper, p_paper),
-                            ("fast field, occupancy culling off (dense reference)", t_dense, p_dense),
-                            ("fast field (culled, packed, early termination)", t_fast, p_fast),
-                            (f"fast field at {size // 2}² + bilinear upsampling", t_half, p_half)):
-            rows.append((name, size, ps, t, t_paper))
-        if p_fast_same is not None and p_dense is not None:
-            rows.append((f"culling on − off, PSNR on the same {max(3, len(frames) // 4)} frames: "
-                         f"{p_fast_same - p_dense:+.3f} dB", size, None, None, None))
+        rows.append(("paper field (8×256 MLP, 64+64 samples)" + ("" if args.paper else ", untrained stand-in"),
+                     size, p_paper, t_paper, t_paper))
+        t_dense, p_dense = time_frames(fast, frames[:few], size, SamplingConfig(**{**sampling.__dict__, "culling": False}),
+                                       truth[:few] if truth else None)
+        rows.append(("fast field, culling off (dense reference, torch)", size, p_dense, t_dense, t_paper))
+        for name, engine in engines.items():
+            t, ps = time_engine_frames(engine, fast, frames, size, truth)
+            rows.append((f"fast field, {name} engine (culled, packed, early termination)", size, ps, t, t_paper))
+        t_half, p_half = time_engine_frames(engines["torch"], fast, frames, size, truth, upsample_from=size // 2)
+        rows.append((f"fast field, torch engine at {size // 2}² + bilinear upsampling", size, p_half, t_half, t_paper))
+        if truth is not None and p_dense is not None:  # culling on vs off on the same frames
+            _, p_same = time_engine_frames(engines["torch"], fast, frames[:few], size, truth[:few])
+            rows.append((f"culling on − off, PSNR on the same {few} frames: {p_same - p_dense:+.3f} dB", size, None,
+                         None, None))
 
     print(f"Rendering speed, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__} (CPU); median of "

@@ -41,7 +41,7 @@ class _Decoder(nn.Module):
         self.field = field
 
     def forward(self, planes, latent_bias, points, dirs):
-        return self.field.decode(planes, latent_bias, points, dirs)
+        return self.field.decode_gather(planes, latent_bias, points, dirs)
 
 
 class _Blend(nn.Module):
@@ -51,7 +51,7 @@ class _Blend(nn.Module):
 
     def forward(self, expression, latent):
         condition = torch.cat([expression, latent])
-        return self.field.blend(condition), self.field.latent_bias(condition)
+        return self.field.channels_last(self.field.blend(condition)), self.field.latent_bias(condition)
 
 
 def _onnx_bytes(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
@@ -70,7 +70,8 @@ def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
     e = field.hparams["expression_dim"]
     l = field.hparams["latent_dim"]
     with torch.no_grad():
-        planes, bias = field.blend(torch.zeros(e + l)), field.latent_bias(torch.zeros(e + l))
+        planes = field.channels_last(field.blend(torch.zeros(e + l)))
+        bias = field.latent_bias(torch.zeros(e + l))
         n = 64
         pts = torch.rand(n, 3) * (field.half_extent * 2) + field.center - field.half_extent
         dirs = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)

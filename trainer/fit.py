@@ -35,6 +35,7 @@ from avatar.dataset import PrepareConfig, load_background, load_split, prepare_d
 from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
+from avatar.retarget import pose_range
 from avatar.model import Avatar, SamplingConfig, carve_occupancy
 from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
                              load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (0 = no limit)")
     p.add_argument("--plane-resolution", type=int, help="fast field: tri-plane resolution")
     p.add_argument("--expression-bases", type=int, help="fast field: expression bases blended per frame")
+    p.add_argument("--plane-channels", type=int, help="fast field: feature channels per plane")
+    p.add_argument("--hidden", type=int, help="fast field: width of its MLP")
+    p.add_argument("--sparsity-weight", type=float, help="fast field: weight of the empty-space sparsity loss")
+    p.add_argument("--opacity-entropy-weight", type=float, help="fast field: weight of the ray-opacity entropy loss")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--seed", type=int)
     p.add_argument("--landmarker", help="path to face_landmarker.task (for --video)")
@@ -284,6 +289,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         "expression_names": train_set.expression_names,
         "expression_stats": bundle_io.expression_stats(train_set.expressions),
         "reference_head_pose": bundle_io.reference_pose(train_set.poses).tolist(),
+        "pose_range": pose_range(train_set.poses, bundle_io.reference_pose(train_set.poses)),
         "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
         "sampling": sampling.__dict__,
         "train_frame_indices": train_set.frame_indices.tolist(),

@@ -1,0 +1,308 @@
+"""The live command: source thread → ``LivePipeline.step`` → sinks, with stage timings, a status line and stats.
+
+    python run_live.py --target avatars/me [--source 0] [--sink virtualcam --sink webrtc] [--engine auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from avatar.errors import UserError
+
+PRESETS: dict[str, dict] = {
+    "cpu": dict(size=256, fps=15.0),  # a laptop without a GPU
+    "gpu": dict(size=512, fps=30.0),  # TensorRT / CUDA
+}
+
+
+@dataclass
+class LiveConfig:
+    target: str = ""
+    source: str = "0"
+    sinks: list[str] = field(default_factory=lambda: ["webrtc"])
+    engine: str = "auto"
+    preset: str = "cpu"
+    size: int = 256  # output frame side (pixels)
+    fps: float = 15.0  # target frame rate: the render resolution adapts to hold it (0 = fixed resolution)
+    background: str | None = None
+    loop: bool = False
+    max_frames: int = 0
+    stats: str | None = None
+    conditioning_log: str | None = None
+    mode: str = "relative"
+    pose_lock: bool = False
+    gain: float = 1.0
+    components: int = 0
+    latent: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_viewers: int = 4
+    landmarker: str | None = None
+    quiet: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_live.py", description=__doc__.split("\n\n")[0] + "\n\n" + "Examples:\n"
+        "  python run_live.py --demo                                   # no webcam, no training: the bundled demo\n"
+        "  python run_live.py --target avatars/me --sink virtualcam    # join a call as your avatar\n"
+        "  python run_live.py --target avatars/me --source clip.mp4 --sink file:out.mp4 --max-frames 100\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="avatar bundle (trainer/fit.py --field fast; export/build.py makes it faster)")
+    p.add_argument("--demo", action="store_true", help="the bundled demo avatar driven by the bundled clip "
+                                                       "(implies --source demo clip --loop, --sink webrtc)")
+    p.add_argument("--source", help="camera index (0), /dev/videoN, or a video file (default 0)")
+    p.add_argument("--loop", action="store_true", help="start a video-file source over when it ends")
+    p.add_argument("--sink", action="append", dest="sinks", metavar="SINK",
+                   help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several; default webrtc)")
+    p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py) | torch | "
+                                                    "onnxruntime | tensorrt")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: 256² at 15 fps; gpu: 512² at 30")
+    p.add_argument("--size", type=int, help="output frame side in pixels (preset's by default)")
+    p.add_argument("--fps", type=float, help="frame-rate target; the render resolution adapts to hold it "
+                                             "(0: always render at --size)")
+    p.add_argument("--background", help="image to put behind the avatar instead of its own background")
+    p.add_argument("--mode", choices=["relative", "absolute"], default="relative",
+                   help="relative (default): your changes from your neutral drive the avatar's neutral")
+    p.add_argument("--pose-lock", action="store_true", help="drive the expression only; the head stays still")
+    p.add_argument("--gain", type=float, default=1.0, help="expression gain (0–3)")
+    p.add_argument("--components", type=int, default=0,
+                   help="project expressions onto this many principal components of the avatar's training set")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: run until Ctrl-C)")
+    p.add_argument("--stats", help="write latency / FPS / dropped-frame statistics to this JSON file at the end")
+    p.add_argument("--conditioning-log", help="write each frame's expression, head pose and render size (JSON)")
+    p.add_argument("--host", default="127.0.0.1", help="WebRTC server address (default 127.0.0.1; any other "
+                                                       "address needs the printed token)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token", help="token for a non-loopback --host (default: a random one, printed)")
+    p.add_argument("--max-viewers", type=int, default=4)
+    p.add_argument("--landmarker", help="face_landmarker.task (default: found automatically)")
+    p.add_argument("--quiet", action="store_true", help="no status line")
+    return p
+
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+
+def config_from_args(args: argparse.Namespace) -> LiveConfig:
+    cfg = replace(LiveConfig(), **PRESETS[args.preset], preset=args.preset)
+    if args.demo:
+        if not (DEMO_DIR / "avatar" / "avatar.json").is_file():
+            raise UserError(f"the demo avatar is missing from {DEMO_DIR}; rebuild it with: python trainer/make_demo.py")
+        cfg = replace(cfg, target=str(DEMO_DIR / "avatar"), source=str(DEMO_DIR / "driver.mp4"), loop=True)
+    elif not args.target:
+        raise UserError("give --target AVATAR_BUNDLE (or --demo)")
+    else:
+        cfg.target = args.target
+    overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides, engine=args.engine, background=args.background, loop=cfg.loop or args.loop,
+                  max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
+                  pose_lock=args.pose_lock, gain=args.gain, components=args.components, host=args.host, port=args.port,
+                  token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet)
+    if not 32 <= cfg.size <= 2048 or cfg.size % 2:
+        raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
+    if not 0 <= cfg.gain <= 3:
+        raise UserError("--gain must be within 0–3")
+    if not cfg.sinks:
+        cfg.sinks = ["webrtc"]
+    return cfg
+
+
+def make_sinks(cfg: LiveConfig, controls, status) -> list:
+    from streamer.sinks import FileSink, VirtualCameraSink, WindowSink
+
+    sinks = []
+    try:
+        for spec in cfg.sinks:
+            if spec.startswith("file:"):
+                sinks.append(FileSink(spec[5:], cfg.size, cfg.fps or 25.0))
+            elif spec == "virtualcam":
+                sinks.append(VirtualCameraSink(cfg.size, cfg.fps or 30.0))
+            elif spec == "window":
+                sinks.append(WindowSink(controls))
+            elif spec == "webrtc":
+                from streamer.webrtc import WebRTCSink
+
+                sinks.append(WebRTCSink(controls, cfg.host, cfg.port, cfg.token, cfg.max_viewers, status))
+            else:
+                raise UserError(f"unknown sink {spec!r}: use virtualcam, webrtc, window or file:PATH.mp4")
+    except BaseException:
+        close_sinks(sinks, failed=True)
+        raise
+    return sinks
+
+
+def close_sinks(sinks: list, failed: bool = False) -> None:
+    for sink in sinks:
+        try:
+            if failed and hasattr(sink, "abort"):
+                sink.abort()
+            else:
+                sink.close()
+        except Exception as exc:  # one broken sink must not keep the others (or the file) from closing
+            print(f"warning: closing {sink.name} failed: {exc}", file=sys.stderr)
+
+
+class _Stop(Exception):
+    pass
+
+
+def run(cfg: LiveConfig, log=print) -> dict:
+    import torch
+
+    from avatar.bundle import load_bundle
+    from avatar.engines import open_engine
+    from avatar.tracking import FaceTracker
+    from streamer.pipeline import Controls, LivePipeline, RetargetConfig
+    from streamer.sources import open_source
+
+    loaded = load_bundle(cfg.target)
+    if loaded.model.field_name != "fast":
+        raise UserError(f"{cfg.target} holds a {loaded.model.field_name!r} field, far too slow to run live; "
+                        "train a fast one: python trainer/fit.py --field fast …")
+    background = None
+    if cfg.background:
+        from avatar.dataset import read_rgb
+
+        background = torch.from_numpy(read_rgb(cfg.background).astype(np.float32) / 255.0)
+    engine = open_engine(loaded, cfg.target, cfg.engine)
+    controls = Controls(pose_lock=cfg.pose_lock, gain=cfg.gain)
+    latest: dict = {}
+    sinks: list = []
+    source = None
+    tracker = None
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    records: list[dict] = []
+    conditioning: list[dict] = []
+    try:
+        source = open_source(cfg.source, cfg.loop)
+        tracker = FaceTracker("video", cfg.landmarker)
+        sinks = make_sinks(cfg, controls, lambda: latest)
+        for s in sinks:
+            if s.name == "webrtc":
+                log(f"WebRTC: open {s.url}")
+            if s.name == "virtualcam":
+                log(f"virtual camera: {s.device}")
+        pipeline = LivePipeline(loaded, engine, tracker, cfg.size, cfg.fps,
+                                RetargetConfig(mode=cfg.mode, components=cfg.components), controls, background,
+                                latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
+        log(f"live: {engine.name} engine, {cfg.size}² output at up to {cfg.fps or '∞'} fps, sinks "
+            f"{', '.join(s.name for s in sinks)}; Ctrl-C to stop")
+        source.start()
+        started = time.monotonic()
+        last_status = 0.0
+        waiting_since = None
+        while not stop.is_set() and not controls.quit:
+            frame = source.latest(timeout=0.25)
+            if frame is None:
+                if source.error:
+                    raise UserError(f"source {cfg.source}: {source.error}")
+                if source.ended:
+                    log("source ended")
+                    break
+                waiting_since = waiting_since or time.monotonic()
+                if not cfg.quiet and time.monotonic() - last_status > 1.0:
+                    what = "camera lost, reconnecting" if getattr(source, "lost", False) else "waiting for frames"
+                    _status(f"{what} ({time.monotonic() - waiting_since:.0f} s)")
+                    last_status = time.monotonic()
+                continue
+            waiting_since = None
+            out = pipeline.step(frame.rgb, frame.captured)
+            t_deliver = time.monotonic()
+            for sink in sinks:
+                if sink.name == "webrtc":
+                    sink.send(out.rgb, frame.captured)
+                else:
+                    sink.send(out.rgb)
+            done = time.monotonic()
+            rec = {"capture_to_sink_ms": (done - frame.captured) * 1000, "deliver_ms": (done - t_deliver) * 1000,
+                   **{f"{k}_ms": v * 1000 for k, v in out.timings.items()}, "render_size": out.render_size,
+                   "source_index": frame.index, "t": done - started}
+            records.append(rec)
+            if cfg.conditioning_log:
+                conditioning.append({"expression": out.expression.tolist(), "head_pose": out.head_pose.tolist(),
+                                     "render_size": out.render_size, "latent": cfg.latent})
+            fps = _recent_fps(records)
+            latest.update(state=out.state, render_size=out.render_size, fps=round(fps, 1),
+                          latency_ms=round(rec["capture_to_sink_ms"], 1), frames=len(records))
+            if not cfg.quiet and done - last_status > 0.5:
+                _status(f"{len(records)} frames  {fps:5.1f} fps  latency {rec['capture_to_sink_ms']:5.0f} ms  "
+                        f"track {rec['track_ms']:4.0f}  render {rec['render_ms']:4.0f} ms @ {out.render_size}²  "
+                        f"{out.state}")
+                last_status = done
+            if cfg.max_frames and len(records) >= cfg.max_frames:
+                break
+    finally:
+        close_sinks(sinks)
+        if source is not None:
+            source.close()
+        if tracker is not None:
+            tracker.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if not cfg.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+    stats = summarize(records, source.frames_read if source else 0)
+    if cfg.stats:
+        from avatar.fileio import write_json_atomic
+
+        write_json_atomic(cfg.stats, {**stats, "config": asdict(cfg), "engine": engine.name})
+    if cfg.conditioning_log:
+        from avatar.fileio import write_json_atomic
+
+        write_json_atomic(cfg.conditioning_log, {"frames": conditioning, "size": cfg.size, "engine": engine.name})
+    log(f"{stats['frames']} frames, {stats['fps']:.1f} fps, capture-to-sink latency median "
+        f"{stats['latency_ms_median']:.0f} ms (p95 {stats['latency_ms_p95']:.0f}), {stats['dropped_frames']} source "
+        "frames dropped (newest frame wins)")
+    return stats
+
+
+def _recent_fps(records: list[dict], window: int = 30) -> float:
+    if len(records) < 2:
+        return 0.0
+    recent = records[-window:]
+    span = recent[-1]["t"] - recent[0]["t"]
+    return (len(recent) - 1) / span if span > 0 else 0.0
+
+
+def summarize(records: list[dict], frames_read: int) -> dict:
+    if not records:
+        return {"frames": 0, "fps": 0.0, "latency_ms_median": 0.0, "latency_ms_p95": 0.0, "dropped_frames": frames_read,
+                "stages_ms_median": {}}
+    lat = np.array([r["capture_to_sink_ms"] for r in records])
+    span = records[-1]["t"] - records[0]["t"]
+    stages = {k[:-3]: round(float(np.median([r[k] for r in records])), 2)
+              for k in records[0] if k.endswith("_ms") and k != "capture_to_sink_ms"}
+    return {"frames": len(records), "fps": round((len(records) - 1) / span, 2) if span > 0 else 0.0,
+            "latency_ms_median": round(float(np.median(lat)), 1), "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
+            "dropped_frames": max(0, frames_read - len(records)), "stages_ms_median": stages,
+            "render_size_median": int(np.median([r["render_size"] for r in records]))}
+
+
+def _status(text: str) -> None:
+    if sys.stderr.isatty():
+        print("\r" + text[:150].ljust(150), end="", file=sys.stderr, flush=True)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    run(cfg)
+    return 0

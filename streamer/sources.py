@@ -1,0 +1,171 @@
+"""Frame sources for the live loop: a webcam (index or /dev/videoN) or a video file, each read on its own thread.
+
+The newest frame wins: the reader overwrites a one-frame slot, so a slow consumer never sees stale frames
+pile up (latency cannot grow). A video file is paced at its own frame rate (as a camera would deliver it)
+and can loop; a camera that disappears is reopened until it comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from avatar.errors import UserError
+
+
+@dataclass
+class Frame:
+    rgb: np.ndarray  # [h, w, 3] uint8
+    captured: float  # time.monotonic() when it was read
+    index: int  # frames read so far by the source (gaps = frames the consumer never took)
+
+
+class FrameSource:
+    """Base: a reader thread fills ``self._slot``; :meth:`latest` hands out each frame at most once."""
+
+    def __init__(self) -> None:
+        self._slot: Frame | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._taken = -1
+        self.ended = False  # no more frames will come (file over, not looping)
+        self.lost = False  # a camera stopped delivering; we keep trying to reopen it
+        self.frames_read = 0
+        self._thread = threading.Thread(target=self._run_guarded, daemon=True, name=type(self).__name__)
+        self.error: str | None = None
+
+    def start(self) -> "FrameSource":
+        self._thread.start()
+        return self
+
+    def _publish(self, rgb: np.ndarray) -> None:
+        with self._cond:
+            self._slot = Frame(rgb, time.monotonic(), self.frames_read)
+            self.frames_read += 1
+            self._cond.notify_all()
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # surfaced to the main thread as one line
+            self.error = str(exc)
+        finally:
+            with self._cond:
+                self.ended = True
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def latest(self, timeout: float = 1.0) -> Frame | None:
+        """The newest frame not handed out yet; waits up to ``timeout`` s. None if none came (or the source ended)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._slot is None or self._slot.index == self._taken) and not self.ended:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            if self._slot is None or self._slot.index == self._taken:
+                return None
+            self._taken = self._slot.index
+            return self._slot
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=3)
+
+
+class VideoFileSource(FrameSource):
+    """Decodes a video file in real time (paced at its fps); ``loop`` starts it over at the end."""
+
+    def __init__(self, path: str | Path, loop: bool = False, speed: float = 1.0):
+        from avatar.video import probe_video
+
+        super().__init__()
+        self.info = probe_video(path)  # a missing or undecodable file fails here, as one line
+        self.path, self.loop, self.speed = Path(path), loop, speed
+        self.fps = self.info.fps or 25.0
+
+    def _run(self) -> None:
+        from avatar.video import iter_frames
+
+        period = 1.0 / (self.fps * self.speed)
+        while not self._stop.is_set():
+            start = time.monotonic()
+            count = 0
+            for count, rgb in enumerate(iter_frames(self.path), 1):
+                if self._stop.is_set():
+                    return
+                wait = start + (count - 1) * period - time.monotonic()
+                if wait > 0:
+                    self._stop.wait(wait)
+                self._publish(rgb)
+            if not self.loop or count == 0:
+                return
+
+
+class CameraSource(FrameSource):
+    """A webcam through OpenCV (index or device path). Reopens it when it disappears."""
+
+    def __init__(self, device: int | str, width: int = 640, height: int = 480, fps: float = 30.0):
+        import cv2
+
+        super().__init__()
+        self.device, self.size, self.fps = device, (width, height), fps
+        self._cap = cv2.VideoCapture(device)
+        if not self._cap.isOpened():
+            raise UserError(f"cannot open camera {device!r}: is it connected and not used by another program? "
+                            "(list cameras with `v4l2-ctl --list-devices` on Linux)")
+        self._configure()
+
+    def _configure(self) -> None:
+        import cv2
+
+        self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
+        self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
+        self._cap.set(cv2.CAP_PROP_FPS, self.fps)
+        self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # do not let the driver queue old frames
+
+    def _run(self) -> None:
+        import cv2
+
+        failures = 0
+        while not self._stop.is_set():
+            ok, bgr = self._cap.read()
+            if ok and bgr is not None:
+                failures, self.lost = 0, False
+                self._publish(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                continue
+            failures += 1
+            if failures >= 5:  # unplugged or taken by another program: wait, reopen
+                self.lost = True
+                self._cap.release()
+                self._stop.wait(1.0)
+                self._cap = cv2.VideoCapture(self.device)
+                if self._cap.isOpened():
+                    self._configure()
+            else:
+                self._stop.wait(0.02)
+
+    def close(self) -> None:
+        super().close()
+        self._cap.release()
+
+
+def open_source(spec: str, loop: bool = False) -> FrameSource:
+    """``0`` / ``1`` … (camera index), ``/dev/videoN`` (camera), or a video file path."""
+    if spec.isdigit():
+        return CameraSource(int(spec))
+    if spec.startswith("/dev/video"):
+        if not Path(spec).exists():
+            raise UserError(f"no camera at {spec}")
+        return CameraSource(spec)
+    if not Path(spec).is_file():
+        raise UserError(f"--source {spec}: no such camera index or video file")
+    return VideoFileSource(spec, loop=loop)

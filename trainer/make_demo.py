@@ -1,0 +1,70 @@
+"""Rebuild the bundled demo: an avatar of the synthetic subject and a clip that drives it.
+
+    python trainer/make_demo.py [--minutes 10] [--out assets/demo]
+
+Runs the same commands a user runs — trainer/synth.py, trainer/fit.py --field fast, export/build.py — with a
+small field (64² planes, 8 channels) so that everything stays ≤ 20 MB, then writes a driving clip: the same
+synthetic face in another performance (another seed), which `run_live.py --demo` tracks and retargets.
+Takes ~12 minutes on a 2-core CPU. The result replaces OUT atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from avatar.errors import UserError, run_cli
+from avatar.fileio import atomic_directory
+
+# The bundle keeps what the live loop needs; training leftovers stay out of the repository.
+KEEP = ("avatar.json", "weights.safetensors", "background.png", "blend.onnx", "model.onnx", "occupancy.safetensors",
+        "engines.json", "metrics.json")
+SIZE_LIMIT = 20 * 2**20
+
+
+def run(*args: str) -> None:
+    print("$", " ".join(args), flush=True)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT)
+    if r.returncode != 0:
+        raise UserError(f"{args[0]} failed (exit {r.returncode}); see its output above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "assets" / "demo"))
+    p.add_argument("--minutes", type=float, default=10.0, help="training time")
+    p.add_argument("--size", type=int, default=128, help="avatar resolution")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        w = Path(work)
+        run("trainer/synth.py", "--out", str(w / "subject"), "--frames", "300", "--size", "256", "--seed", "0")
+        run("trainer/prepare.py", str(w / "subject" / "video.mp4"), "--out", str(w / "data"), "--background",
+            str(w / "subject" / "background.png"), "--size", str(args.size))
+        run("trainer/fit.py", "--data", str(w / "data"), "--field", "fast", "--preset", "cpu", "--out",
+            str(w / "avatar"), "--max-minutes", str(args.minutes), "--plane-resolution", "64", "--plane-channels", "8")
+        run("export/build.py", str(w / "avatar"), "--frames", "20")
+        run("trainer/synth.py", "--out", str(w / "driver"), "--frames", "250", "--size", "256", "--seed", "7",
+            "--novel", "1")
+        with atomic_directory(args.out, overwrite=True) as tmp:
+            (tmp / "avatar").mkdir()
+            for name in KEEP:
+                if (w / "avatar" / name).is_file():
+                    shutil.copy2(w / "avatar" / name, tmp / "avatar" / name)
+            shutil.copy2(w / "driver" / "video.mp4", tmp / "driver.mp4")
+            shutil.copy2(w / "subject" / "preview.png", tmp / "subject_preview.png")
+            total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            if total > SIZE_LIMIT:
+                raise UserError(f"the demo would be {total / 2**20:.1f} MB, over the 20 MB limit for bundled assets")
+    print(f"demo written to {args.out} ({total / 2**20:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
