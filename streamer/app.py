@@ -115,6 +115,9 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         raise UserError("--gain must be within 0–3")
     if not cfg.sinks:
         cfg.sinks = ["webrtc"]
+    for spec in cfg.sinks:  # before anything opens a camera or a port
+        if spec not in ("virtualcam", "webrtc", "window") and not spec.startswith("file:"):
+            raise UserError(f"unknown sink {spec!r}: use virtualcam, webrtc, window or file:PATH.mp4")
     return cfg
 
 

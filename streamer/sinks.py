@@ -38,7 +38,8 @@ class FileSink(Sink):
         if not path.lower().endswith((".mp4", ".m4v", ".mov")):
             raise UserError(f"--sink file:{path}: give an .mp4 path")
         self.path = Path(path)
-        self.writer = VideoWriter(self.path, size, size, fps=fps or 25.0)
+        # Near-lossless (crf 10): recordings are compared with offline renders, and small frames suffer most.
+        self.writer = VideoWriter(self.path, size, size, fps=fps or 25.0, crf=10)
 
     def send(self, rgb: np.ndarray) -> None:
         self.writer.write(rgb)

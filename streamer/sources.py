@@ -118,6 +118,8 @@ class CameraSource(FrameSource):
 
         super().__init__()
         self.device, self.size, self.fps = device, (width, height), fps
+        # OpenCV logs each backend it tries (several lines per missing camera); our own message says it once.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         self._cap = cv2.VideoCapture(device)
         if not self._cap.isOpened():
             raise UserError(f"cannot open camera {device!r}: is it connected and not used by another program? "

@@ -123,7 +123,7 @@ def test_filter_removes_jitter_of_a_still_face(subject):
 def test_file_sink_holds_the_avatar_as_rendered_offline(fast_bundle, subject, tmp_path):
     out, cond, stats = tmp_path / "out.mp4", tmp_path / "cond.json", tmp_path / "stats.json"
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop",
-                   "--sink", f"file:{out}", "--max-frames", "20", "--size", "64", "--fps", "0", "--engine", "torch",
+                   "--sink", f"file:{out}", "--max-frames", "20", "--size", "128", "--fps", "0", "--engine", "torch",
                    "--conditioning-log", str(cond), "--stats", str(stats), "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     from avatar.video import iter_frames
@@ -136,7 +136,7 @@ def test_file_sink_holds_the_avatar_as_rendered_offline(fast_bundle, subject, tm
     scores = []
     for frame, c in zip(frames, log):
         offline = compose(engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]),
-                                        c["render_size"])["rgb"], 64)
+                                        c["render_size"])["rgb"], 128)
         scores.append(psnr(frame / 255.0, offline / 255.0))
     assert min(scores) >= 35, scores
     s = json.loads(stats.read_text())
