@@ -1,0 +1,109 @@
+"""The README's overview picture: input frame → tracked expression → avatar → novel head pose → expression edit.
+
+    python trainer/figure.py --target assets/demo/avatar --source assets/demo/driver.mp4 --out docs/overview.jpg
+
+Tracks one frame of the source video with MediaPipe (its first frame is taken as the source's neutral),
+retargets it onto the avatar the way the live loop does, and renders the avatar as driven, turned by
+--yaw degrees, and with --set edits (e.g. jawOpen=+0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2
+import numpy as np
+
+from avatar.errors import UserError, run_cli
+
+
+def bars(names: list[str], values: np.ndarray, size: int, top: int = 8) -> np.ndarray:
+    """The strongest ``top`` blendshape scores as a labelled bar chart, RGB ``[size, size, 3]``."""
+    img = np.full((size, size, 3), 245, np.uint8)
+    order = np.argsort(-values)[:top]
+    row = size // (top + 1)
+    scale = size / 512
+    for k, j in enumerate(order):
+        y = row // 2 + k * row + row // 2
+        w = int(values[j] * (size * 0.45))
+        cv2.rectangle(img, (int(size * 0.52), y - row // 3), (int(size * 0.52) + w, y + row // 3), (70, 130, 200), -1)
+        cv2.putText(img, names[j][:16], (4, y + int(6 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.75 * scale, (30, 30, 30),
+                    max(1, int(2 * scale)), cv2.LINE_AA)
+    return img
+
+
+def label(img: np.ndarray, text: str) -> np.ndarray:
+    out = np.full((img.shape[0] + 30, img.shape[1], 3), 255, np.uint8)
+    out[30:] = img
+    cv2.putText(out, text, (6, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (20, 20, 20), 1, cv2.LINE_AA)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="avatar bundle (fast field)")
+    p.add_argument("--source", required=True, help="video whose face drives the avatar")
+    p.add_argument("--frame", type=int, default=25, help="which frame of the source to show")
+    p.add_argument("--out", default="docs/overview.jpg")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--yaw", type=float, default=15.0, help="head turn for the novel-pose panel (degrees)")
+    p.add_argument("--set", action="append", default=None, help="expression edit, e.g. jawOpen=+0.5 (repeatable)")
+    args = p.parse_args(argv)
+
+    from avatar.bundle import load_bundle
+    from avatar.engines import TorchEngine
+    from avatar.retarget import relative_expression, relative_pose, rotate_about
+    from avatar.tracking import FaceTracker
+    from avatar.video import iter_frames
+
+    loaded = load_bundle(args.target)
+    engine = TorchEngine(loaded)
+    meta, stats = loaded.meta, loaded.meta["expression_stats"]
+    first = frame = None
+    for i, rgb in enumerate(iter_frames(args.source)):
+        first = rgb if first is None else first
+        if i == args.frame:
+            frame = rgb
+            break
+    if frame is None:
+        raise UserError(f"{args.source} has fewer than {args.frame + 1} frames")
+    with FaceTracker("image") as tracker:
+        neutral_obs, obs = tracker.track(first), tracker.track(frame)
+    if neutral_obs is None or obs is None:
+        raise UserError(f"no face in frame 0 or {args.frame} of {args.source}")
+    lo, hi = np.asarray(stats["min"]), np.asarray(stats["max"])
+    expr = relative_expression(obs.blendshapes, neutral_obs.blendshapes, np.asarray(stats["neutral"]), lo, hi)
+    reference = np.asarray(meta["reference_head_pose"])
+    pose = relative_pose(obs.head_pose, neutral_obs.head_pose, reference)
+    bounds = meta["head_bounds"]
+    centre = (np.asarray(bounds["min"]) + np.asarray(bounds["max"])) / 2
+    edited = expr.copy()
+    names = meta["expression_names"]
+    for item in args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"]:
+        name, value = item.split("=")
+        if name not in names:
+            raise UserError(f"--set {item}: unknown blendshape {name!r}")
+        k = names.index(name)
+        edited[k] = np.clip(edited[k] + float(value) if value.startswith(("+", "-")) else float(value), lo[k], hi[k])
+    s = args.size
+    render = lambda e, ps: (engine.render(e, ps, loaded.latent(0), s)["rgb"].numpy() * 255).round().astype(np.uint8)
+    panels = [
+        label(cv2.resize(frame, (s, s), interpolation=cv2.INTER_AREA), "input frame (MediaPipe)"),
+        label(bars(obs.names, obs.blendshapes, s), "tracked expression"),
+        label(render(expr, pose), "avatar, reenacted"),
+        label(render(expr, rotate_about(pose, centre, args.yaw)), f"novel pose (yaw {args.yaw:+.0f} deg)"),
+        label(render(edited, pose), "expression edit (jaw, smile)"),
+    ]
+    sheet = np.concatenate([np.pad(pnl, ((0, 0), (0, 6), (0, 0)), constant_values=255) for pnl in panels], 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(args.out), sheet[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
