@@ -54,6 +54,13 @@ def expression_stats(expressions: np.ndarray) -> dict[str, list[float]]:
             "mean": expressions.mean(0).tolist(), "neutral": expressions[int(activity.argmin())].tolist()}
 
 
+def expression_components(expressions: np.ndarray, count: int = 8) -> list[list[float]]:
+    """The main directions ``[count, e]`` (unit rows) in which the training expressions vary (PCA)."""
+    centred = expressions - expressions.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[:count].tolist()
+
+
 def reference_pose(poses: np.ndarray) -> np.ndarray:
     """The training pose that faces the camera most directly (rotation closest to identity)."""
     angles = np.arccos(np.clip((np.trace(poses[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from avatar.bundle import LoadedAvatar
+from avatar.errors import UserError
 from avatar.engines import RenderEngine
 from avatar.retarget import clamp_pose, relative_expression, relative_pose
 from avatar.tracking import FaceObservation
@@ -52,7 +53,10 @@ class Retargeter:
         self.reference = np.asarray(meta["reference_head_pose"], np.float64)
         self.limits = meta.get("pose_range")
         self.basis = None
-        if cfg.components > 0 and "expression_components" in meta:
+        if cfg.components > 0:
+            if "expression_components" not in meta:
+                raise UserError("--components: this avatar bundle has no expression components (made before they "
+                                "were stored); retrain it or leave --components out")
             self.basis = np.asarray(meta["expression_components"], np.float32)[: cfg.components]
         self.expr_filter = OneEuroFilter(cfg.filter_min_cutoff, cfg.filter_beta)
         self.pose_filter = PoseFilter()

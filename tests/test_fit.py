@@ -112,7 +112,8 @@ def test_ctrl_c_saves_a_checkpoint(dataset64, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert (checkpoint_step(out / CHECKPOINT_FILE) or 0) > 0
+    # --checkpoint-every 100000: only the interrupt handler can have written it (at whatever step it reached).
+    assert checkpoint_step(out / CHECKPOINT_FILE) is not None
     assert "--resume" in err and "Traceback" not in err
 
 

@@ -296,3 +296,24 @@ def test_sigterm_stops_the_server_and_frees_the_port(fast_bundle, subject):
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # free again
+
+
+def test_projection_onto_training_components_and_missing_components():
+    from avatar.errors import UserError
+
+    meta = _meta()
+    comp = np.zeros((2, 52))
+    comp[0, 10] = comp[1, 20] = 1.0  # the avatar only ever moved blendshapes 10 and 20
+    meta["expression_components"] = comp.tolist()
+    rt = Retargeter(meta, RetargetConfig(calibration_frames=1, components=2), Controls())
+    pose = np.eye(4)
+    rt(_Obs(np.full(52, 0.3), pose), 0.0)
+    moved = np.full(52, 0.3)
+    moved[[10, 20, 30]] += 0.2
+    for k in range(40):
+        expr, _ = rt(_Obs(moved, pose), 0.04 * (k + 1))
+    assert abs(expr[10] - 0.3) < 0.02 and abs(expr[20] - 0.3) < 0.02
+    assert abs(expr[30] - 0.1) < 1e-5  # a direction the avatar never saw is projected away
+    del meta["expression_components"]
+    with pytest.raises(UserError):
+        Retargeter(meta, RetargetConfig(components=2), Controls())

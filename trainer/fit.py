@@ -290,6 +290,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         "expression_stats": bundle_io.expression_stats(train_set.expressions),
         "reference_head_pose": bundle_io.reference_pose(train_set.poses).tolist(),
         "pose_range": pose_range(train_set.poses, bundle_io.reference_pose(train_set.poses)),
+        "expression_components": bundle_io.expression_components(train_set.expressions),
         "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
         "sampling": sampling.__dict__,
         "train_frame_indices": train_set.frame_indices.tolist(),
