@@ -24,7 +24,7 @@ class FitConfig:
     video: str | None = None  # … or a video to prepare first (into OUT/dataset)
     background: str = "auto"  # with --video: the empty-background image, or auto
     size: int = 512  # with --video: frame size of the prepared dataset
-    field: str = "nerface"
+    field: str = "fast"  # the default: trains in minutes, renders live; "nerface" is the paper's MLP
     preset: str = "cpu"
     width: int = 256  # field backbone width (the paper: 256)
     depth: int = 8
@@ -89,7 +89,7 @@ FAST_PRESETS: dict[str, dict] = {
 }
 
 
-def config_with_preset(preset: str, field: str = "nerface", **overrides) -> FitConfig:
+def config_with_preset(preset: str, field: str = "fast", **overrides) -> FitConfig:
     """Defaults, then the preset (and its field-specific part), then explicit overrides (None = not given)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")

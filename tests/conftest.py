@@ -36,7 +36,7 @@ def dataset64(subject, tmp_path_factory) -> Path:
     return out
 
 
-TINY_FIT = ["--width", "32", "--rays-per-step", "64", "--coarse-samples", "8", "--fine-samples", "8"]
+TINY_FIT = ["--field", "nerface", "--width", "32", "--rays-per-step", "64", "--coarse-samples", "8", "--fine-samples", "8"]
 
 
 @pytest.fixture(scope="session")
