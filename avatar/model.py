@@ -153,6 +153,33 @@ def carve_occupancy(model: Avatar, head_poses: Float[Tensor, "f 4 4"], expressio
     return before, grid.occupied_fraction()
 
 
+@torch.no_grad()
+def culling_psnr_gap(model: Avatar, head_poses: Float[Tensor, "f 4 4"], expressions: Float[Tensor, "f e"],
+                     latents: Float[Tensor, "f l"], truths: Float[Tensor, "f h w 3"], intrinsics: Float[Tensor, "4"],
+                     background: Float[Tensor, "h w 3"], sampling: SamplingConfig,
+                     dense_cache: list | None = None) -> float:
+    """How much occupancy culling moves the quality: the largest |PSNR(culled) − PSNR(dense reference)| (dB)
+    against the true frames. ``dense_cache`` (a list) keeps the dense renders between calls."""
+    from dataclasses import replace
+
+    from avatar.metrics import psnr
+
+    dense_cfg = replace(sampling, culling=False)
+    h, w = truths.shape[1:3]
+    worst = 0.0
+    for j, (pose, expr, latent, truth) in enumerate(zip(head_poses, expressions, latents, truths)):
+        truth = truth.cpu().numpy()
+        if dense_cache is not None and j < len(dense_cache):
+            dense = dense_cache[j]
+        else:
+            dense = render_image(model, pose, expr, latent, intrinsics, w, h, background, dense_cfg)["rgb"].cpu().numpy()
+            if dense_cache is not None:
+                dense_cache.append(dense)
+        culled = render_image(model, pose, expr, latent, intrinsics, w, h, background, sampling)["rgb"].cpu().numpy()
+        worst = max(worst, abs(psnr(culled, truth) - psnr(dense, truth)))
+    return worst
+
+
 def normals_from_depth(depth: Float[Tensor, "h w"], intrinsics: np.ndarray) -> Float[Tensor, "h w 3"]:
     """Camera-space normals from a depth map (finite differences of back-projected points), in [-1, 1]."""
     h, w = depth.shape

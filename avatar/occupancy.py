@@ -65,6 +65,11 @@ class OccupancyGrid(nn.Module):
         self.mask = _dilate(best > self.threshold)
         self.density = best
 
+    def set_threshold(self, threshold: float) -> None:
+        """Re-derive the mask from the finalized densities with another threshold (density in 1/cm)."""
+        self.threshold = threshold
+        self.mask = _dilate(self.density > threshold)
+
     @torch.no_grad()
     def record_visibility(self, points: Float[Tensor, "m 3"], weights: Float[Tensor, "m"]) -> None:
         """Keep, per cell, the largest compositing weight any rendered sample in it had (for :meth:`carve`)."""

@@ -36,7 +36,7 @@ from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
 from avatar.retarget import pose_range
-from avatar.model import Avatar, SamplingConfig, carve_occupancy
+from avatar.model import Avatar, SamplingConfig, carve_occupancy, culling_psnr_gap
 from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
                              load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
 
@@ -302,12 +302,15 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     model.eval()
     if cfg.field == "fast":
         finalize_occupancy(model, expressions)
+        threshold, gap = choose_occupancy_threshold(model, train_set, poses, expressions, intrinsics, background,
+                                                    sampling)
         frames = finalize_frames(expressions, poses)
         # Rays at ~160 px still cross every cell of a 64³ grid; more pixels only cost time.
         s = min(1.0, 160 / max(w, h))
         before, after = carve_occupancy(model, poses[frames], expressions[frames], model.latents[frames].detach(),
                                         intrinsics * s, round(w * s), round(h * s), sampling)
         meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
+        meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
     bundle_io.save_bundle(out, model, meta, background_np)
     print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
     if evaluate_at_end:
@@ -384,6 +387,28 @@ def finalize_frames(expressions: torch.Tensor, poses: torch.Tensor | None = None
         for axis in (0, 1):
             extremes += [int(forward[:, axis].argmax()), int(forward[:, axis].argmin())]
     return sorted(set(picks.tolist()) | set(extremes))
+
+
+OCCUPANCY_THRESHOLDS = (0.3, 0.1, 0.03, 0.01, 0.0)  # density (1/cm): the largest that keeps the pictures is used
+
+
+@torch.no_grad()
+def choose_occupancy_threshold(model: Avatar, train_set, poses: torch.Tensor, expressions: torch.Tensor,
+                               intrinsics: torch.Tensor, background: torch.Tensor, sampling: SamplingConfig,
+                               frames: int = 3, max_gap_db: float = 0.03) -> tuple[float, float]:
+    """The largest occupancy threshold whose culled renders of a few training frames score within
+    ``max_gap_db`` of the dense reference (a young or foggy field needs a lower one). Returns (threshold, gap)."""
+    picks = np.linspace(0, len(expressions) - 1, min(frames, len(expressions))).astype(int).tolist()
+    truths = torch.from_numpy(train_set.images[picks].astype(np.float32) / 255.0)
+    cache: list = []
+    gap = 0.0
+    for threshold in OCCUPANCY_THRESHOLDS:
+        model.occupancy.set_threshold(threshold)
+        gap = culling_psnr_gap(model, poses[picks], expressions[picks], model.latents[picks].detach(), truths,
+                               intrinsics, background, sampling, cache)
+        if gap <= max_gap_db:
+            return threshold, gap
+    return threshold, gap
 
 
 @torch.no_grad()
