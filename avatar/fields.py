@@ -174,41 +174,6 @@ class FastField(nn.Module):
         """Planes laid out for gathers: one row of channels per texel."""
         return planes.permute(0, 2, 3, 1).reshape(planes.shape[0], -1, planes.shape[1])
 
-    @staticmethod
-    def corner_packed(planes: Float[Tensor, "3 ch r r"]) -> Float[Tensor, "3 rr 4ch"]:
-        """Each texel's row holds its own features and those of its right, lower and lower-right neighbours, so
-        a bilinear lookup is one contiguous gather instead of four scattered ones (built once per frame)."""
-        r = planes.shape[-1]
-        p = torch.nn.functional.pad(planes, (0, 1, 0, 1), mode="replicate")  # [3, ch, r+1, r+1]
-        corners = torch.stack([p[:, :, :r, :r], p[:, :, :r, 1:], p[:, :, 1:, :r], p[:, :, 1:, 1:]], 1)  # [3, 4, ch, r, r]
-        return corners.permute(0, 3, 4, 1, 2).reshape(planes.shape[0], r * r, 4 * planes.shape[1])
-
-    def decode_packed(self, packed: Float[Tensor, "3 rr 4ch"], latent_bias: Float[Tensor, "hidden"],
-                      points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
-        """:meth:`decode` on :meth:`corner_packed` planes: one gather per plane and sample, then the bilinear
-        weights (the same numbers as ``grid_sample`` with ``align_corners=True``)."""
-        res = self.hparams["resolution"]
-        n = points.shape[0]
-        ch = packed.shape[-1] // 4
-        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
-        u = torch.stack([p[:, 0], p[:, 0], p[:, 1]])  # [3, n] width axis of each plane (xy, xz, yz)
-        v = torch.stack([p[:, 1], p[:, 2], p[:, 2]])  # [3, n] height axis
-        fx, fy = (u + 1) * (0.5 * (res - 1)), (v + 1) * (0.5 * (res - 1))
-        x0 = torch.floor(fx).clamp(0, res - 2)
-        y0 = torch.floor(fy).clamp(0, res - 2)
-        wx, wy = fx - x0, fy - y0  # [3, n]
-        base = (torch.arange(3, device=points.device) * (res * res))[:, None]
-        rows = (y0.long() * res + x0.long() + base).reshape(-1)  # [3 n]
-        f = packed.reshape(-1, 4 * ch)[rows].reshape(3, n, 4, ch)
-        w = torch.stack([(1 - wx) * (1 - wy), wx * (1 - wy), (1 - wx) * wy, wx * wy], -1)  # [3, n, 4]
-        feats = torch.matmul(w[:, :, None, :], f)[:, :, 0]  # [3, n, ch]
-        feats = feats.permute(1, 0, 2).reshape(n, 3 * ch)
-        h = torch.relu(torch.nn.functional.linear(feats, self.layer1.weight, self.layer1.bias + latent_bias))
-        h = torch.relu(self.layer2(h))  # [n, hidden]
-        sigma = torch.exp(self.density(h)[:, 0].clamp(max=15.0) - 1.0)
-        rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
-        return rgb, sigma
-
     def decode_gather(self, planes_cl: Float[Tensor, "3 rr ch"], latent_bias: Float[Tensor, "hidden"],
                       points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n"]]:
         """:meth:`decode` with the bilinear lookups written as gathers (the same numbers as ``grid_sample`` with
