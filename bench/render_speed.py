@@ -39,17 +39,14 @@ def scaled(loaded: LoadedAvatar, size: int) -> tuple[np.ndarray, torch.Tensor]:
     return k, bg
 
 
-def time_frames(loaded: LoadedAvatar, frames, size: int, sampling: SamplingConfig, truth=None, upsample_from: int = 0):
-    """Median seconds per frame and mean PSNR (None without truth)."""
+def _time_renders(render, frames, size: int, truth=None, upsample_from: int = 0):
+    """Median seconds per frame and mean PSNR (None without truth); ``render(pose, expr, render_size) → rgb``."""
     render_size = upsample_from or size
-    k, bg = scaled(loaded, render_size)
-    latent = loaded.latent(0)
     times, scores = [], []
     for j, (pose, expr) in enumerate(frames):
         start = time.perf_counter()
         with torch.inference_mode():
-            out = render_image(loaded.model, pose, expr, latent, k, render_size, render_size, bg, sampling)
-            rgb = out["rgb"]
+            rgb = render(pose, expr, render_size)
             if upsample_from:
                 rgb = torch.nn.functional.interpolate(rgb.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
                                                       align_corners=False)[0].permute(1, 2, 0)
@@ -57,6 +54,13 @@ def time_frames(loaded: LoadedAvatar, frames, size: int, sampling: SamplingConfi
         if truth is not None:
             scores.append(psnr(rgb.numpy(), truth[j]))
     return statistics.median(times), (float(np.mean(scores)) if scores else None)
+
+
+def time_frames(loaded: LoadedAvatar, frames, size: int, sampling: SamplingConfig, truth=None, upsample_from: int = 0):
+    """Through ``render_image`` (the trainer's renderer): median seconds per frame and mean PSNR."""
+    k, bg = scaled(loaded, upsample_from or size)
+    return _time_renders(lambda pose, expr, s: render_image(loaded.model, pose, expr, loaded.latent(0), k, s, s, bg,
+                                                            sampling)["rgb"], frames, size, truth, upsample_from)
 
 
 def paper_stand_in(loaded_fast: LoadedAvatar) -> LoadedAvatar:
@@ -70,20 +74,10 @@ def paper_stand_in(loaded_fast: LoadedAvatar) -> LoadedAvatar:
 
 
 def time_engine_frames(engine, loaded: LoadedAvatar, frames, size: int, truth=None, upsample_from: int = 0):
-    """Median seconds per frame and mean PSNR through a render engine (the live loop's path)."""
-    render_size = upsample_from or size
-    engine.render(frames[0][1], frames[0][0], loaded.latent(0), render_size)  # warm-up
-    times, scores = [], []
-    for j, (pose, expr) in enumerate(frames):
-        start = time.perf_counter()
-        rgb = engine.render(expr, pose, loaded.latent(0), render_size)["rgb"]
-        if upsample_from:
-            rgb = torch.nn.functional.interpolate(rgb.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                                                  align_corners=False)[0].permute(1, 2, 0)
-        times.append(time.perf_counter() - start)
-        if truth is not None:
-            scores.append(psnr(rgb.numpy(), truth[j]))
-    return statistics.median(times), (float(np.mean(scores)) if scores else None)
+    """Through a render engine (the live loop's path), after one warm-up frame."""
+    engine.render(frames[0][1], frames[0][0], loaded.latent(0), upsample_from or size)
+    return _time_renders(lambda pose, expr, s: engine.render(expr, pose, loaded.latent(0), s)["rgb"], frames, size,
+                         truth, upsample_from)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,10 +156,6 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
             print(f"warning: closing {sink.name} failed: {exc}", file=sys.stderr)
 
 
-class _Stop(Exception):
-    pass
-
-
 def run(cfg: LiveConfig, log=print) -> dict:
     import torch
 

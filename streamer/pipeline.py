@@ -5,7 +5,6 @@ Threads and sinks live around it (see :mod:`streamer.app`); this module has no I
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -177,7 +176,6 @@ class LivePipeline:
         self.sizer = RenderSizeController(size, fps)
         self.background = background
         self.latent = loaded.latent(latent_index)
-        self.lock = threading.Lock()
 
     def step(self, rgb: np.ndarray, captured: float) -> LiveFrame:
         t0 = time.monotonic()

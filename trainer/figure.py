@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from avatar.retarget import relative_expression, relative_pose, rotate_about
     from avatar.tracking import FaceTracker
     from avatar.video import iter_frames
+    from trainer.render import parse_edits
 
     loaded = load_bundle(args.target)
     engine = TorchEngine(loaded)
@@ -81,14 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     pose = relative_pose(obs.head_pose, neutral_obs.head_pose, reference)
     bounds = meta["head_bounds"]
     centre = (np.asarray(bounds["min"]) + np.asarray(bounds["max"])) / 2
-    edited = expr.copy()
-    names = meta["expression_names"]
-    for item in args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"]:
-        name, value = item.split("=")
-        if name not in names:
-            raise UserError(f"--set {item}: unknown blendshape {name!r}")
-        k = names.index(name)
-        edited[k] = np.clip(edited[k] + float(value) if value.startswith(("+", "-")) else float(value), lo[k], hi[k])
+    edited = np.clip(parse_edits(args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"],
+                                 meta["expression_names"], expr), lo, hi)
     s = args.size
     render = lambda e, ps: (engine.render(e, ps, loaded.latent(0), s)["rgb"].numpy() * 255).round().astype(np.uint8)
     panels = [

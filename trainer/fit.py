@@ -35,8 +35,8 @@ from avatar.dataset import PrepareConfig, load_background, load_split, prepare_d
 from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
-from avatar.retarget import pose_range
 from avatar.model import Avatar, SamplingConfig, carve_occupancy, culling_psnr_gap
+from avatar.retarget import pose_range
 from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
                              load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
 
