@@ -134,8 +134,8 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     w, h = loaded.image_size
     latent = loaded.latent(0)
 
-    def render(expression: np.ndarray) -> np.ndarray:
-        out = render_image(loaded.model, pose, expression, latent, loaded.intrinsics, w, h, loaded.background,
+    def render(expression: np.ndarray, head_pose: np.ndarray = pose) -> np.ndarray:
+        out = render_image(loaded.model, head_pose, expression, latent, loaded.intrinsics, w, h, loaded.background,
                            loaded.sampling)
         return out["rgb"].cpu().numpy()
 
@@ -143,13 +143,18 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     subject = synthetic_subject(data_dir)
     if subject is not None:
         t = json.loads((subject / "truth.json").read_text())
-        values = np.array([t["frames"][int(k)]["expression"] for k in frame_indices], np.float64)
-        truth = (list(t["expression_names"]), values.reshape(len(frame_indices), -1))
+        if len(frame_indices) and int(frame_indices.max()) < len(t["frames"]):
+            values = np.array([t["frames"][int(k)]["expression"] for k in frame_indices], np.float64)
+            truth = (list(t["expression_names"]), values.reshape(len(frame_indices), -1))
     notes = {"reference_pose": "the bundle's reference head pose (training pose facing the camera most directly)",
-             "neutral": "the neutral expression (training frame with the least total blendshape activity)"}
-    notes["neutral_frame_index"] = int(train.frame_indices[neutral_index])
-    return fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,
-                            neutral, truth, notes, lambda j: train.read_image(j), neutral_index)
+             "neutral": "the neutral expression (training frame with the least total blendshape activity)",
+             "neutral_frame_index": int(train.frame_indices[neutral_index])}
+    block = fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,
+                             neutral, truth, notes, train.read_image, neutral_index,
+                             lambda j: render(train.expressions[j], train.poses[j]))
+    for row, k in zip(block["heldout"]["per_frame"], frame_indices):
+        row["frame_index"] = int(k)
+    return block
 
 
 def format_table(result: dict) -> str:

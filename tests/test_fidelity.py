@@ -91,13 +91,15 @@ def test_controllability_is_zero_for_a_frozen_renderer_and_the_recordings_own_fo
 
     frozen = fidelity.controllability(lambda expr: real(0), tracker, train.expressions, names, neutral, CFG, real,
                                       neutral_index)
-    shown = fidelity.controllability(lookup, tracker, train.expressions, names, neutral, CFG, real, neutral_index)
+    shown = fidelity.controllability(lookup, tracker, train.expressions, names, neutral, CFG, real, neutral_index,
+                                     render_frame=real)
     tested = [g for g, r in shown["groups"].items() if r["tested"]]
     assert "mouthSmile" in tested and "mouthPucker" not in tested  # the subject smiles but never puckers
     for g in tested:
         f, s = frozen["groups"][g]["whole"], shown["groups"][g]["whole"]
         assert frozen["groups"][g]["single"]["response"] == 0.0 and f["response"] == 0.0
         assert s["response"] == pytest.approx(s["real_frames_response"]) and s["response"] > 0.1
+        assert s["own_pose"]["render"] == s["own_pose"]["real_frame"] is not None
     assert shown["groups"]["mouthSmile"]["whole"]["response"] > 0.5
 
 
