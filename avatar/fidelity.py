@@ -269,14 +269,17 @@ def single_group_edit(neutral: np.ndarray, train_expressions: np.ndarray, names:
 def controllability(render: Callable[[np.ndarray], np.ndarray], tracker: FaceTracker,
                     train_expressions: np.ndarray, names: list[str], neutral: np.ndarray,
                     cfg: FidelityConfig, real_frame: Callable[[int], np.ndarray] | None = None,
-                    neutral_index: int | None = None) -> dict:
+                    neutral_index: int | None = None,
+                    render_frame: Callable[[int], np.ndarray] | None = None) -> dict:
     """Render, track and compare: (i) neutral + one group at its trained maximum; (ii) the whole expression
     of the training frame where the group peaks — each against the neutral render.
 
     ``render(expression [52]) → [h, w, 3]`` float image (the caller fixes head pose, latent and size).
     With ``real_frame(j) → [h, w, 3]`` (training image j) and the neutral's training-frame index, the
     whole-vector way is also read on the real frames (peak frame vs neutral frame, same tracking): the
-    ceiling the avatar can reach, since the trained expressions were tracked on the full video frames.
+    reference for what the tracking sees of the change on the recording itself. With ``render_frame(j)``
+    (training frame j rendered at its own pose and expression) the peak frame is also read there, beside the
+    real peak frame: a gap that closes at the frame's own pose points at expression entangled with pose.
     """
     groups = controllable_groups(train_expressions, names, cfg.min_range)
     neutral_obs = track(tracker, render(neutral), cfg.track_size)
@@ -306,13 +309,17 @@ def controllability(render: Callable[[np.ndarray], np.ndarray], tracker: FaceTra
             row[way] = {"commanded_delta": commanded - n_val, "detected": obs is not None,
                         "tracked_delta": tracked - tracked_neutral if ok else None,
                         "response": response(tracked, tracked_neutral, commanded, n_val) if ok else None}
-        if real_neutral is not None:
-            peak = track(tracker, real_frame(info["peak_frame"]), cfg.track_size)
-            if peak is not None:
-                row["whole"]["real_frames_response"] = response(
-                    float(group_value(peak.blendshapes, names, members)),
-                    float(group_value(real_neutral.blendshapes, names, members)),
-                    float(group_value(ways["whole"], names, members)), n_val)
+        peak = track(tracker, real_frame(info["peak_frame"]), cfg.track_size) if real_frame is not None else None
+        if real_neutral is not None and peak is not None:
+            row["whole"]["real_frames_response"] = response(
+                float(group_value(peak.blendshapes, names, members)),
+                float(group_value(real_neutral.blendshapes, names, members)),
+                float(group_value(ways["whole"], names, members)), n_val)
+        if render_frame is not None:
+            own = track(tracker, render_frame(info["peak_frame"]), cfg.track_size)
+            row["whole"]["own_pose"] = {
+                "render": float(group_value(own.blendshapes, names, members)) if own is not None else None,
+                "real_frame": float(group_value(peak.blendshapes, names, members)) if peak is not None else None}
         result["groups"][group] = row
     return result
 
@@ -323,7 +330,8 @@ def measure(tracker_factory: Callable[[], FaceTracker], truths: list[np.ndarray]
             names: list[str], cfg: FidelityConfig, render: Callable[[np.ndarray], np.ndarray] | None = None,
             train_expressions: np.ndarray | None = None, neutral: np.ndarray | None = None,
             truth: tuple[list[str], np.ndarray] | None = None, notes: dict | None = None,
-            real_frame: Callable[[int], np.ndarray] | None = None, neutral_index: int | None = None) -> dict:
+            real_frame: Callable[[int], np.ndarray] | None = None, neutral_index: int | None = None,
+            render_frame: Callable[[int], np.ndarray] | None = None) -> dict:
     """The whole fidelity block: held-out (``heldout_fidelity``), controllability (when ``render`` is given)
     and, for a synthetic subject, correlations with ``truth`` = (channel names, ``[n, c]`` true values of
     the held-out frames)."""
@@ -337,7 +345,7 @@ def measure(tracker_factory: Callable[[], FaceTracker], truths: list[np.ndarray]
             out["truth"] = truth_correlations(tracked, names, truth[0], truth[1])
         if render is not None and cfg.controllability and train_expressions is not None and neutral is not None:
             out["controllability"] = controllability(render, tracker, train_expressions, names, neutral, cfg,
-                                                     real_frame, neutral_index)
+                                                     real_frame, neutral_index, render_frame)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
@@ -370,18 +378,23 @@ def format_tables(block: dict) -> str:
         if not ctrl["neutral_detected"]:
             lines.append("MediaPipe finds no face in the neutral render: controllability unavailable.")
         lines += ["", "| group | trained range | commanded Δ single | tracked Δ single | response single | "
-                      "commanded Δ whole | tracked Δ whole | response whole | real frames, whole |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                      "commanded Δ whole | tracked Δ whole | response whole | real frames, whole | "
+                      "peak frame at its pose: render / real |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for group, r in ctrl["groups"].items():
             if not r["tested"]:
-                lines.append(f"| {group} | {r['range']:.3f} | not tested ({r['reason']}) | | | | | | |")
+                lines.append(f"| {group} | {r['range']:.3f} | not tested ({r['reason']}) | | | | | | | |")
                 continue
             s, w = r["single"], r["whole"]
+            own = w.get("own_pose", {})
             lines.append(f"| {group} | {r['range']:.3f} | {s['commanded_delta']:+.3f} | {_f(s['tracked_delta'], '+.3f')} | "
                          f"{_f(s['response'], '.2f')} | {w['commanded_delta']:+.3f} | {_f(w['tracked_delta'], '+.3f')} | "
-                         f"{_f(w['response'], '.2f')} | {_f(w.get('real_frames_response'), '.2f')} |")
+                         f"{_f(w['response'], '.2f')} | {_f(w.get('real_frames_response'), '.2f')} | "
+                         f"{_f(own.get('render'), '.2f')} / {_f(own.get('real_frame'), '.2f')} |")
         lines.append("(real frames, whole: the same whole-vector change read on the real peak and neutral training "
-                     "frames: what the same tracking sees on the recording itself)")
+                     "frames: what the same tracking sees on the recording itself; peak frame at its pose: the "
+                     "tracked group score on the render of the peak training frame at its own pose and "
+                     "expression, and on that real frame)")
     truth = block.get("truth")
     if truth:
         lines += ["", "Against the synthetic subject's truth.json (held-out frames): correlation of the tracked "
