@@ -112,12 +112,13 @@ class FastField(nn.Module):
                  expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
                  expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
-                 **_ignored):
+                 expression_resolution: int = 0, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
                             channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
-                            expression_labels=list(expression_labels or []))
+                            expression_labels=list(expression_labels or []),
+                            expression_resolution=int(expression_resolution or resolution))
         if expression_map not in ("learned", "fixed"):
             raise ValueError(f"expression_map must be 'learned' or 'fixed', not {expression_map!r}")
         lo, hi = torch.tensor(box_min, dtype=torch.float32), torch.tensor(box_max, dtype=torch.float32)
@@ -125,7 +126,13 @@ class FastField(nn.Module):
         self.register_buffer("half_extent", (hi - lo) / 2, persistent=False)
         self.channels, self.bases = channels, bases
         # planes[0] is the neutral face; planes[1:] are expression bases. Small random init breaks symmetry.
-        self.planes = nn.Parameter(torch.randn(bases + 1, 3, channels, resolution, resolution) * 0.1)
+        # With a lower expression_resolution the bases live apart (expression_planes), are blended at their own
+        # resolution and upsampled once per frame: many bases at the neutral's resolution would not fit a bundle.
+        self.expression_resolution = self.hparams["expression_resolution"]
+        same = self.expression_resolution == resolution
+        self.planes = nn.Parameter(torch.randn(bases + 1 if same else 1, 3, channels, resolution, resolution) * 0.1)
+        self.expression_planes = None if same else nn.Parameter(
+            torch.randn(bases, 3, channels, self.expression_resolution, self.expression_resolution) * 0.01)
         with torch.no_grad():
             self.planes[1:] *= 0.1
         self.expression_map = nn.Linear(expression_dim, bases)
@@ -154,8 +161,13 @@ class FastField(nn.Module):
     def blend(self, condition: Float[Tensor, "c"]) -> Float[Tensor, "3 ch r r"]:
         """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
         expression = condition[: self.hparams["expression_dim"]]
-        weights = torch.cat([torch.ones(1, device=condition.device), self.expression_map(expression)])
-        return torch.einsum("k,kpcij->pcij", weights, self.planes)
+        weights = self.expression_map(expression)
+        if self.expression_planes is None:
+            return torch.einsum("k,kpcij->pcij", torch.cat([torch.ones(1, device=condition.device), weights]), self.planes)
+        offset = torch.einsum("k,kpcij->pcij", weights, self.expression_planes)
+        res = self.planes.shape[-1]
+        offset = torch.nn.functional.interpolate(offset, size=(res, res), mode="bilinear", align_corners=True)
+        return self.planes[0] + offset
 
     def latent_bias(self, condition: Float[Tensor, "c"]) -> Float[Tensor, "hidden"]:
         """The latent code's share of the first layer: the same for every sample of a frame."""

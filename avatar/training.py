@@ -53,6 +53,7 @@ class FitConfig:
     # "learned": a 52 → expression_bases linear map, initialised by PCA (entangles co-varying coefficients).
     expression_map: str = "fixed"
     residual_bases: int = 4
+    expression_resolution: int = 0  # the expression bases' plane resolution (0 = plane_resolution)
     hidden: int = 64
     grid_lr: float = 1e-2
     # Empty space must be empty, not a faint fog the colour of the background: fog costs quality at new poses
@@ -87,7 +88,7 @@ PRESETS: dict[str, dict] = {
 # faster learning rate for the feature planes, marching instead of coarse/fine sampling.
 FAST_PRESETS: dict[str, dict] = {
     "paper": dict(rays_per_step=4096, max_steps=30_000, lr=2e-3, lr_decay_steps=30_000, plane_resolution=256,
-                  plane_channels=12, march_steps=384, checkpoint_every=2000, val_every=2000),
+                  plane_channels=12, expression_resolution=128, march_steps=384, checkpoint_every=2000, val_every=2000),
     "cpu": dict(rays_per_step=2048, max_steps=4000, lr=2e-3, lr_decay_steps=4000, plane_resolution=128,
                 plane_channels=16, march_steps=192, checkpoint_every=250, val_every=1000),
     "smoke": dict(rays_per_step=1024, max_steps=300, lr=2e-3, lr_decay_steps=600, plane_resolution=64,

@@ -173,13 +173,15 @@ def test_a_256_fast_avatar_bundle_is_at_most_50_mb(tmp_path):
     import numpy as np
 
     from avatar.bundle import save_bundle
+    from avatar.expressions import EXPRESSION_GROUPS
     from avatar.model import Avatar
     from avatar.training import config_with_preset
 
     cfg = config_with_preset("paper", "fast")  # the 256²+ setting: the largest planes we ship
     model = Avatar("fast", dict(box_min=[-12, -17, -14], box_max=[12, 15, 10], expression_dim=52,
                                 resolution=cfg.plane_resolution, channels=cfg.plane_channels,
-                                bases=cfg.expression_bases, hidden=cfg.hidden), num_frames=3000)
+                                bases=len(EXPRESSION_GROUPS) + cfg.residual_bases, hidden=cfg.hidden,
+                                expression_resolution=cfg.expression_resolution), num_frames=3000)
     save_bundle(tmp_path / "b", model, {"intrinsics": [1, 1, 128, 128], "image_size": [256, 256]},
                 np.zeros((256, 256, 3), np.uint8))
     total = sum(p.stat().st_size for p in (tmp_path / "b").iterdir())

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast field: fixed (default) = one basis per expression group (jaw, smile, blinks, brows …) "
                         "driven by its own scores, so each coefficient does what it names; learned = a PCA-initialised "
                         "linear map of all scores (ties coefficients that co-varied in the video)")
+    p.add_argument("--expression-resolution", type=int,
+                   help="fast field: resolution of the expression bases' planes (0 = the plane resolution)")
     p.add_argument("--residual-bases", type=int, help="fast field, fixed map: extra bases for what the groups miss")
     p.add_argument("--region-fraction", type=float,
                    help="share of each step's rays drawn from the mouth and eye boxes (few pixels, most of the expression)")
@@ -349,7 +351,8 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
         _, _, vt = np.linalg.svd(e - mean, full_matrices=False)
         field_kwargs = dict(common, resolution=cfg.plane_resolution, channels=cfg.plane_channels,
                             bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
-                            expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map)
+                            expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map,
+                            expression_resolution=cfg.expression_resolution)
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)
@@ -364,8 +367,9 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
 def build_optimizer(cfg: FitConfig, model: Avatar) -> torch.optim.Optimizer:
     if cfg.field != "fast":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    planes = [model.field.planes]
-    others = [p for n, p in model.named_parameters() if n != "field.planes"]
+    grid_names = ("field.planes", "field.expression_planes")
+    planes = [p for n, p in model.named_parameters() if n in grid_names]
+    others = [p for n, p in model.named_parameters() if n not in grid_names]
     return torch.optim.Adam([{"params": others, "lr": cfg.lr, "lr_scale": 1.0},
                              {"params": planes, "lr": cfg.grid_lr, "lr_scale": cfg.grid_lr / cfg.lr}], eps=1e-15)
 
