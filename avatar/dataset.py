@@ -25,13 +25,16 @@ from tqdm import tqdm
 from avatar import camera
 from avatar.errors import UserError
 from avatar.fileio import atomic_directory, read_json, write_json_atomic
-from avatar.tracking import BLENDSHAPE_NAMES, NUM_FACE_VERTICES, FaceTracker, load_canonical_face
+from avatar.tracking import (BLENDSHAPE_NAMES, NUM_FACE_VERTICES, FaceTracker, load_canonical_face,
+                             rigid_landmark_weights)
 from avatar.video import iter_frames, probe_video
 
 DATASET_FORMAT = "nerface-avatar-dataset/1"
 SPLITS = ("train", "val", "test")
 MAX_BACKGROUND_SAMPLES = 48  # frames kept in memory to estimate an automatic background plate
 MAX_SHAPE_FRAMES = 600  # frames used to fit the subject's face shape (all frames get a refined pose)
+NEUTRAL_FRACTION = 0.3  # the least expressive share of the frames fits the face shape
+MIN_SHAPE_FRAMES = 20
 
 
 @dataclass
@@ -157,6 +160,21 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+def expression_activity(expressions: np.ndarray) -> np.ndarray:
+    """How far each frame ``[t, 52]`` is from a neutral face ``[t]``: the sum of the blendshapes that
+    deform it (not ``_neutral``, not where the eyes look)."""
+    deforming = [i for i, n in enumerate(BLENDSHAPE_NAMES) if n != "_neutral" and not n.startswith("eyeLook")]
+    return expressions[:, deforming].sum(1)
+
+
+def near_neutral_frames(expressions: np.ndarray, fraction: float, minimum: int, maximum: int) -> np.ndarray:
+    """Sorted rows ``[k]`` of the least expressive frames of ``expressions [t, 52]``: the ``fraction``
+    with the lowest :func:`expression_activity`, at least ``minimum`` and at most ``maximum`` of them."""
+    t = len(expressions)
+    k = int(np.clip(round(fraction * t), min(minimum, t), min(maximum, t)))
+    return np.sort(np.argsort(expression_activity(expressions), kind="stable")[:k])
+
+
 def split_indices(count: int, test_fraction: float, val_fraction: float) -> dict[str, np.ndarray]:
     """Time-ordered split: the last ``test_fraction`` is test; val is spread evenly over the rest."""
     n_test = int(round(count * test_fraction))
@@ -195,10 +213,14 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
     k_full = camera.mediapipe_intrinsics(track.width, track.height)
     pixels = track.landmarks_px[:, :NUM_FACE_VERTICES].astype(np.float64)
     err_before = camera.reprojection_errors(face.vertices, track.poses, pixels, k_full)
-    subset = np.linspace(0, t - 1, min(t, MAX_SHAPE_FRAMES)).astype(int)
+    # Poses from the rigid points only (no lips, jaw, cheeks, brows, eyelids), on a shape fitted to the
+    # near-neutral frames: otherwise opening the mouth tilts the tracked head.
+    rigid = rigid_landmark_weights()
+    subset = near_neutral_frames(track.expressions, NEUTRAL_FRACTION, MIN_SHAPE_FRAMES, MAX_SHAPE_FRAMES)
     shape, _ = camera.refine_subject(pixels[subset], track.poses[subset], k_full, face.vertices,
-                                     face.procrustes_weights)
-    poses = np.stack([camera.solve_pose_pnp(shape, px, k_full, p) for px, p in zip(pixels, track.poses)])
+                                     face.procrustes_weights, rigid,
+                                     calibrate_depth=True)
+    poses = camera.solve_poses_weighted(shape, pixels, k_full, rigid, track.poses)
     err_after = camera.reprojection_errors(shape, poses, pixels, k_full)
     face_width = pixels[..., 0].max(1) - pixels[..., 0].min(1)  # [t]
 
