@@ -382,7 +382,9 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
         pose_check = None
         if truth_path.is_file():
             truth = read_json(truth_path)
-            if isinstance(truth, dict) and isinstance(truth.get("frames"), list):
+            truth_frames = truth.get("frames") if isinstance(truth, dict) else None
+            if isinstance(truth_frames, list) and truth_frames and all(
+                    isinstance(f, dict) and "head_pose" in f for f in truth_frames):
                 pose_check = {"truth": str(truth_path),
                               **pose_error_vs_truth(poses, track.frame_indices, truth)}
         per_frame_before = np.median(err_before, 1) / face_width
