@@ -385,8 +385,10 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             truth_frames = truth.get("frames") if isinstance(truth, dict) else None
             if isinstance(truth_frames, list) and truth_frames and all(
                     isinstance(f, dict) and "head_pose" in f for f in truth_frames):
+                # MediaPipe's own head pose beside ours: the baseline any refinement has to beat.
                 pose_check = {"truth": str(truth_path),
-                              **pose_error_vs_truth(poses, track.frame_indices, truth)}
+                              **pose_error_vs_truth(poses, track.frame_indices, truth),
+                              "mediapipe_pose": pose_error_vs_truth(track.poses, track.frame_indices, truth)}
         per_frame_before = np.median(err_before, 1) / face_width
         per_frame_after = np.median(err_after, 1) / face_width
         report = {
@@ -422,6 +424,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             line += (f"; mean pitch error jaw open {jaw['mean_pitch_error_open_deg']:+.2f}° "
                      f"({jaw['open_frames']} frames) vs closed {jaw['mean_pitch_error_closed_deg']:+.2f}° "
                      f"({jaw['closed_frames']}), correlation with the jaw {jaw['pitch_error_jaw_correlation']}")
+        line += f" (MediaPipe's own pose: median {pose_check['mediapipe_pose']['median_rotation_error_deg']:.2f}°)"
         log(line)
     for warning in coverage_warnings:
         log(f"warning: {warning}")

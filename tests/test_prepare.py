@@ -52,6 +52,7 @@ def test_report_has_pose_error_against_truth_and_expression_coverage(dataset64):
     pose = report["head_pose_vs_truth"]  # truth.json lies beside the synthetic subject's video
     assert pose["frames"] == report["frames_tracked"]
     assert 0 < pose["median_rotation_error_deg"] < 8
+    assert 0 < pose["mediapipe_pose"]["median_rotation_error_deg"] < 8  # the tracker's own, beside it
     jaw = pose["jaw"]
     assert jaw["open_frames"] >= 5 and jaw["closed_frames"] >= 5
     # Poses on the rigid points: opening the mouth must not nod the head. Solved on all 468 landmarks
