@@ -182,13 +182,15 @@ def _exp_so3(w: np.ndarray) -> np.ndarray:
 
 
 def solve_poses_weighted(points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarray, weights: np.ndarray,
-                         initial_poses: np.ndarray, iterations: int = 15, huber: float = 1.5) -> np.ndarray:
+                         initial_poses: np.ndarray, iterations: int = 15, huber: float = 1.5,
+                         fix_rotation: bool = False) -> np.ndarray:
     """Weighted, robust PnP for many frames at once (Levenberg–Marquardt on rotation and translation).
 
     points ``[n, 3]`` canonical, pixels ``[t, n, 2]``, weights ``[n]`` (0 = ignore the point),
     initial_poses ``[t, 4, 4]`` → poses ``[t, 4, 4]``. A point's weight says how much it is trusted to move
     with the skull; on top of it, residuals beyond ``huber`` × the frame's median residual are
-    down-weighted (Huber), so a few mistracked points cannot tilt the head.
+    down-weighted (Huber), so a few mistracked points cannot tilt the head. With ``fix_rotation`` only the
+    translation moves.
     """
     fx, fy, _, _ = intrinsics
     keep = np.asarray(weights, float) > 0
@@ -219,6 +221,11 @@ def solve_poses_weighted(points: np.ndarray, pixels: np.ndarray, intrinsics: np.
         grad = np.einsum("tn,tnki,tnk->ti", wts, jac, res)  # [t, 6]
         diag = np.einsum("tii->ti", hess)
         lhs = hess + (damping[:, None] * diag + 1e-9)[..., None] * np.eye(6)
+        if fix_rotation:
+            lhs[:, :3, :] = lhs[:, :, :3] = 0.0
+            lhs[:, :3, :3] = np.eye(3)
+            grad = grad.copy()
+            grad[:, :3] = 0.0
         step = np.linalg.solve(lhs, grad[..., None])[..., 0]  # [t, 6]
         rot_new = _exp_so3(step[:, :3]) @ rot
         trans_new = trans + step[:, 3:]
@@ -274,8 +281,8 @@ def refine_subject(pixels: np.ndarray, poses: np.ndarray, intrinsics: np.ndarray
     MediaPipe's pose is fitted to a generic canonical face, which lands a few % of the face width off
     the detected landmarks. Alternating (a) per-vertex triangulation across frames with (b) per-frame
     weighted robust PnP (:func:`solve_poses_weighted` with ``pose_weights``, e.g. only the rigid points)
-    brings the projected shape onto the landmarks. Pass near-neutral frames: the shape is one rigid face,
-    and its expression-free part is what the poses are solved on. The shape is re-anchored to the canonical
+    brings the projected shape onto the landmarks. The shape is one rigid face: with rigid ``pose_weights``
+    only its expression-free part steers the poses. The shape is re-anchored to the canonical
     face by a weighted similarity on ``anchor_weights`` so the canonical space keeps its meaning. With
     ``calibrate_depth`` the depth of the face is then chosen by :func:`calibrate_depth_relief`.
 
@@ -334,3 +341,15 @@ def head_rotation_errors(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     a = align_canonical_rotations(fitted, truth)
     err = np.einsum("tji,tjk,lk->til", truth, fitted, a)  # truth_iᵀ fitted_i Aᵀ
     return np.degrees(rotation_vectors(err))
+
+
+def blend_rotations(primary: np.ndarray, other: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """Per frame, the rotation ``weight`` of the way from ``primary`` to ``other`` along the geodesic.
+
+    primary, other ``[t, 3, 3]`` head rotations of the same frames by two trackers, possibly in different
+    canonical frames: ``other`` is first carried into ``primary``'s frame with
+    :func:`align_canonical_rotations`. → ``[t, 3, 3]``.
+    """
+    a = align_canonical_rotations(other, primary)  # other_i ≈ primary_i @ a
+    towards = rotation_vectors(np.einsum("tji,tjk,lk->til", primary, other, a))  # primary_iᵀ other_i aᵀ
+    return primary @ _exp_so3(weight * towards)

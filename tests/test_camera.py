@@ -119,3 +119,29 @@ def test_calibrate_depth_relief_finds_a_flatter_face():
     px = np.stack([camera.project(camera.transform_points(p, flat), k) for p in poses])
     start = np.stack([camera.make_pose(np.eye(3), [0, 0, -60])] * len(poses))
     assert camera.calibrate_depth_relief(shape, px, start, k, weights) == pytest.approx(0.8, abs=0.02)
+
+
+def test_blend_rotations_takes_the_midpoint_in_the_first_trackers_frame():
+    rng = np.random.default_rng(8)
+    primary = np.stack([camera.euler_to_matrix(*rng.uniform(-30, 30, 3)) for _ in range(20)])
+    nods = np.where(np.arange(20) % 2, 4.0, -4.0)  # the other tracker nods ±4° more, in its own frame
+    offset = camera.euler_to_matrix(10, 5, -3)
+    other = np.stack([r @ camera.euler_to_matrix(0, n, 0) for r, n in zip(primary, nods)]) @ offset
+    mid = camera.blend_rotations(primary, other, 0.5)
+    errors = camera.head_rotation_errors(mid, primary)  # mid against primary, both in primary's frame
+    np.testing.assert_allclose(errors[:, 0], nods / 2, atol=0.05)
+    np.testing.assert_allclose(camera.blend_rotations(primary, other, 0.0), primary, atol=1e-9)
+
+
+def test_weighted_pnp_can_keep_the_rotation():
+    rng = np.random.default_rng(9)
+    k = camera.mediapipe_intrinsics(256, 256)
+    shape = rng.normal(scale=5, size=(40, 3))
+    poses = np.stack([random_pose(rng) for _ in range(4)])
+    px = np.stack([camera.project(camera.transform_points(p, shape), k) for p in poses])
+    start = poses.copy()
+    start[:, :3, :3] = start[:, :3, :3] @ camera.euler_to_matrix(3, 0, 0)  # a rotation we are told to keep
+    start[:, :3, 3] += [1.0, -1.0, 4.0]
+    est = camera.solve_poses_weighted(shape, px, k, np.ones(40), start, fix_rotation=True)
+    np.testing.assert_allclose(est[:, :3, :3], start[:, :3, :3], atol=1e-12)
+    np.testing.assert_allclose(est[:, :3, 3], poses[:, :3, 3], atol=0.5)  # translation found again
