@@ -167,25 +167,189 @@ def reprojection_errors(shape: np.ndarray, poses: np.ndarray, pixels: np.ndarray
     return np.linalg.norm(project(cam, intrinsics) - pixels, axis=-1)
 
 
+def _skew(v: np.ndarray) -> np.ndarray:
+    """Cross-product matrices ``[..., 3, 3]`` of vectors ``[..., 3]``."""
+    z = np.zeros(v.shape[:-1])
+    return np.stack([np.stack([z, -v[..., 2], v[..., 1]], -1), np.stack([v[..., 2], z, -v[..., 0]], -1),
+                     np.stack([-v[..., 1], v[..., 0], z], -1)], -2)
+
+
+def _exp_so3(w: np.ndarray) -> np.ndarray:
+    """Rotations ``[..., 3, 3]`` from axis × angle vectors ``[..., 3]`` (Rodrigues)."""
+    angle = np.linalg.norm(w, axis=-1)[..., None, None]
+    k = _skew(w / np.maximum(angle[..., 0], 1e-12))
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+
+
+def solve_poses_weighted(points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarray, weights: np.ndarray,
+                         initial_poses: np.ndarray, iterations: int = 15, huber: float = 1.5,
+                         fix_rotation: bool = False) -> np.ndarray:
+    """Weighted, robust PnP for many frames at once (Levenberg–Marquardt on rotation and translation).
+
+    points ``[n, 3]`` canonical, pixels ``[t, n, 2]``, weights ``[n]`` (0 = ignore the point),
+    initial_poses ``[t, 4, 4]`` → poses ``[t, 4, 4]``. A point's weight says how much it is trusted to move
+    with the skull; on top of it, residuals beyond ``huber`` × the frame's median residual are
+    down-weighted (Huber), so a few mistracked points cannot tilt the head. With ``fix_rotation`` only the
+    translation moves.
+    """
+    fx, fy, _, _ = intrinsics
+    keep = np.asarray(weights, float) > 0
+    x, px, w0 = points[keep], pixels[:, keep], np.asarray(weights, float)[keep]  # [n,3], [t,n,2], [n]
+    rot, trans = initial_poses[:, :3, :3].copy(), initial_poses[:, :3, 3].copy()  # [t,3,3], [t,3]
+
+    def residuals(rot, trans):
+        cam = np.einsum("tij,nj->tni", rot, x) + trans[:, None]  # [t, n, 3]
+        return px - project(cam, intrinsics), cam  # [t, n, 2]
+
+    def robust(res):
+        norm = np.linalg.norm(res, axis=-1)  # [t, n]
+        scale = huber * 1.4826 * np.median(norm, axis=1, keepdims=True) + 1e-6
+        return w0 * np.minimum(1.0, scale / np.maximum(norm, 1e-12))  # [t, n]
+
+    res, cam = residuals(rot, trans)
+    wts = robust(res)
+    damping = np.full(len(rot), 1e-3)
+    for _ in range(iterations):
+        d = -cam[..., 2]  # [t, n] depth
+        zero = np.zeros_like(d)
+        ju = np.stack([fx / d, zero, fx * cam[..., 0] / d**2], -1)  # ∂u/∂P [t, n, 3]
+        jv = np.stack([zero, -fy / d, -fy * cam[..., 1] / d**2], -1)  # ∂v/∂P
+        dp_dw = -_skew(cam - trans[:, None])  # ∂P/∂ω for R ← exp(ω) R: [t, n, 3, 3]
+        jac = np.stack([np.concatenate([np.einsum("tni,tnij->tnj", j, dp_dw), j], -1) for j in (ju, jv)],
+                       -2)  # [t, n, 2, 6]
+        hess = np.einsum("tn,tnki,tnkj->tij", wts, jac, jac)  # [t, 6, 6]
+        grad = np.einsum("tn,tnki,tnk->ti", wts, jac, res)  # [t, 6]
+        diag = np.einsum("tii->ti", hess)
+        lhs = hess + (damping[:, None] * diag + 1e-9)[..., None] * np.eye(6)
+        if fix_rotation:
+            lhs[:, :3, :] = lhs[:, :, :3] = 0.0
+            lhs[:, :3, :3] = np.eye(3)
+            grad = grad.copy()
+            grad[:, :3] = 0.0
+        step = np.linalg.solve(lhs, grad[..., None])[..., 0]  # [t, 6]
+        rot_new = _exp_so3(step[:, :3]) @ rot
+        trans_new = trans + step[:, 3:]
+        res_new, cam_new = residuals(rot_new, trans_new)
+        ok = (wts * (res_new**2).sum(-1)).sum(1) < (wts * (res**2).sum(-1)).sum(1)  # [t]
+        rot[ok], trans[ok], res[ok], cam[ok] = rot_new[ok], trans_new[ok], res_new[ok], cam_new[ok]
+        damping = np.where(ok, damping / 3, damping * 4)
+        wts = robust(res)
+    out = initial_poses.copy()
+    out[:, :3, :3], out[:, :3, 3] = rot, trans
+    return out
+
+
+def calibrate_depth_relief(shape: np.ndarray, pixels: np.ndarray, poses: np.ndarray, intrinsics: np.ndarray,
+                           weights: np.ndarray, scales: np.ndarray = np.linspace(0.5, 1.3, 17)) -> float:
+    """The depth scale of ``shape``'s relief that best explains the landmarks across frames.
+
+    How deep a face is and how far it turns trade off against each other in the image (the bas-relief
+    ambiguity), and the triangulation cannot leave the depth of its prior. Landmark detectors also see
+    faces flatter than they are: with the subject's true depth, PnP on MediaPipe's landmarks under-reports
+    nods by ~25 % on the synthetic subject. So the face's depth (canonical z, about the weighted centre
+    of the points) is scaled by each of ``scales``, every frame's pose re-solved, and the scale with the
+    least weighted reprojection error is returned (refined by a parabola through its neighbours).
+
+    shape ``[n, 3]``, pixels ``[t, n, 2]``, poses ``[t, 4, 4]``, weights ``[n]`` → scale.
+    """
+    costs = np.array([np.mean(reprojection_errors(scale_depth(shape, s, weights),
+                                                  solve_poses_weighted(scale_depth(shape, s, weights), pixels,
+                                                                       intrinsics, weights, poses),
+                                                  pixels, intrinsics) @ weights) for s in scales])
+    best = int(np.argmin(costs))
+    if 0 < best < len(scales) - 1:  # vertex of the parabola through the best grid point and its neighbours
+        c0, c1, c2 = costs[best - 1:best + 2]
+        curvature = c0 - 2 * c1 + c2
+        if curvature > 0:
+            return float(scales[best] + 0.5 * (c0 - c2) / curvature * (scales[1] - scales[0]))
+    return float(scales[best])
+
+
+def scale_depth(shape: np.ndarray, scale: float, weights: np.ndarray) -> np.ndarray:
+    """``shape [n, 3]`` with its depth (z) relief scaled by ``scale`` about the ``weights``-weighted centre."""
+    out = shape.copy()
+    centre = weights @ shape[:, 2] / weights.sum()
+    out[:, 2] = centre + scale * (shape[:, 2] - centre)
+    return out
+
+
 def refine_subject(pixels: np.ndarray, poses: np.ndarray, intrinsics: np.ndarray, canonical: np.ndarray,
-                   anchor_weights: np.ndarray, iterations: int = 4,
-                   prior_px_per_cm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                   anchor_weights: np.ndarray, pose_weights: np.ndarray | None = None, iterations: int = 4,
+                   prior_px_per_cm: float = 2.0, calibrate_depth: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fit the subject's own face shape and re-solve every head pose against it.
 
     MediaPipe's pose is fitted to a generic canonical face, which lands a few % of the face width off
-    the detected landmarks. Alternating (a) per-vertex triangulation across frames with (b) per-frame PnP
-    brings the projected shape onto the landmarks. The shape is re-anchored to the canonical face by a
-    weighted similarity on MediaPipe's own Procrustes landmarks so the canonical space keeps its meaning.
+    the detected landmarks. Alternating (a) per-vertex triangulation across frames with (b) per-frame
+    weighted robust PnP (:func:`solve_poses_weighted` with ``pose_weights``, e.g. only the rigid points)
+    brings the projected shape onto the landmarks. The shape is one rigid face: with rigid ``pose_weights``
+    only its expression-free part steers the poses. The shape is re-anchored to the canonical
+    face by a weighted similarity on ``anchor_weights`` so the canonical space keeps its meaning. With
+    ``calibrate_depth`` the depth of the face is then chosen by :func:`calibrate_depth_relief`.
 
-    pixels ``[t, n, 2]``, poses ``[t, 4, 4]``, canonical ``[n, 3]``, anchor_weights ``[n]``
-    → (shape ``[n, 3]``, poses ``[t, 4, 4]``).
+    pixels ``[t, n, 2]``, poses ``[t, 4, 4]``, canonical ``[n, 3]``, anchor_weights ``[n]``,
+    pose_weights ``[n]`` (default: all points alike) → (shape ``[n, 3]``, poses ``[t, 4, 4]``).
     """
+    pose_weights = np.ones(len(canonical)) if pose_weights is None else pose_weights
     shape = canonical.copy()
     poses = poses.copy()
     for _ in range(iterations):
-        poses = np.stack([solve_pose_pnp(shape, px, intrinsics, p) for px, p in zip(pixels, poses)])
+        poses = solve_poses_weighted(shape, pixels, intrinsics, pose_weights, poses)
         shape = triangulate_shape(pixels, poses, intrinsics, shape, prior_px_per_cm * np.sqrt(len(poses)))
         s, rot, t = similarity_align(shape, canonical, anchor_weights)
         shape = s * shape @ rot.T + t
-    poses = np.stack([solve_pose_pnp(shape, px, intrinsics, p) for px, p in zip(pixels, poses)])
+    if calibrate_depth:
+        shape = scale_depth(shape, calibrate_depth_relief(shape, pixels, poses, intrinsics, pose_weights),
+                            pose_weights)
+    poses = solve_poses_weighted(shape, pixels, intrinsics, pose_weights, poses)
     return shape, poses
+
+
+def rotation_vectors(rot: np.ndarray) -> np.ndarray:
+    """Axis × angle (radians) ``[..., 3]`` of rotations ``[..., 3, 3]`` (log map; fine away from 180°)."""
+    cos = np.clip((np.trace(rot, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    angle = np.arccos(cos)
+    axis = np.stack([rot[..., 2, 1] - rot[..., 1, 2], rot[..., 0, 2] - rot[..., 2, 0],
+                     rot[..., 1, 0] - rot[..., 0, 1]], -1)
+    sin = np.sin(angle)
+    # angle / (2 sin angle) → 1/2 as the angle → 0
+    factor = np.where(sin > 1e-8, angle / (2.0 * np.maximum(sin, 1e-12)), 0.5)
+    return axis * factor[..., None]
+
+
+def align_canonical_rotations(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The one rotation ``A`` that best carries a fitted canonical frame onto the true one.
+
+    Two trackers of one head agree up to their choice of canonical frame: ``fitted_i ≈ truth_i @ A`` for
+    head rotations ``fitted, truth [t, 3, 3]`` (canonical → camera). ``A [3, 3]`` minimises
+    Σ‖truth_i A − fitted_i‖_F (the chordal mean of ``truthᵢᵀ fittedᵢ``, projected onto SO(3) by SVD); it
+    is the rotation part of the similarity between the canonical frames (scale and shift leave rotations
+    alone).
+    """
+    m = np.einsum("tji,tjk->ik", truth, fitted)  # Σ truth_iᵀ fitted_i
+    u, _, vt = np.linalg.svd(m)
+    fix = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    return u @ fix @ vt
+
+
+def head_rotation_errors(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-frame rotation error ``[t, 3]`` (degrees, about the true head's x = pitch, y = yaw, z = roll).
+
+    ``fitted, truth [t, 3, 3]`` head rotations; the fitted ones are first carried into the true canonical
+    frame with :func:`align_canonical_rotations`. The error rotation is expressed in the head's own frame,
+    so its x component is a nod the tracker added (positive: about +x), whatever the head's yaw.
+    """
+    a = align_canonical_rotations(fitted, truth)
+    err = np.einsum("tji,tjk,lk->til", truth, fitted, a)  # truth_iᵀ fitted_i Aᵀ
+    return np.degrees(rotation_vectors(err))
+
+
+def blend_rotations(primary: np.ndarray, other: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """Per frame, the rotation ``weight`` of the way from ``primary`` to ``other`` along the geodesic.
+
+    primary, other ``[t, 3, 3]`` head rotations of the same frames by two trackers, possibly in different
+    canonical frames: ``other`` is first carried into ``primary``'s frame with
+    :func:`align_canonical_rotations`. → ``[t, 3, 3]``.
+    """
+    a = align_canonical_rotations(other, primary)  # other_i ≈ primary_i @ a
+    towards = rotation_vectors(np.einsum("tji,tjk,lk->til", primary, other, a))  # primary_iᵀ other_i aᵀ
+    return primary @ _exp_so3(weight * towards)

@@ -250,6 +250,31 @@ class FaceTracker:
 
 
 # MediaPipe's blendshape order (checked against a live run in tests/test_tracking.py).
+# Face-mesh vertices that move with the skull, not with expression, and how much each is trusted. Head
+# poses are solved on these alone: lips, jaw, chin, cheeks, brows and eyelids move with the face, so a
+# pose fitted to them tilts when the mouth opens. Upper forehead and the nose bridge are the most rigid;
+# the lower forehead rises a little with the brows and the nose tip and eye corners follow smiles and
+# squints slightly. The temples and the sides of the head are left out although they are rigid: MediaPipe
+# places them near the silhouette, 2–3 px off at 256² on the synthetic subject (the nose bridge: 0.8 px),
+# and they shift sideways by up to 3 px when the jaw opens.
+RIGID_LANDMARK_WEIGHTS: dict[float, tuple[int, ...]] = {
+    1.0: (10, 151, 109, 338, 67, 297, 103, 332,  # upper forehead
+          168, 6, 197, 195),  # nose bridge
+    0.7: (9, 108, 337, 69, 299, 104, 333,  # lower forehead
+          5, 4, 1, 3, 248, 51, 281, 122, 351, 196, 419),  # upper nose and its sides
+    0.5: (33, 263, 130, 359, 226, 446,  # outer eye corners
+          133, 362, 243, 463),  # inner eye corners
+}
+
+
+def rigid_landmark_weights() -> np.ndarray:
+    """``[468]`` weights for solving head poses on the rigid part of the face (0 for the rest)."""
+    weights = np.zeros(NUM_FACE_VERTICES)
+    for weight, indices in RIGID_LANDMARK_WEIGHTS.items():
+        weights[list(indices)] = weight
+    return weights
+
+
 BLENDSHAPE_NAMES = (
     "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
     "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft",

@@ -2,10 +2,14 @@
 
     python trainer/prepare.py VIDEO --out DIR [--background IMAGE|auto] [--size 512] [--test-fraction 0.17]
 
-Tracks every frame with MediaPipe (expression = 52 blendshapes, head pose), fits the subject's face shape
-so poses and landmarks agree, crops one fixed square around the head, estimates or crops the background
-plate, and writes frames/, background.png, transforms_{train,val,test}.json and report.json — all at once
-or not at all.
+Tracks every frame with MediaPipe (expression = 52 blendshapes, head pose), fits the subject's face shape,
+solves every head pose on the rigid landmarks (forehead, nose, eye corners: not the lips, jaw, cheeks,
+brows or eyelids) and takes the midpoint of that rotation and MediaPipe's own (they err in opposite
+directions), crops one fixed square around the head, estimates or crops
+the background plate, and writes frames/, background.png, transforms_{train,val,test}.json and report.json
+— all at once or not at all. report.json holds the expression coverage (per group: the largest score and
+how many frames reach half of it; one warning line per group the video never shows) and, for a synthetic
+subject (truth.json beside the video), the head-rotation error against the true poses, split by the jaw.
 """
 
 from __future__ import annotations
