@@ -23,6 +23,8 @@ EXPRESSION_NAMES = ("jaw_open", "smile", "blink_left", "blink_right", "brow_rais
 NECK_PIVOT = np.array([0.0, -7.0, -6.0])  # canonical cm: heads turn about the neck, not the nose
 HEAD_ELLIPSOID_CENTER = np.array([0.0, 1.0, -3.5])  # canonical cm
 HEAD_ELLIPSOID_RADII = np.array([8.0, 12.5, 9.5])
+JAW_MAX_DEG = 30.0  # jaw_open = 1: a wide-open mouth
+SMILE_REST, SMILE_GAIN = -1.8, 2.4  # in units of _smile_field: the photo's smile is at smile = 0.75
 
 
 @dataclass
@@ -34,7 +36,7 @@ class SynthHead:
     alpha: np.ndarray  # [n] float32 coverage (feathered at the neck cut)
     jaw_weight: np.ndarray  # [n] how much of the jaw rotation a point follows
     smile_disp: np.ndarray  # [n, 3] displacement at smile = 1
-    blink_disp: np.ndarray  # [2, n, 3] displacement at blink = 1 (left, right eye)
+    blink_disp: np.ndarray  # [2, n, 3] displacement at blink = 1 (left, right eye; the subject's sides)
     brow_disp: np.ndarray  # [n, 3] displacement at brow raise = 1
     jaw_hinge: np.ndarray  # [3] canonical point the jaw rotates about (x axis through it)
     background: np.ndarray  # [S, S, 3] uint8 room plate with the head removed
@@ -161,12 +163,15 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
     mouth_pts, mouth_cols, mouth_jaw = _mouth_interior(shape, supersample)
     jaw_w = _jaw_weight(canon, shape)
     points = np.concatenate([canon, mouth_pts])
+    # The photo smiles; the rest expression is a neutral mouth (the smile field run backwards), so that
+    # smile = 0 … 1 spans neutral … a broad smile.
+    smile_field = _smile_field(points, shape)
     head = SynthHead(
-        points=points.astype(np.float32),
+        points=(points + SMILE_REST * smile_field).astype(np.float32),
         colors=np.concatenate([colors / 255.0, mouth_cols]).astype(np.float32),
         alpha=np.concatenate([alpha, np.ones(len(mouth_pts))]).astype(np.float32),
         jaw_weight=np.concatenate([jaw_w, mouth_jaw]).astype(np.float32),
-        smile_disp=_smile_field(points, shape).astype(np.float32),
+        smile_disp=(SMILE_GAIN * smile_field).astype(np.float32),
         blink_disp=np.stack([_blink_field(points, shape, side) for side in ("left", "right")]).astype(np.float32),
         brow_disp=_brow_field(points, shape).astype(np.float32),
         jaw_hinge=np.array([0.0, shape[13, 1] + 1.5, -5.0]),
@@ -174,7 +179,7 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
         intrinsics=camera.mediapipe_intrinsics(size, size),
         base_pose=np.eye(4),
         size=size,
-        shape=shape,
+        shape=shape + SMILE_REST * _smile_field(shape, shape),
     )
 
     # Frame = a square crop of the photo around head and shoulders; the plate is that crop with the
@@ -194,31 +199,45 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
 
 
 def _mouth_interior(shape: np.ndarray, supersample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dark mouth cavity with upper teeth and a tongue, recessed behind the lips (canonical cm)."""
+    """A dark mouth cavity with upper teeth and a tongue, recessed behind the lips (canonical cm).
+
+    A bowl deep enough that the chin and lower lip stay in front of it when they swing back at full jaw
+    opening.
+    """
     left, right = shape[61], shape[291]
     top = shape[13]
-    z = min(left[2], right[2], top[2]) - 2.3  # behind where the lower lip goes when the jaw opens
+    mid_x, half_w = (left[0] + right[0]) / 2, (right[0] - left[0]) / 2
     step = 0.05 / supersample * 3
-    xs = np.arange(left[0] - 0.6, right[0] + 0.6, step)  # wider than the lips: hidden by the cheeks
-    ys = np.arange(top[1] - 4.0, top[1] + 0.3, step)
+    xs = np.arange(left[0] - 1.0, right[0] + 1.0, step)  # wider than the lips: hidden by the cheeks
+    ys = np.arange(top[1] - 4.8, top[1] + 0.3, step)  # above the chin: hidden by it when the jaw is shut
     gx, gy = np.meshgrid(xs, ys)
-    pts = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, z)], 1)
-    rel = (top[1] + 0.3 - pts[:, 1]) / 4.3  # 0 at the top, 1 at the bottom
-    cols = np.tile([0.30, 0.08, 0.10], (len(pts), 1))
-    cols[rel < 0.15] = [0.90, 0.88, 0.82]  # upper teeth
-    cols[rel > 0.6] = [0.70, 0.30, 0.32]  # tongue
-    shade = 1.0 - 0.5 * np.abs((pts[:, 0] - (left[0] + right[0]) / 2) / (right[0] - left[0]) * 2) ** 2
-    return pts, cols * shade[:, None], np.zeros(len(pts))  # the cavity stays with the skull
+    across = (gx.ravel() - mid_x) / half_w  # 0 mid-mouth, ±1 at the corners
+    z = top[2] - 4.0 - 1.0 * across**2
+    pts = np.stack([gx.ravel(), gy.ravel(), z], 1)
+    drop = top[1] + 0.3 - pts[:, 1]  # cm below the top of the cavity
+    cols = np.tile([0.22, 0.05, 0.07], (len(pts), 1))  # throat
+    cols[drop < 0.7] = [0.92, 0.90, 0.84]  # upper teeth
+    cols[drop > 3.2] = [0.55, 0.20, 0.22]  # tongue
+    shade = 1.0 - 0.6 * np.minimum(np.abs(across), 1.3) ** 2 / 1.69
+    # The roof stays with the skull; the floor (tongue) goes down with the jaw, so the opening stays filled.
+    return pts, cols * shade[:, None], _smoothstep((drop - 0.7) / 4.1)
 
 
 def _jaw_weight(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    """1 for the chin and lower lip, 0 for the upper face: a sharp split between the lips, soft elsewhere."""
+    """1 for the chin and lower lip, 0 for the upper face: a sharp split between the lips, soft elsewhere.
+
+    Along the lips the weight tapers to 0 at the corners, so the mouth opens as a lens (corners stay joined)
+    rather than as a box the width of the mouth.
+    """
     mouth_y = (shape[13, 1] + shape[14, 1]) / 2
     half_width = (shape[291, 0] - shape[61, 0]) / 2
     mid_x = (shape[291, 0] + shape[61, 0]) / 2
     lateral = np.maximum(np.abs(points[:, 0] - mid_x) - half_width, 0)
     softness = 1e-3 + 0.6 * lateral  # a clean split between the lips (no smeared points); cheeks stretch
     w = 0.5 * (1 + np.tanh((mouth_y - points[:, 1]) / (2 * softness)))
+    across = np.clip(np.abs(points[:, 0] - mid_x) / half_width, 0, 1)  # 0 mid-mouth, 1 at the corners
+    below = _smoothstep((mouth_y - points[:, 1]) / 3.0)  # the chin moves whole; the lower lip bends
+    w *= 1 - (1 - below) * across**2
     w *= np.exp(-0.5 * (lateral / 2.5) ** 2)
     chin_y = shape[152, 1]
     w *= np.where(points[:, 1] < chin_y, np.exp(-((chin_y - points[:, 1]) / 2.5) ** 2), 1.0)  # neck stretches
@@ -240,11 +259,11 @@ def _blink_field(points: np.ndarray, shape: np.ndarray, side: str) -> np.ndarray
     centre = (shape[outer] + shape[inner]) / 2
     half_w = abs(shape[outer, 0] - shape[inner, 0]) / 2 * 1.15
     lid_y = shape[upper, 1]
-    travel = (shape[upper, 1] - shape[lower, 1]) * 1.05
+    travel = (shape[upper, 1] - shape[lower, 1]) * 1.4  # past the lower lid: no white left showing
     dx = np.abs(points[:, 0] - centre[0]) / half_w
     lateral = _smoothstep((1.25 - dx) / 0.5)
     above = points[:, 1] - lid_y
-    vertical = np.where(above >= -0.05, np.exp(-np.maximum(above, 0) / 0.6), 0.0)
+    vertical = np.where(above >= -0.05, np.exp(-np.maximum(above, 0) / 1.0), 0.0)
     w = lateral * vertical * (np.abs(points[:, 2] - centre[2]) < 2.0)
     disp = np.zeros_like(points)
     disp[:, 1] = -travel * w
@@ -254,10 +273,14 @@ def _blink_field(points: np.ndarray, shape: np.ndarray, side: str) -> np.ndarray
 
 def _brow_field(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
     disp = np.zeros_like(points)
-    for brow in ((70, 63, 105, 66, 107), (300, 293, 334, 296, 336)):
+    for brow, inner in (((70, 63, 105, 66, 107), (107, 55, 65)), ((300, 293, 334, 296, 336), (336, 285, 295))):
         c = shape[list(brow)].mean(0)
         g = np.exp(-0.5 * (np.linalg.norm((points - c) * [0.7, 1.0, 1.0], axis=1) / 1.8) ** 2)
-        disp[:, 1] += 0.75 * g
+        disp[:, 1] += 0.6 * g
+        # The inner ends rise most (the raised, "surprised" brow MediaPipe calls browInnerUp).
+        c = shape[list(inner)].mean(0)
+        g = np.exp(-0.5 * (np.linalg.norm((points - c) * [1.0, 0.8, 1.0], axis=1) / 1.2) ** 2)
+        disp[:, 1] += 0.8 * g
     return disp
 
 
@@ -266,7 +289,7 @@ def deform(head: SynthHead, expression: np.ndarray) -> np.ndarray:
     jaw, smile, blink_l, blink_r, brow = expression
     pts = head.points + smile * head.smile_disp + blink_l * head.blink_disp[0] + blink_r * head.blink_disp[1]
     pts = pts + brow * head.brow_disp
-    angle = np.radians(18.0) * jaw * head.jaw_weight  # [n]
+    angle = np.radians(JAW_MAX_DEG) * jaw * head.jaw_weight  # [n]
     rel = pts - head.jaw_hinge
     c, s = np.cos(angle), np.sin(angle)
     y = rel[:, 1] * c - rel[:, 2] * s  # rotate about −x: the chin goes down and back
@@ -327,12 +350,26 @@ def render(head: SynthHead, pose: np.ndarray, expression: np.ndarray, supersampl
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A stretch of the performance ``[start, end)``: rest, one channel alone, or a combination."""
+
+    start: int
+    end: int
+    kind: str  # "rest" | "alone" | "combination"
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Motion:
     """Per-frame ground truth of a synthetic clip."""
 
     angles_deg: np.ndarray  # [t, 3] yaw, pitch, roll
     translation_cm: np.ndarray  # [t, 3]
     expression: np.ndarray  # [t, 5] in EXPRESSION_NAMES order
+    segments: tuple[Segment, ...] = ()  # how the expression schedule was built, in time order
+
+
+ROUND_FRAMES = 50  # one round shows every channel alone and some pairs; 300 frames = 6 rounds
 
 
 def _smooth_noise(rng: np.random.Generator, t: np.ndarray, n_waves: int = 3) -> np.ndarray:
@@ -343,8 +380,67 @@ def _smooth_noise(rng: np.random.Generator, t: np.ndarray, n_waves: int = 3) -> 
     return out / n_waves
 
 
+def _pulse(length: int, start: int, stop: int, ramp: int) -> np.ndarray:
+    """``[length]`` 0 outside ``[start, stop)``, rising to 1 over ``ramp`` frames, held, falling likewise."""
+    i = np.arange(length, dtype=float)
+    up = (i - start + 1) / (ramp + 1)
+    down = (stop - i) / (ramp + 1)
+    return _smoothstep(np.minimum(up, down))
+
+
+def _beat_lengths(frames: int, beats: int) -> np.ndarray:
+    edges = np.round(np.linspace(0, frames, beats + 1)).astype(int)
+    return np.diff(edges)
+
+
+def expression_schedule(frames: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple[Segment, ...]]:
+    """``[frames, 5]`` expression values and the segments they were built from.
+
+    The clip is cut into rounds of about ROUND_FRAMES frames; each round shows every channel alone (to its
+    full value, held, others at rest) and two combinations of two channels, each with its own onset, hold
+    and amplitude, in a shuffled order. Pairs cycle so that every pair occurs over a long clip. Channels are
+    thus seen alone and together with independent timing (low cross-correlation), and any stretch of a round
+    or more (the held-out tail of a prepared dataset, the 48-frame test clip) covers every channel.
+    """
+    names = EXPRESSION_NAMES
+    expression = np.zeros((frames, len(names)))
+    segments: list[Segment] = []
+    rounds = max(1, int(round(frames / ROUND_FRAMES)))
+    pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+    pair_order = [pairs[i] for i in rng.permutation(len(pairs))]
+    starts = np.round(np.linspace(0, frames, rounds + 1)).astype(int)
+    for r in range(rounds):
+        beats = [("alone", (k,)) for k in range(len(names))]
+        beats += [("combination", pair_order.pop(0) if pair_order else tuple(rng.choice(len(names), 2, False)))
+                  for _ in range(2)]
+        if not pair_order:
+            pair_order = [pairs[i] for i in rng.permutation(len(pairs))]
+        beats = [beats[i] for i in rng.permutation(len(beats))]
+        t0 = starts[r]
+        for (kind, chans), length in zip(beats, _beat_lengths(starts[r + 1] - t0, len(beats))):
+            # One frame of rest opens each beat: neutral frames all along the clip.
+            if length > 2:
+                segments.append(Segment(int(t0), int(t0 + 1), "rest", ()))
+                a, n = t0 + 1, length - 1
+            else:
+                a, n = t0, length
+            ramp = 2 if n >= 6 else 1  # ramps pass through the middle of the range; holds at its ends
+            for k in chans:
+                if kind == "alone":
+                    on, off, amp = 0, n, 1.0  # to the channel's full value, held
+                else:  # each channel of a pair on its own clock and to its own value
+                    on = int(rng.integers(0, max(1, n // 3)))
+                    off = int(n - rng.integers(0, max(1, n // 3)))
+                    amp = float(rng.uniform(0.35, 1.0))
+                expression[a:a + n, k] = amp * _pulse(n, on, off, ramp)
+            segments.append(Segment(int(a), int(a + n), kind, tuple(names[k] for k in chans)))
+            t0 += length
+    return expression, tuple(segments)
+
+
 def make_motion(frames: int, fps: float, seed: int = 0) -> Motion:
-    """A talking-head performance: turns and nods within ±25°, small shifts, speech, smiles, blinks, brows.
+    """A performance for the camera: head turns and nods within ±25° and small shifts, and an expression
+    schedule (:func:`expression_schedule`) that is drawn independently of the head motion.
 
     Motion is defined over the clip's phase, so a short clip still covers the whole pose range.
     """
@@ -354,22 +450,8 @@ def make_motion(frames: int, fps: float, seed: int = 0) -> Motion:
     pitch = 14.0 * np.sin(2 * np.pi * (2.7 * t + rng.uniform()))
     roll = 9.0 * np.sin(2 * np.pi * (1.3 * t + rng.uniform()))
     trans = np.stack([1.2 * _smooth_noise(rng, t), 0.8 * _smooth_noise(rng, t), 1.5 * _smooth_noise(rng, t)], 1)
-    seconds = np.arange(frames) / fps
-    speech = np.clip(0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * seconds + rng.uniform(0, 6)), 0, 1)
-    talking = _smooth_noise(rng, t) > -0.3
-    jaw = np.clip(speech * talking * rng.uniform(0.5, 1.0) + 0.15 * _smooth_noise(rng, t), 0, 1)
-    smile = np.clip(0.25 + 0.75 * _smooth_noise(rng, t), -0.5, 1.0)
-    blink = np.zeros(frames)
-    next_blink = rng.integers(5, 30)
-    while next_blink < frames:  # a blink every ~1–4 s, closed for ~3 frames
-        shape = np.array([0.5, 1.0, 1.0, 0.6, 0.2])
-        end = min(frames, next_blink + len(shape))
-        blink[next_blink:end] = shape[: end - next_blink]
-        next_blink += int(rng.uniform(1.0, 4.0) * fps)
-    wink = np.clip(_smooth_noise(rng, t) - 0.6, 0, 1) * 2  # now and then one eye alone
-    brow = np.clip(_smooth_noise(rng, t) * 1.3, 0, 1)
-    expression = np.stack([jaw, smile, np.clip(blink + wink, 0, 1), blink, brow], 1)
-    return Motion(np.stack([yaw, pitch, roll], 1), trans, expression)
+    expression, segments = expression_schedule(frames, np.random.default_rng([seed, 1]))
+    return Motion(np.stack([yaw, pitch, roll], 1), trans, expression, segments)
 
 
 def novel_poses(motion: Motion, count: int, seed: int = 0, min_distance_deg: float = 8.0) -> np.ndarray:

@@ -94,8 +94,10 @@ def make_subject(cfg: SynthConfig) -> dict:
             "expression_names": list(synth.EXPRESSION_NAMES),
             "camera_convention": "opengl: head_pose maps canonical face space (cm) to camera; camera looks down -z",
         }
+        performance = [asdict(seg) for seg in motion.segments]  # which channels act alone / together, when
         write_json_atomic(tmp / "truth.json", {**common, "fps": cfg.fps, "config": asdict(cfg),
-                                               "base_pose": head.base_pose, "frames": frames_meta})
+                                               "base_pose": head.base_pose, "performance": performance,
+                                               "frames": frames_meta})
 
         novel_dir = tmp / "novel"
         novel_dir.mkdir()
