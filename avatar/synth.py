@@ -446,12 +446,26 @@ def make_motion(frames: int, fps: float, seed: int = 0) -> Motion:
     """
     rng = np.random.default_rng(seed)
     t = np.linspace(0.0, 1.0, frames, endpoint=False)
-    yaw = 24.0 * np.sin(2 * np.pi * (2.0 * t + rng.uniform()))
-    pitch = 14.0 * np.sin(2 * np.pi * (2.7 * t + rng.uniform()))
-    roll = 9.0 * np.sin(2 * np.pi * (1.3 * t + rng.uniform()))
-    trans = np.stack([1.2 * _smooth_noise(rng, t), 0.8 * _smooth_noise(rng, t), 1.5 * _smooth_noise(rng, t)], 1)
     expression, segments = expression_schedule(frames, np.random.default_rng([seed, 1]))
-    return Motion(np.stack([yaw, pitch, roll], 1), trans, expression, segments)
+    # Slow sinusoids correlate with a few-second schedule by chance (|r| ≈ 0.2 over 300 frames): each angle
+    # takes, of 256 random phases and rates, the one least correlated with every channel, so that no head
+    # pose predicts an expression.
+    angles = []
+    for amplitude, cycles in ((24.0, 2.0), (14.0, 2.7), (9.0, 1.3)):  # yaw, pitch, roll
+        rate = cycles * rng.uniform(0.85, 1.15, size=(256, 1))
+        candidates = amplitude * np.sin(2 * np.pi * (rate * t[None] + rng.uniform(size=(256, 1))))  # [256, t]
+        angles.append(candidates[np.argmin(_max_abs_correlation(candidates, expression))])
+    trans = np.stack([1.2 * _smooth_noise(rng, t), 0.8 * _smooth_noise(rng, t), 1.5 * _smooth_noise(rng, t)], 1)
+    return Motion(np.stack(angles, 1), trans, expression, segments)
+
+
+def _max_abs_correlation(series: np.ndarray, expression: np.ndarray) -> np.ndarray:
+    """``[k]`` largest |Pearson r| of each of ``series [k, t]`` with any column of ``expression [t, c]``."""
+    a = series - series.mean(1, keepdims=True)
+    b = expression - expression.mean(0)
+    cov = a @ b  # [k, c]
+    norm = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(b, axis=0)[None] + 1e-12
+    return np.abs(cov / norm).max(1)
 
 
 def novel_poses(motion: Motion, count: int, seed: int = 0, min_distance_deg: float = 8.0) -> np.ndarray:

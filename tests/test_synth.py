@@ -47,7 +47,7 @@ def test_schedule_shows_each_channel_alone_and_in_pairs_independently_of_the_hea
             r = np.corrcoef(np.concatenate([e, m.angles_deg], 1).T)
             n = len(EXPRESSION_NAMES)
             assert np.abs(r[:n, :n] - np.eye(n)).max() < 0.3  # no channel predicts another
-            assert np.abs(r[:n, n:]).max() < 0.3  # nor the head pose
+            assert np.abs(r[:n, n:]).max() < 0.15  # nor the head pose (by chance: |r| ≈ 0.2 unless chosen)
             pairs = {frozenset(np.nonzero(row)[0]) for row in act if row.sum() == 2}
             assert len(pairs) == n * (n - 1) // 2  # every pair of channels co-occurs somewhere
             tail = e[-int(round(0.17 * frames)):]  # the held-out end of a prepared dataset
