@@ -23,7 +23,9 @@ EXPRESSION_NAMES = ("jaw_open", "smile", "blink_left", "blink_right", "brow_rais
 NECK_PIVOT = np.array([0.0, -7.0, -6.0])  # canonical cm: heads turn about the neck, not the nose
 HEAD_ELLIPSOID_CENTER = np.array([0.0, 1.0, -3.5])  # canonical cm
 HEAD_ELLIPSOID_RADII = np.array([8.0, 12.5, 9.5])
-JAW_MAX_DEG = 30.0  # jaw_open = 1: a wide-open mouth
+JAW_MAX_DEG = 32.0  # jaw_open = 1: a wide-open mouth
+CORNER_HOLD = 0.65  # how much the lip corners stay put as the jaw drops (1 = pinned)
+CORNER_PULL_CM = 0.6
 SMILE_REST, SMILE_GAIN = -1.8, 2.4  # in units of _smile_field: the photo's smile is at smile = 0.75
 
 
@@ -35,6 +37,7 @@ class SynthHead:
     colors: np.ndarray  # [n, 3] float32 in [0, 1]
     alpha: np.ndarray  # [n] float32 coverage (feathered at the neck cut)
     jaw_weight: np.ndarray  # [n] how much of the jaw rotation a point follows
+    jaw_disp: np.ndarray  # [n, 3] displacement at jaw_open = 1 before the rotation (lip corners draw in)
     smile_disp: np.ndarray  # [n, 3] displacement at smile = 1
     blink_disp: np.ndarray  # [2, n, 3] displacement at blink = 1 (left, right eye; the subject's sides)
     brow_disp: np.ndarray  # [n, 3] displacement at brow raise = 1
@@ -171,6 +174,7 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
         colors=np.concatenate([colors / 255.0, mouth_cols]).astype(np.float32),
         alpha=np.concatenate([alpha, np.ones(len(mouth_pts))]).astype(np.float32),
         jaw_weight=np.concatenate([jaw_w, mouth_jaw]).astype(np.float32),
+        jaw_disp=_corner_pull(points, shape).astype(np.float32),
         smile_disp=(SMILE_GAIN * smile_field).astype(np.float32),
         blink_disp=np.stack([_blink_field(points, shape, side) for side in ("left", "right")]).astype(np.float32),
         brow_disp=_brow_field(points, shape).astype(np.float32),
@@ -217,7 +221,7 @@ def _mouth_interior(shape: np.ndarray, supersample: int) -> tuple[np.ndarray, np
     drop = top[1] + 0.3 - pts[:, 1]  # cm below the top of the cavity
     cols = np.tile([0.22, 0.05, 0.07], (len(pts), 1))  # throat
     cols[drop < 0.7] = [0.92, 0.90, 0.84]  # upper teeth
-    cols[drop > 3.2] = [0.55, 0.20, 0.22]  # tongue
+    cols[drop > 3.6] = [0.36, 0.12, 0.13]  # tongue, dark: a bright one reads as the lower lip
     shade = 1.0 - 0.6 * np.minimum(np.abs(across), 1.3) ** 2 / 1.69
     # The roof stays with the skull; the floor (tongue) goes down with the jaw, so the opening stays filled.
     return pts, cols * shade[:, None], _smoothstep((drop - 0.7) / 4.1)
@@ -237,12 +241,21 @@ def _jaw_weight(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
     w = 0.5 * (1 + np.tanh((mouth_y - points[:, 1]) / (2 * softness)))
     across = np.clip(np.abs(points[:, 0] - mid_x) / half_width, 0, 1)  # 0 mid-mouth, 1 at the corners
     below = _smoothstep((mouth_y - points[:, 1]) / 3.0)  # the chin moves whole; the lower lip bends
-    w *= 1 - (1 - below) * across**2
+    w *= 1 - CORNER_HOLD * (1 - below) * across**2
     w *= np.exp(-0.5 * (lateral / 2.5) ** 2)
     chin_y = shape[152, 1]
     w *= np.where(points[:, 1] < chin_y, np.exp(-((chin_y - points[:, 1]) / 2.5) ** 2), 1.0)  # neck stretches
     w *= _smoothstep((points[:, 2] + 3.0) / 4.0)  # not the back of the head
     return w
+
+
+def _corner_pull(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """The lip corners draw in towards the middle as the mouth opens wide (an oval, not a wedge)."""
+    disp = np.zeros_like(points)
+    for idx, sign in ((61, 1), (291, -1)):
+        g = np.exp(-0.5 * (np.linalg.norm(points - shape[idx], axis=1) / 1.2) ** 2)
+        disp[:, 0] += CORNER_PULL_CM * sign * g
+    return disp
 
 
 def _smile_field(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
@@ -288,7 +301,7 @@ def deform(head: SynthHead, expression: np.ndarray) -> np.ndarray:
     """Canonical points ``[n, 3]`` of the head with ``expression [5]`` (order of EXPRESSION_NAMES) applied."""
     jaw, smile, blink_l, blink_r, brow = expression
     pts = head.points + smile * head.smile_disp + blink_l * head.blink_disp[0] + blink_r * head.blink_disp[1]
-    pts = pts + brow * head.brow_disp
+    pts = pts + brow * head.brow_disp + jaw * head.jaw_disp
     angle = np.radians(JAW_MAX_DEG) * jaw * head.jaw_weight  # [n]
     rel = pts - head.jaw_hinge
     c, s = np.cos(angle), np.sin(angle)
