@@ -26,6 +26,7 @@ HEAD_ELLIPSOID_RADII = np.array([8.0, 12.5, 9.5])
 JAW_MAX_DEG = 32.0  # jaw_open = 1: a wide-open mouth
 CORNER_HOLD = 0.65  # how much the lip corners stay put as the jaw drops (1 = pinned)
 CORNER_PULL_CM = 0.6
+BLINK_WIDTH, BLINK_TRAVEL = 1.05, 1.8  # of the eye's half-width and opening
 SMILE_REST, SMILE_GAIN = -1.8, 2.4  # in units of _smile_field: the photo's smile is at smile = 0.75
 
 
@@ -270,11 +271,13 @@ def _blink_field(points: np.ndarray, shape: np.ndarray, side: str) -> np.ndarray
     """The upper lid slides down over the eye (and a touch forward, so it covers it)."""
     outer, inner, upper, lower = (263, 362, 386, 374) if side == "left" else (33, 133, 159, 145)
     centre = (shape[outer] + shape[inner]) / 2
-    half_w = abs(shape[outer, 0] - shape[inner, 0]) / 2 * 1.15
+    half_w = abs(shape[outer, 0] - shape[inner, 0]) / 2 * BLINK_WIDTH
     lid_y = shape[upper, 1]
-    travel = (shape[upper, 1] - shape[lower, 1]) * 1.4  # past the lower lid: no white left showing
+    travel = (shape[upper, 1] - shape[lower, 1]) * BLINK_TRAVEL  # just past the lower lid: no white left
     dx = np.abs(points[:, 0] - centre[0]) / half_w
-    lateral = _smoothstep((1.25 - dx) / 0.5)
+    # The lid drops most mid-eye and not at all at the corners, where the lids already meet: the closed
+    # lash line lies along the lower lid instead of dragging the corners down.
+    lateral = np.sqrt(np.clip(1 - dx**2, 0, 1))
     above = points[:, 1] - lid_y
     vertical = np.where(above >= -0.05, np.exp(-np.maximum(above, 0) / 1.0), 0.0)
     w = lateral * vertical * (np.abs(points[:, 2] - centre[2]) < 2.0)
