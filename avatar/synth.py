@@ -4,8 +4,13 @@ A real portrait photo (default: scikit-image's astronaut) becomes a textured 2.5
 of the head (found by GrabCut seeded with the tracked face) is lifted to 3-D — the face from the tracked
 canonical mesh's depth, hair and neck from a head ellipsoid — and expressed in MediaPipe's canonical face
 space. Expressions are deformation fields on those points (jaw rotation that opens onto a mouth interior,
-smile, per-eye blink, brow raise). Frames are rendered by z-buffered point splatting at 2× resolution and
-downsampled, over the photo's own room with the head inpainted out (the static background plate).
+smile from a neutral rest mouth, per-eye blink, inner-brow raise), each strong enough at 1 that MediaPipe
+reads it (``bench/synth_check.py`` measures that). Frames are rendered by z-buffered point splatting at 2×
+resolution and downsampled, over the photo's own room with the head inpainted out (the static background plate).
+
+The performance (:func:`make_motion`) shows every expression channel alone over its full range and in pairs
+with independent timing, in rounds of ~2 s, with head motion chosen uncorrelated with any channel: a field
+trained on it cannot explain one channel by another or by the pose.
 """
 
 from __future__ import annotations
@@ -381,7 +386,7 @@ class Motion:
 
     angles_deg: np.ndarray  # [t, 3] yaw, pitch, roll
     translation_cm: np.ndarray  # [t, 3]
-    expression: np.ndarray  # [t, 5] in EXPRESSION_NAMES order
+    expression: np.ndarray  # [t, 5] in EXPRESSION_NAMES order, each in [0, 1]
     segments: tuple[Segment, ...] = ()  # how the expression schedule was built, in time order
 
 

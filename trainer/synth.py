@@ -4,6 +4,8 @@ and turns over a static room, with its true poses and expressions and frames at 
     python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--size 256] [--seed 0]
 
 Writes S/video.mp4, S/background.png, S/truth.json, S/novel/*.png (+ novel/truth.json) and S/preview.png.
+truth.json holds per frame the true head pose and expression values, and under "performance" the segments of
+the schedule (rest / one channel alone / a combination, with their frames).
 """
 
 from __future__ import annotations
