@@ -32,6 +32,7 @@ JAW_MAX_DEG = 32.0  # jaw_open = 1: a wide-open mouth
 CORNER_HOLD = 0.65  # how much the lip corners stay put as the jaw drops (1 = pinned)
 CORNER_PULL_CM = 0.6
 BLINK_WIDTH, BLINK_TRAVEL = 1.05, 1.8  # of the eye's half-width and opening (see _blink_field)
+SMILE_SIGMA_CM = 1.3
 SMILE_REST, SMILE_GAIN = -1.8, 2.4  # in units of _smile_field: the photo's smile is at smile = 0.75
 
 
@@ -158,19 +159,30 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
     offs = (np.arange(supersample) + 0.5) / supersample - 0.5
     sub = np.stack(np.meshgrid(offs, offs), -1).reshape(-1, 2)
     pts2d = (pix[:, None, :] + sub[None]).reshape(-1, 2).astype(np.float32)
-    colors = _bilinear(photo.astype(np.float32), pts2d)
     depth_filled = cv2.inpaint(depth_map, (~head_mask).astype(np.uint8), 3, cv2.INPAINT_NS)
-    depths = _bilinear(depth_filled[..., None], pts2d)[:, 0]
-    alpha = _smoothstep((neck_cut + 8 - pts2d[:, 1]) / 16.0)
-    cam_pts = camera.backproject(pts2d.astype(np.float64), depths.astype(np.float64), k_photo)
-    canon = camera.transform_points(camera.invert_pose(pose_photo), cam_pts)
 
+    def lift(pts2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Photo positions ``[m, 2]`` → canonical points ``[m, 3]``, colours ``[m, 3]`` (0–255), alpha ``[m]``."""
+        depths = _bilinear(depth_filled[..., None], pts2d)[:, 0]
+        cam_pts = camera.backproject(pts2d.astype(np.float64), depths.astype(np.float64), k_photo)
+        return (camera.transform_points(camera.invert_pose(pose_photo), cam_pts),
+                _bilinear(photo.astype(np.float32), pts2d), _smoothstep((neck_cut + 8 - pts2d[:, 1]) / 16.0))
+
+    canon, colors, alpha = lift(pts2d)
     # The subject's own landmark positions in canonical space (lifted the same way as the texture).
     shape = camera.transform_points(camera.invert_pose(pose_photo),
                                     camera.backproject(px, face_depth, k_photo))
+    # Skin between the lips' corners and the chin stretches up to ~3× when the jaw opens wide: there, twice
+    # more points (offset by half a sub-step), so it stays closed instead of showing the mouth cavity through.
+    jaw_w = _jaw_weight(canon, shape)
+    stretched = (jaw_w > 0.01) & (jaw_w < 0.99)
+    half = 0.5 / supersample
+    extra = np.concatenate([pts2d[stretched] + [half, half], pts2d[stretched] + [-half, half]]).astype(np.float32)
+    more = lift(extra)
+    canon, colors, alpha = (np.concatenate([x, y]) for x, y in zip((canon, colors, alpha), more))
+    jaw_w = np.concatenate([jaw_w, _jaw_weight(more[0], shape)])
 
     mouth_pts, mouth_cols, mouth_jaw = _mouth_interior(shape, supersample)
-    jaw_w = _jaw_weight(canon, shape)
     points = np.concatenate([canon, mouth_pts])
     # The photo smiles; the rest expression is a neutral mouth (the smile field run backwards), so that
     # smile = 0 … 1 spans neutral … a broad smile.
@@ -218,13 +230,17 @@ def _mouth_interior(shape: np.ndarray, supersample: int) -> tuple[np.ndarray, np
     top = shape[13]
     mid_x, half_w = (left[0] + right[0]) / 2, (right[0] - left[0]) / 2
     step = 0.05 / supersample * 3
-    xs = np.arange(left[0] - 1.0, right[0] + 1.0, step)  # wider than the lips: hidden by the cheeks
+    xs = np.arange(left[0] - 0.6, right[0] + 0.6, step)  # the rest mouth (corners drawn in): no wider, or
+    # it shows through the cheeks where the jaw and the neutral-mouth offset stretch them
     ys = np.arange(top[1] - 4.8, top[1] + 0.3, step)  # above the chin: hidden by it when the jaw is shut
     gx, gy = np.meshgrid(xs, ys)
     across = (gx.ravel() - mid_x) / half_w  # 0 mid-mouth, ±1 at the corners
-    z = top[2] - 4.0 - 1.0 * across**2
+    z = top[2] - 4.0 + 1.2 * np.minimum(across**2, 1)  # side walls come forward: no view past them
     pts = np.stack([gx.ravel(), gy.ravel(), z], 1)
     drop = top[1] + 0.3 - pts[:, 1]  # cm below the top of the cavity
+    # Rounded below (half an ellipse): square lower corners would poke out under the jaw line.
+    keep = (drop < 2.5) | ((across / 1.25) ** 2 + ((drop - 2.5) / 2.6) ** 2 <= 1)
+    pts, across, drop = pts[keep], across[keep], drop[keep]
     cols = np.tile([0.22, 0.05, 0.07], (len(pts), 1))  # throat
     cols[drop < 0.7] = [0.92, 0.90, 0.84]  # upper teeth
     cols[drop > 3.6] = [0.36, 0.12, 0.13]  # tongue, dark: a bright one reads as the lower lip
@@ -267,7 +283,7 @@ def _corner_pull(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
 def _smile_field(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
     disp = np.zeros_like(points)
     for idx, sign in ((61, -1), (291, 1)):
-        g = np.exp(-0.5 * (np.linalg.norm(points - shape[idx], axis=1) / 1.3) ** 2)
+        g = np.exp(-0.5 * (np.linalg.norm(points - shape[idx], axis=1) / SMILE_SIGMA_CM) ** 2)
         disp += g[:, None] * np.array([0.35 * sign, 0.45, -0.15])
     return disp
 
