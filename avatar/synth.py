@@ -172,12 +172,15 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
     # The subject's own landmark positions in canonical space (lifted the same way as the texture).
     shape = camera.transform_points(camera.invert_pose(pose_photo),
                                     camera.backproject(px, face_depth, k_photo))
-    # Skin between the lips' corners and the chin stretches up to ~3× when the jaw opens wide: there, twice
-    # more points (offset by half a sub-step), so it stays closed instead of showing the mouth cavity through.
+    # Skin beside the lips, from their corners to the chin, stretches up to ~3× when the jaw opens wide:
+    # there, twice the points (offset by half a sub-step), so it stays closed instead of showing the mouth
+    # cavity through (a few thousand points; the neck and cheeks stretch less and get none).
     jaw_w = _jaw_weight(canon, shape)
-    stretched = (jaw_w > 0.01) & (jaw_w < 0.99)
+    mid_x, half_mouth = (shape[291, 0] + shape[61, 0]) / 2, (shape[291, 0] - shape[61, 0]) / 2
+    stretched = ((jaw_w > 0.01) & (jaw_w < 0.99) & (np.abs(canon[:, 0] - mid_x) < half_mouth + 2.0)
+                 & (canon[:, 1] > shape[152, 1]) & (canon[:, 1] < shape[13, 1] + 1.0))
     half = 0.5 / supersample
-    extra = np.concatenate([pts2d[stretched] + [half, half], pts2d[stretched] + [-half, half]]).astype(np.float32)
+    extra = (pts2d[stretched] + [half, half]).astype(np.float32)
     more = lift(extra)
     canon, colors, alpha = (np.concatenate([x, y]) for x, y in zip((canon, colors, alpha), more))
     jaw_w = np.concatenate([jaw_w, _jaw_weight(more[0], shape)])
