@@ -31,6 +31,50 @@ def test_motion_stays_in_range_and_moves():
         assert m.expression[:, k].max() > 0.5
 
 
+def _active(expression, eps=0.05):
+    return np.abs(expression) > eps
+
+
+def test_schedule_shows_each_channel_alone_and_in_pairs_independently_of_the_head():
+    for frames, seed in ((300, 0), (300, 5), (48, 3)):
+        m = make_motion(frames, 25.0, seed)
+        e, act = m.expression, _active(m.expression)
+        for k in range(len(EXPRESSION_NAMES)):
+            alone = act[:, k] & (act.sum(1) == 1)
+            assert (alone & (e[:, k] >= 0.99)).sum() >= (2 if frames == 48 else 8)  # held at full value alone
+            assert frames < 300 or (act[:, k] & (act.sum(1) > 1)).sum() >= 8  # and together with others
+        if frames >= 300:
+            r = np.corrcoef(np.concatenate([e, m.angles_deg], 1).T)
+            n = len(EXPRESSION_NAMES)
+            assert np.abs(r[:n, :n] - np.eye(n)).max() < 0.3  # no channel predicts another
+            assert np.abs(r[:n, n:]).max() < 0.15  # nor the head pose (by chance: |r| ≈ 0.2 unless chosen)
+            pairs = {frozenset(np.nonzero(row)[0]) for row in act if row.sum() == 2}
+            assert len(pairs) == n * (n - 1) // 2  # every pair of channels co-occurs somewhere
+            tail = e[-int(round(0.17 * frames)):]  # the held-out end of a prepared dataset
+            assert (tail.max(0) >= 0.99).all()
+
+
+def test_truth_records_the_performance(subject):
+    truth = json.loads((subject / "truth.json").read_text())
+    e = np.array([f["expression"] for f in truth["frames"]])
+    segments = truth["performance"]
+    assert segments[0]["start"] == 0 and segments[-1]["end"] == len(e)
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # they tile the clip
+    alone_seen = set()
+    for seg in segments:
+        cols = [EXPRESSION_NAMES.index(c) for c in seg["channels"]]
+        rows = e[seg["start"]:seg["end"]]
+        others = np.delete(rows, cols, axis=1)
+        assert np.abs(others).max() < 1e-9  # nothing moves that the segment does not name
+        if seg["kind"] == "alone":
+            assert len(cols) == 1 and rows[:, cols[0]].max() >= 0.99
+            alone_seen.add(seg["channels"][0])
+        elif seg["kind"] == "combination":
+            assert len(cols) == 2
+            assert (_active(rows[:, cols]).all(1)).any()  # the two overlap in time
+    assert alone_seen == set(EXPRESSION_NAMES)  # even the 48-frame clip shows every channel alone
+
+
 def test_mediapipe_tracks_the_subject_and_its_poses(subject):
     track = track_video(subject / "video.mp4", progress=False)
     assert len(track.frame_indices) >= 0.95 * track.total

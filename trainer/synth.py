@@ -4,6 +4,8 @@ and turns over a static room, with its true poses and expressions and frames at 
     python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--size 256] [--seed 0]
 
 Writes S/video.mp4, S/background.png, S/truth.json, S/novel/*.png (+ novel/truth.json) and S/preview.png.
+truth.json holds per frame the true head pose and expression values, and under "performance" the segments of
+the schedule (rest / one channel alone / a combination, with their frames).
 """
 
 from __future__ import annotations
@@ -94,8 +96,10 @@ def make_subject(cfg: SynthConfig) -> dict:
             "expression_names": list(synth.EXPRESSION_NAMES),
             "camera_convention": "opengl: head_pose maps canonical face space (cm) to camera; camera looks down -z",
         }
+        performance = [asdict(seg) for seg in motion.segments]  # which channels act alone / together, when
         write_json_atomic(tmp / "truth.json", {**common, "fps": cfg.fps, "config": asdict(cfg),
-                                               "base_pose": head.base_pose, "frames": frames_meta})
+                                               "base_pose": head.base_pose, "performance": performance,
+                                               "frames": frames_meta})
 
         novel_dir = tmp / "novel"
         novel_dir.mkdir()
