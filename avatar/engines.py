@@ -286,15 +286,8 @@ class TensorRTEngine(RenderEngine):
         grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
         super().__init__(loaded, grid, step, device)
         self.chunk = min(self.chunk, TRT_MAX_SAMPLES)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(self.device):
-            self.engine = self.runtime.deserialize_cuda_engine((directory / TRT_MODEL).read_bytes())
-            if self.engine is None:  # TensorRT returns None (and logs) for plans from another GPU or version
-                raise UserError(f"{directory / TRT_MODEL} does not load on this GPU / TensorRT {trt.__version__} "
-                                f"(built elsewhere?); rebuild it: python export/build.py {directory} --engine tensorrt")
-            self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise UserError("TensorRT could not create an execution context (out of GPU memory?)")
+            self.runtime, self.engine, self.context = load_plan(trt, (directory / TRT_MODEL).read_bytes(), directory)
 
     def frame_state(self, expression, latent):
         # The frame state (the blend) is one einsum; torch on the GPU does it as fast as anything.
@@ -305,16 +298,37 @@ class TensorRTEngine(RenderEngine):
         n = points.shape[0]
         inputs = {"planes": state[0], "latent_bias": state[1], "points": points.contiguous(), "dirs": dirs.contiguous()}
         outputs = {"rgb": torch.empty(n, 3, device=self.device), "sigma": torch.empty(n, device=self.device)}
-        for name, t in inputs.items():
-            if not self.context.set_input_shape(name, tuple(t.shape)):
-                raise UserError(f"TensorRT rejected input {name} of shape {tuple(t.shape)} (outside model.plan's "
-                                f"optimisation profile {sample_profile()}?); rebuild it with export/build.py")
-        for name, t in {**inputs, **outputs}.items():
-            if not self.context.set_tensor_address(name, t.data_ptr()):
-                raise UserError(f"TensorRT has no tensor {name!r}: model.plan is not this version's graph; rebuild it")
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise UserError(f"TensorRT failed to run model.plan on {n} samples (see its log above)")
+        run_plan(self.context, inputs, outputs, torch.cuda.current_stream(self.device).cuda_stream)
         return outputs["rgb"], outputs["sigma"]
+
+
+def load_plan(trt, plan: bytes, directory: Path):
+    """(runtime, engine, execution context) from a serialized plan, or one clear line: TensorRT returns None (and logs)
+    for a plan built on another GPU or TensorRT version, or when the context's memory cannot be had."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise UserError(f"{directory / TRT_MODEL} does not load on this GPU / TensorRT {getattr(trt, '__version__', '?')} "
+                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --engine tensorrt")
+    context = engine.create_execution_context()
+    if context is None:
+        raise UserError("TensorRT could not create an execution context for model.plan (out of GPU memory?)")
+    return runtime, engine, context  # the caller keeps the runtime: an engine must not outlive it
+
+
+def run_plan(context, inputs: dict[str, Tensor], outputs: dict[str, Tensor], stream: int) -> None:
+    """One enqueue with the TensorRT 10 name-based API (set_input_shape, set_tensor_address, execute_async_v3);
+    each returns False on failure, which would otherwise leave the outputs uninitialised."""
+    for name, t in inputs.items():
+        if not context.set_input_shape(name, tuple(t.shape)):
+            raise UserError(f"TensorRT rejected input {name} of shape {tuple(t.shape)} (outside model.plan's "
+                            f"optimisation profile {sample_profile()}?); rebuild it with export/build.py")
+    for name, t in {**inputs, **outputs}.items():
+        if not context.set_tensor_address(name, t.data_ptr()):
+            raise UserError(f"TensorRT has no tensor {name!r}: model.plan is not this version's graph; rebuild it")
+    if not context.execute_async_v3(stream):
+        n = next(iter(inputs.values())).shape[0] if inputs else 0
+        raise UserError(f"TensorRT failed to run model.plan ({n} samples; see its log above)")
 
 
 def engines_record(directory: str | Path) -> dict:

@@ -22,7 +22,7 @@ from avatar.bundle import load_bundle
 from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate
 from avatar.fileio import write_json_atomic
-from avatar.training import pick_device
+from avatar.devices import DEVICE_HELP, pick_device, prepare_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the dataset directory the avatar was trained on")
     p.add_argument("--frames", type=int, default=0, help="test frames to score, evenly spread (0 = all)")
     p.add_argument("--out", help="where metrics.json and sheets/ go (default: the bundle directory)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         raise UserError(f"{args.data}: no such dataset directory")
-    loaded = load_bundle(args.bundle, pick_device(args.device))
+    device = pick_device(args.device)
+    prepare_device(device)
+    loaded = load_bundle(args.bundle, device)
     out = Path(args.out or args.bundle)
     result = evaluate(loaded, args.data, out, args.frames)
     untrained = Path(args.bundle) / "untrained_metrics.json"
