@@ -63,7 +63,7 @@ class Budget:
         return time.perf_counter() - self.start
 
 
-def run_stage(name: str, results: dict, fn, *args, budget: Budget | None = None, needs_seconds: float = 5.0):
+def run_stage(name: str, results: dict, fn, *args, budget: Budget | None = None, needs_seconds: float = 2.0):
     say(f"\n== stage {name} ==")
     t = time.perf_counter()
     if budget is not None and budget.left() < needs_seconds:
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="256,512", help="render sizes (default 256,512)")
     p.add_argument("--frames", type=int, default=20, help="timed frames per size (default 20)")
     p.add_argument("--eval-frames", type=int, default=12, help="held-out test frames scored per training run")
+    p.add_argument("--stages", default="a1,a2,b,c", help="which stages to run (default all: a1,a2,b,c)")
     p.add_argument("--work", default="runs/gpu_check", help="where the trained avatars go")
     p.add_argument("--out", default="runs/gpu_check", help="where gpu_check.md/.json go when $OUT is not set")
     return p
@@ -260,17 +261,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.budget_minutes} min")
     # a) training: the smoke preset (pipeline check), then the default preset for most of the training share.
     # fit.py's own wrap-up (occupancy finalisation, evaluation) comes after --max-minutes: the shares leave room.
+    stages = set(args.stages.split(","))
     smoke = run_stage("a1 train smoke", results, train, args, device, "smoke", budget.share(0.06) / 60,
-                      work / "smoke", 2)
-    main_row = run_stage("a2 train cpu preset", results, train, args, device, "cpu", budget.share(0.45) / 60,
-                         work / "cpu", args.eval_frames, budget=budget, needs_seconds=30)
+                      work / "smoke", 2) if "a1" in stages else None
+    # fit.py's wrap-up after --max-minutes (occupancy, evaluation) took this long for the smoke run: keep room for it
+    wrap_up = results["stages"]["a1 train smoke"]["seconds"] - smoke["seconds"] if smoke else 20.0
+    main_minutes = (budget.share(0.55) - 1.2 * wrap_up) / 60
+    main_row = run_stage("a2 train cpu preset", results, train, args, device, "cpu", main_minutes, work / "cpu",
+                         args.eval_frames, budget=budget, needs_seconds=wrap_up + 3) if "a2" in stages else None
     results["train"] = [r for r in (smoke, main_row) if r]
     bundle = work / "cpu" if main_row else work / "smoke" if smoke else None
     if bundle is not None and (bundle / "avatar.json").is_file():
-        results["render"] = run_stage("b render torch", results, render_check, args, device, bundle, budget, 0.7,
-                                      budget=budget)
-        results["onnx"] = run_stage("c onnx runtime", results, onnx_check, args, device, bundle, budget, 0.8,
-                                    budget=budget)
+        if "b" in stages:
+            results["render"] = run_stage("b render torch", results, render_check, args, device, bundle, budget, 0.7,
+                                          budget=budget)
+        if "c" in stages:
+            results["onnx"] = run_stage("c onnx runtime", results, onnx_check, args, device, bundle, budget, 0.8,
+                                        budget=budget)
     else:
         say("stages b and c skipped: no trained avatar (stage a failed)")
     results["info"]["seconds"] = round(budget.elapsed(), 1)

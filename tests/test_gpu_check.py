@@ -31,16 +31,17 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     (tmp_path / "blocked.py").write_text(BLOCKER)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(tmp_path / "blocked.py"), str(ROOT / "bench" / "gpu_check.py"),
-                        "--data", str(dataset64), "--device", "cpu", "--budget-minutes", "0.4", "--sizes", "32",
-                        "--frames", "3", "--eval-frames", "2", "--work", str(tmp_path / "work")],
+                        "--data", str(dataset64), "--device", "cpu", "--budget-minutes", "1.5", "--sizes", "32",
+                        "--frames", "3", "--eval-frames", "2", "--stages", "a2,b,c", "--work", str(tmp_path / "work")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "failed" not in r.stdout
     record = json.loads((out / "gpu_check.json").read_text())
-    assert all(stage["ok"] for stage in record["stages"].values()) and len(record["stages"]) == 4
-    smoke, main = record["train"]
-    assert smoke["preset"] == "smoke" and main["preset"] == "cpu" and main["steps_per_second"] > 0
+    # (the smoke stage is left out here for time: it is the same code path with another preset)
+    assert all(stage["ok"] for stage in record["stages"].values()) and len(record["stages"]) == 3
+    (main,) = record["train"]
+    assert main["preset"] == "cpu" and main["steps"] > 0 and main["steps_per_second"] > 0
     assert main["baseline_psnr"] > 0 and main["test_psnr"] > 0
     (render,) = record["render"]
     assert render["size"] == 32 and render["fps_median"] > 0 and render["max_abs_diff_255"] == 0  # CPU vs CPU

@@ -277,7 +277,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             if ddp.main:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    psnr, loss_value = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10))), float(loss)
+                    psnr, loss_value = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10))), float(loss.detach())
                     bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{psnr:.2f}")
                     if writer is not None:
                         writer.add_scalar("train/loss", loss_value, step)
