@@ -85,7 +85,8 @@ def test_bad_device_is_one_line(bundle_copy):
 
 
 # -- engines -----------------------------------------------------------------------------------------------------
-def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path):
+def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path, monkeypatch):
+    from avatar import engines
     from avatar.engines import open_engine
 
     out = tmp_path / "broken"
@@ -97,6 +98,14 @@ def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path):
     assert engine.name == "torch"
     assert len(lines) == 2 and lines[0].startswith("engine tensorrt unavailable here (") and "onnxruntime" in lines[1]
     assert "cannot load" in lines[1]
+    # any failure, not only a UserError (e.g. a CUDA library error inside a provider), falls back the same way
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient\nsecond line")
+
+    monkeypatch.setattr(engines.OnnxEngine, "__init__", broken)
+    lines.clear()
+    assert open_engine(load_bundle(out), out, "auto", "cpu", log=lines.append).name == "torch"
+    assert lines[-1] == "engine onnxruntime unavailable here (CUDA driver version is insufficient); trying the next"
 
 
 def test_engine_on_another_device_leaves_the_shared_model_alone(bundle_copy):
