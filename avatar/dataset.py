@@ -25,7 +25,8 @@ from tqdm import tqdm
 from avatar import camera
 from avatar.errors import UserError
 from avatar.fileio import atomic_directory, read_json, write_json_atomic
-from avatar.tracking import BLENDSHAPE_NAMES, NUM_FACE_VERTICES, FaceTracker, load_canonical_face
+from avatar.tracking import (BLENDSHAPE_NAMES, NUM_FACE_VERTICES, REGION_LANDMARKS, FaceTracker, load_canonical_face,
+                             region_boxes)
 from avatar.video import iter_frames, probe_video
 
 DATASET_FORMAT = "nerface-avatar-dataset/1"
@@ -259,6 +260,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
                     "transform_matrix": poses[row],
                     "expression": track.expressions[row],
                     "bbox": np.concatenate([px.min(0), px.max(0)]).round(2),
+                    "regions": region_boxes(crop_px[row]),
                 })
             write_json_atomic(tmp / f"transforms_{name}.json", {**common, "frames": frames})
 
@@ -312,6 +314,7 @@ class FrameSet:
     poses: np.ndarray  # [t, 4, 4]
     expressions: np.ndarray  # [t, 52] float32
     bboxes: np.ndarray  # [t, 4] face boxes x0, y0, x1, y1 in pixels
+    regions: np.ndarray | None  # [t, 3, 4] mouth, right-eye, left-eye boxes in pixels (None: older dataset)
     frame_indices: np.ndarray  # [t] index in the source video
     file_paths: list[str]
     intrinsics: np.ndarray  # [4]
@@ -355,6 +358,8 @@ def load_split(directory: str | Path, split: str, with_images: bool = True) -> F
         poses=np.array([f["transform_matrix"] for f in frames], dtype=np.float64).reshape(-1, 4, 4),
         expressions=np.array([f["expression"] for f in frames], dtype=np.float32).reshape(len(frames), -1),
         bboxes=np.array([f["bbox"] for f in frames], dtype=np.float32).reshape(-1, 4),
+        regions=(np.array([[f["regions"][k] for k in REGION_LANDMARKS] for f in frames], dtype=np.float32)
+                 if frames and all("regions" in f for f in frames) else None),
         frame_indices=np.array([f.get("frame_index", i) for i, f in enumerate(frames)], dtype=np.int64),
         file_paths=[f["file_path"] for f in frames],
         intrinsics=np.asarray(meta["intrinsics"], dtype=np.float64),

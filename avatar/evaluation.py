@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar import camera, metrics
-from avatar.bundle import LoadedAvatar
+from avatar import camera, fidelity, metrics
+from avatar.bundle import LoadedAvatar, expression_stats, reference_pose
 from avatar.dataset import FrameSet, load_split, read_rgb, resize_square
 from avatar.model import normals_from_depth, render_image
 
@@ -71,8 +71,13 @@ def pick(count: int, limit: int) -> np.ndarray:
 
 
 def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | None, max_frames: int = 0,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Score the test split (avatar and nearest-training-frame baseline) and novel poses where known."""
+             log: Callable[[str], None] = print, progress: bool = True,
+             fidelity_cfg: fidelity.FidelityConfig | None = None) -> dict:
+    """Score the test split (avatar and nearest-training-frame baseline) and novel poses where known.
+
+    With ``fidelity_cfg`` also the expression-fidelity block (:mod:`avatar.fidelity`): MediaPipe on the
+    renders vs on the real frames, controllability, and on a synthetic subject the correlation with truth.
+    """
     test = load_split(data_dir, "test")
     train = load_split(data_dir, "train", with_images=False)
     if len(test) == 0:
@@ -80,12 +85,13 @@ def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | N
     idx = pick(len(test), max_frames)
     items = [(test.poses[i], test.expressions[i], test.images[i].astype(np.float32) / 255.0) for i in idx]
     sheets = Path(out_dir) / "sheets" if out_dir is not None else None
-    rows, _ = score(loaded, items, 0, sheets, "test", max(1, len(items) // 4), "test frames" if progress else None)
-    baseline_rows = []
+    rows, renders = score(loaded, items, 0, sheets, "test", max(1, len(items) // 4), "test frames" if progress else None)
+    baseline_rows, nearest_images = [], []
     for i in idx:
         j = int(pose_expression_distance(test.expressions[i], test.poses[i], train.expressions, train.poses).argmin())
         nearest = train.read_image(j).astype(np.float32) / 255.0
         baseline_rows.append(metrics.image_metrics(nearest, test.images[i].astype(np.float32) / 255.0))
+        nearest_images.append(nearest)
     result = {
         "protocol": "held-out test frames (the last part of the video), tracked expression and pose, "
                     "latent code of the first training frame",
@@ -98,7 +104,57 @@ def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | N
         nrows, _ = score(loaded, novel, 0, sheets, "novel", max(1, len(novel) // 4), "novel poses" if progress else None)
         result["novel_poses"] = {"avatar": metrics.mean_metrics(nrows)}
     log(format_table(result))
+    if fidelity_cfg is not None:
+        truths = [item[2] for item in items]
+        result["fidelity"] = fidelity_block(loaded, data_dir, train, test.frame_indices[idx], truths,
+                                            {"avatar": renders, "nearest_training_frame": nearest_images},
+                                            fidelity_cfg)
+        log(fidelity.format_tables(result["fidelity"]))
     return result
+
+
+def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, frame_indices: np.ndarray,
+                   truths: list[np.ndarray], shown: dict[str, list[np.ndarray]],
+                   cfg: fidelity.FidelityConfig) -> dict:
+    """Expression fidelity of held-out frames (``truths`` vs each side of ``shown``) and controllability.
+
+    Controllability renders with the model's normal renderer at the dataset's size, the first training
+    frame's latent code (the evaluation protocol), the bundle's reference head pose (the training pose
+    facing the camera most directly) and its neutral expression (the training frame with the least total
+    blendshape activity) — the same pose and neutral that ``trainer/render.py --set`` edits from.
+    """
+    from avatar.tracking import FaceTracker
+
+    meta = loaded.meta
+    names = list(meta["expression_names"])
+    stats = meta.get("expression_stats") or expression_stats(train.expressions)
+    neutral = np.asarray(stats["neutral"], np.float32)
+    neutral_index = int(np.abs(train.expressions - neutral).sum(1).argmin())
+    pose = np.asarray(meta.get("reference_head_pose") or reference_pose(train.poses))
+    w, h = loaded.image_size
+    latent = loaded.latent(0)
+
+    def render(expression: np.ndarray, head_pose: np.ndarray = pose) -> np.ndarray:
+        out = render_image(loaded.model, head_pose, expression, latent, loaded.intrinsics, w, h, loaded.background,
+                           loaded.sampling)
+        return out["rgb"].cpu().numpy()
+
+    truth = None
+    subject = synthetic_subject(data_dir)
+    if subject is not None:
+        t = json.loads((subject / "truth.json").read_text())
+        if len(frame_indices) and int(frame_indices.max()) < len(t["frames"]):
+            values = np.array([t["frames"][int(k)]["expression"] for k in frame_indices], np.float64)
+            truth = (list(t["expression_names"]), values.reshape(len(frame_indices), -1))
+    notes = {"reference_pose": "the bundle's reference head pose (training pose facing the camera most directly)",
+             "neutral": "the neutral expression (training frame with the least total blendshape activity)",
+             "neutral_frame_index": int(train.frame_indices[neutral_index])}
+    block = fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,
+                             neutral, truth, notes, train.read_image, neutral_index,
+                             lambda j: render(train.expressions[j], train.poses[j]))
+    for row, k in zip(block["heldout"]["per_frame"], frame_indices):
+        row["frame_index"] = int(k)
+    return block
 
 
 def format_table(result: dict) -> str:
@@ -112,6 +168,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def synthetic_subject(data_dir: str | Path) -> Path | None:
+    """The synthetic subject's directory (``truth.json`` beside the video the dataset was prepared from), or None."""
+    report_path = Path(data_dir) / "report.json"
+    if not report_path.is_file():
+        return None
+    subject = Path(json.loads(report_path.read_text()).get("video", "")).parent
+    return subject if (subject / "truth.json").is_file() else None
+
+
 def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For a synthetic subject: its ``novel/`` frames with true poses moved into the dataset's pose space.
 
@@ -119,14 +184,13 @@ def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> l
     the training frames (tracked pose vs true pose) and applied to the novel frames' true poses. Their
     expressions are tracked like any frame's; the images get the dataset's crop.
     """
-    report_path = Path(data_dir) / "report.json"
-    if not report_path.is_file():
+    subject = synthetic_subject(data_dir)
+    if subject is None:
         return []
-    report = json.loads(report_path.read_text())
-    subject = Path(report.get("video", "")).parent
     truth_path, novel_path = subject / "truth.json", subject / "novel" / "truth.json"
-    if not (truth_path.is_file() and novel_path.is_file()):
+    if not novel_path.is_file():
         return []
+    report = json.loads((Path(data_dir) / "report.json").read_text())
     truth = json.loads(truth_path.read_text())
     novel = json.loads(novel_path.read_text())
     true_poses = np.array([f["head_pose"] for f in truth["frames"]])[train.frame_indices]

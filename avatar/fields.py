@@ -96,20 +96,30 @@ def spherical_harmonics_deg2(dirs: Float[Tensor, "n 3"]) -> Float[Tensor, "n 9"]
 class FastField(nn.Module):
     """Expression-blended tri-planes decoded by a tiny MLP.
 
-    A neutral tri-plane plus ``bases`` expression tri-planes; one frame's expression is mapped (a linear map,
-    initialised with the principal components of the training expressions) to ``bases`` weights, and the
-    planes are blended **once per frame** — per sample the cost is three bilinear lookups and a 2×64 MLP,
-    whatever the number of bases. Tri-planes use ``grid_sample``, which ONNX and TensorRT support.
+    A neutral tri-plane plus ``bases`` expression tri-planes; one frame's expression is mapped by an affine
+    map to ``bases`` weights, and the planes are blended **once per frame** — per sample the cost is three
+    bilinear lookups and a 2×64 MLP, whatever the number of bases. Tri-planes use ``grid_sample``, which ONNX
+    and TensorRT support.
+
+    The map is either ``fixed`` (``expression_matrix``/``expression_offset`` from
+    :func:`avatar.expressions.disentangled_map`: one basis per semantic group such as the jaw, each driven by
+    its own scores only — the default, because a learned map ties each basis to whatever co-varied in the
+    video) or ``learned`` (initialised with the principal components of the training expressions).
     """
 
     def __init__(self, box_min: list[float], box_max: list[float], expression_dim: int = 52, latent_dim: int = 32,
                  resolution: int = 128, channels: int = 16, bases: int = 6, hidden: int = 64,
                  expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
+                 expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
+                 expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
                  **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
-                            channels=channels, bases=bases, hidden=hidden)
+                            channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
+                            expression_labels=list(expression_labels or []))
+        if expression_map not in ("learned", "fixed"):
+            raise ValueError(f"expression_map must be 'learned' or 'fixed', not {expression_map!r}")
         lo, hi = torch.tensor(box_min, dtype=torch.float32), torch.tensor(box_max, dtype=torch.float32)
         self.register_buffer("center", (lo + hi) / 2, persistent=False)
         self.register_buffer("half_extent", (hi - lo) / 2, persistent=False)
@@ -127,6 +137,12 @@ class FastField(nn.Module):
                 self.expression_map.weight[: comps.shape[0]] = comps
                 self.expression_map.bias.copy_(-(comps @ mean) if comps.shape[0] == bases else
                                                torch.cat([-(comps @ mean), torch.zeros(bases - comps.shape[0])]))
+        if expression_matrix is not None:
+            with torch.no_grad():
+                self.expression_map.weight.copy_(torch.tensor(expression_matrix, dtype=torch.float32))
+                self.expression_map.bias.copy_(torch.tensor(expression_offset, dtype=torch.float32))
+        # A fixed map stays what it was built to be (it is in the state dict, so bundles carry it).
+        self.expression_map.requires_grad_(expression_map == "learned")
         self.layer1 = nn.Linear(3 * channels, hidden)
         self.latent_in = nn.Linear(latent_dim, hidden, bias=False)
         self.layer2 = nn.Linear(hidden, hidden)

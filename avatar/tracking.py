@@ -262,3 +262,25 @@ BLENDSHAPE_NAMES = (
     "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
     "noseSneerLeft", "noseSneerRight",
 )
+
+
+# Face-mesh vertices around the parts that carry expression (MediaPipe's face mesh topology): the outer lip
+# contour, and each eye's lids with its brow above it. Used to draw more training rays there and to score them.
+MOUTH_LANDMARKS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+RIGHT_EYE_LANDMARKS = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246,
+                       70, 63, 105, 66, 107, 46, 53, 52, 65, 55)  # the subject's right eye (image left) + brow
+LEFT_EYE_LANDMARKS = (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466,
+                      300, 293, 334, 296, 336, 276, 283, 282, 295, 285)
+REGION_LANDMARKS = {"mouth": MOUTH_LANDMARKS, "right_eye": RIGHT_EYE_LANDMARKS, "left_eye": LEFT_EYE_LANDMARKS}
+
+
+def region_boxes(landmarks_px: np.ndarray, pad: float = 0.25) -> dict[str, list[float]]:
+    """``{region: [x0, y0, x1, y1]}`` boxes (pixels) around the mouth and each eye+brow, grown by ``pad`` of
+    their size on each side, from one frame's ``[≥468, 2]`` landmarks."""
+    out = {}
+    for name, idx in REGION_LANDMARKS.items():
+        pts = landmarks_px[list(idx)]
+        lo, hi = pts.min(0), pts.max(0)
+        grow = (hi - lo) * pad
+        out[name] = [round(float(v), 2) for v in (*(lo - grow), *(hi + grow))]
+    return out

@@ -31,6 +31,7 @@ class FitConfig:
     depth: int = 8
     rays_per_step: int = 2048
     inside_fraction: float = 0.95  # share of rays drawn inside the (padded) head box
+    region_fraction: float = 0.25  # share of rays drawn from the mouth and eye boxes (where the expression is)
     coarse_samples: int = 64
     fine_samples: int = 64
     lr: float = 5e-4
@@ -47,7 +48,12 @@ class FitConfig:
     # fast field
     plane_resolution: int = 128
     plane_channels: int = 16
-    expression_bases: int = 6
+    expression_bases: int = 6  # with expression_map="learned": bases blended per frame
+    # "fixed": one basis per expression group (jaw, smile, each blink, brows, pucker, funnel) driven by its own
+    # scores, plus residual_bases for the rest, decorrelated from the groups (avatar/expressions.py);
+    # "learned": a 52 → expression_bases linear map, initialised by PCA (entangles co-varying coefficients).
+    expression_map: str = "fixed"
+    residual_bases: int = 4
     hidden: int = 64
     grid_lr: float = 1e-2
     # Empty space must be empty, not a faint fog the colour of the background: fog costs quality at new poses
@@ -108,15 +114,26 @@ def padded_box(bbox: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.array([max(0, x0 - 0.3 * w), max(0, y0 - 0.5 * h), min(width, x1 + 0.3 * w), min(height, y1 + 0.2 * h)])
 
 
-def sample_pixels(rng: np.random.Generator, count: int, box: np.ndarray, width: int, height: int,
-                  inside_fraction: float) -> np.ndarray:
-    """``[count, 2]`` integer pixels: ``inside_fraction`` of them uniformly in ``box``, the rest anywhere."""
-    n_in = int(round(count * inside_fraction))
+def _in_box(rng: np.random.Generator, count: int, box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = box
-    inside = np.stack([rng.integers(int(x0), max(int(x0) + 1, int(np.ceil(x1))), n_in),
-                       rng.integers(int(y0), max(int(y0) + 1, int(np.ceil(y1))), n_in)], 1)
-    anywhere = np.stack([rng.integers(0, width, count - n_in), rng.integers(0, height, count - n_in)], 1)
-    return np.clip(np.concatenate([inside, anywhere]), 0, [width - 1, height - 1])
+    return np.stack([rng.integers(int(x0), max(int(x0) + 1, int(np.ceil(x1))), count),
+                     rng.integers(int(y0), max(int(y0) + 1, int(np.ceil(y1))), count)], 1)
+
+
+def sample_pixels(rng: np.random.Generator, count: int, box: np.ndarray, width: int, height: int,
+                  inside_fraction: float, regions: np.ndarray | None = None, region_fraction: float = 0.0) -> np.ndarray:
+    """``[count, 2]`` integer pixels: ``region_fraction`` of them in the ``regions`` boxes ``[r, 4]`` (mouth,
+    eyes: a few hundred pixels that carry most of the expression, split evenly), ``inside_fraction`` of the rest
+    uniformly in ``box``, the remainder anywhere."""
+    n_reg = int(round(count * region_fraction)) if regions is not None and len(regions) else 0
+    n_in = int(round((count - n_reg) * inside_fraction))
+    parts = [_in_box(rng, n_in, box)]
+    if n_reg:
+        which = rng.integers(0, len(regions), n_reg)
+        parts += [_in_box(rng, int((which == r).sum()), regions[r]) for r in range(len(regions))]
+    n_any = count - sum(len(p) for p in parts)
+    parts.append(np.stack([rng.integers(0, width, n_any), rng.integers(0, height, n_any)], 1))
+    return np.clip(np.concatenate(parts), 0, [width - 1, height - 1])
 
 
 def learning_rate(cfg: FitConfig, step: int) -> float:

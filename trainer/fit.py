@@ -35,6 +35,7 @@ from avatar import rays as ray_utils
 from avatar.devices import DEVICE_HELP, prepare_device
 from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset, read_transforms
 from avatar.errors import UserError, run_cli
+from avatar.expressions import disentangled_map
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
 from avatar.model import Avatar, SamplingConfig, carve_occupancy, culling_psnr_gap
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (0 = no limit)")
     p.add_argument("--plane-resolution", type=int, help="fast field: tri-plane resolution")
     p.add_argument("--expression-bases", type=int, help="fast field: expression bases blended per frame")
+    p.add_argument("--expression-map", choices=["fixed", "learned"],
+                   help="fast field: fixed (default) = one basis per expression group (jaw, smile, blinks, brows …) "
+                        "driven by its own scores, so each coefficient does what it names; learned = a PCA-initialised "
+                        "linear map of all scores (ties coefficients that co-varied in the video)")
+    p.add_argument("--residual-bases", type=int, help="fast field, fixed map: extra bases for what the groups miss")
+    p.add_argument("--region-fraction", type=float,
+                   help="share of each step's rays drawn from the mouth and eye boxes (few pixels, most of the expression)")
+    p.add_argument("--latent-dim", type=int, help="per-frame latent code size (paper: 32)")
+    p.add_argument("--latent-l2", type=float, help="weight of the latent codes' L2 penalty")
     p.add_argument("--plane-channels", type=int, help="fast field: feature channels per plane")
     p.add_argument("--hidden", type=int, help="fast field: width of its MLP")
     p.add_argument("--sparsity-weight", type=float, help="fast field: weight of the empty-space sparsity loss")
@@ -131,8 +141,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     if args.resume:
         if not stored.is_file():
             raise UserError(f"nothing to resume in {out} (no config.json); start a run without --resume")
-        base = FitConfig(**{k: v for k, v in json.loads(stored.read_text()).items()
-                            if k in {f.name for f in fields(FitConfig)}})
+        stored_cfg = json.loads(stored.read_text())
+        stored_cfg.setdefault("expression_map", "learned")  # runs from before the fixed map had the learned one
+        stored_cfg.setdefault("region_fraction", 0.0)
+        base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
             base.max_steps = args.max_steps
@@ -245,7 +257,9 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     try:
         while step < cfg.max_steps:
             i = int(rng.integers(len(train_set)))
-            px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, boxes[i], w, h, cfg.inside_fraction)).to(device)
+            regions = train_set.regions[i] if train_set.regions is not None else None
+            px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, boxes[i], w, h, cfg.inside_fraction, regions,
+                                                cfg.region_fraction)).to(device)
             target = images[i, px[:, 1], px[:, 0]].float() / 255.0
             rays = ray_utils.frame_rays(px, intrinsics, poses[i], model.box_min, model.box_max)
             outputs = trainer_model(rays, expressions[i], i, background[px[:, 1], px[:, 0]], sampling, True)
@@ -369,7 +383,12 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
         _, _, vt = np.linalg.svd(e - mean, full_matrices=False)
         field_kwargs = dict(common, resolution=cfg.plane_resolution, channels=cfg.plane_channels,
                             bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
-                            expression_components=vt[: cfg.expression_bases].tolist())
+                            expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map)
+        if cfg.expression_map == "fixed":
+            matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
+                                                      residual=cfg.residual_bases)
+            field_kwargs.update(bases=len(labels), expression_matrix=matrix.tolist(), expression_offset=offset.tolist(),
+                                expression_labels=labels)
     else:
         field_kwargs = dict(common, width=cfg.width, depth=cfg.depth)
     return Avatar(cfg.field, field_kwargs, num_frames=len(train_set), latent_dim=cfg.latent_dim,
