@@ -39,7 +39,8 @@ def prepare_device(device: torch.device) -> None:
     """Per-process settings for ``device``: on CUDA, make it current and allow TF32 matmuls/convolutions
     (the field's small matmuls lose nothing visible at 10-bit mantissas and run several times faster)."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # (set_device rejects a bare "cuda"; that one means the current GPU anyway)
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
