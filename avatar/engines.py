@@ -13,8 +13,11 @@ graphs, which keeps them static.
 
 from __future__ import annotations
 
+import copy
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from avatar import rays as ray_utils
 from avatar.bundle import LoadedAvatar
+from avatar.devices import GPU_CHUNK, chunk_for
 from avatar.errors import UserError
 from avatar.fileio import read_json
 from avatar.occupancy import OccupancyGrid, march_culled
@@ -58,20 +62,38 @@ def load_occupancy_cache(path: str | Path) -> tuple[OccupancyGrid, float]:
         raise UserError(f"{path} is not a readable occupancy cache ({exc}); rebuild it with export/build.py") from None
 
 
+def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` itself when it already lives on ``device``, else a copy moved there: an engine never moves
+    the caller's model (the exporter renders the same model with the CPU engine for parity)."""
+    first = next(iter(module.buffers()), None)
+    first = next(iter(module.parameters()), first)
+    if first is None or first.device == device or (first.device.type == device.type and device.index is None):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
 class RenderEngine:
-    """Shared frame logic; subclasses provide :meth:`frame_state` and :meth:`decode` (the field's work)."""
+    """Shared frame logic; subclasses provide :meth:`frame_state` and :meth:`decode` (the field's work).
+
+    ``device`` is where rays are marched and composited (and, for the torch engine, where the field runs).
+    The engine works on its own copy of the model when the bundle was loaded on another device.
+    """
 
     name = "base"
-    device = torch.device("cpu")
 
-    def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None):
+    def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None,
+                 device: str | torch.device = "cpu"):
         if loaded.model.field_name != "fast":
             raise UserError("live render engines need a fast-field avatar (trainer/fit.py --field fast)")
+        self.device = torch.device(device)
         self.loaded = loaded
-        self.grid = grid if grid is not None else loaded.model.occupancy
+        self.model = _on_device(loaded.model, self.device)
+        grid = grid if grid is not None else self.model.occupancy
+        self.grid = _on_device(grid, self.device)
         self.step = float(step if step is not None else loaded.sampling.step)
         self.box_min, self.box_max = self.grid.box_min, self.grid.box_max
         self.blocks_per_round = loaded.sampling.blocks_per_round
+        self.chunk = chunk_for(self.device)
         self._pixels: dict[int, Tensor] = {}
         self._backgrounds: dict[tuple, Tensor] = {}
         self.last_samples = 0
@@ -88,9 +110,10 @@ class RenderEngine:
         key = (size, id(image))
         if key not in self._backgrounds:
             src = self.loaded.background if image is None else image
-            bg = torch.nn.functional.interpolate(src.permute(2, 0, 1)[None].float(), size=(size, size), mode="bilinear",
-                                                 align_corners=False, antialias=True)[0].permute(1, 2, 0)
-            self._backgrounds = {key: bg.reshape(-1, 3).contiguous()}  # one cached size: sizes change rarely
+            bg = torch.nn.functional.interpolate(src.permute(2, 0, 1)[None].float().cpu(), size=(size, size),
+                                                 mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
+            # one cached size (sizes change rarely), already on the marching device
+            self._backgrounds = {key: bg.reshape(-1, 3).contiguous().to(self.device)}
         return self._backgrounds[key]
 
     @torch.inference_mode()
@@ -107,8 +130,8 @@ class RenderEngine:
         rays = ray_utils.frame_rays(self._pixels[size], k, head_pose, self.box_min, self.box_max)
         state = self.frame_state(expression, latent)
         out = march_culled(lambda p, d: self.decode(state, p, d), self.grid, rays["origins"], rays["dirs"],
-                           rays["near"], rays["far"], self.background(size, background).to(dev), self.step,
-                           blocks_per_round=self.blocks_per_round)
+                           rays["near"], rays["far"], self.background(size, background), self.step,
+                           blocks_per_round=self.blocks_per_round, chunk_samples=self.chunk)
         self.last_samples = out["samples"]
         return {"rgb": out["rgb"].reshape(size, size, 3).clamp(0, 1).cpu(),
                 "alpha": out["alpha"].reshape(size, size).cpu()}
@@ -118,31 +141,63 @@ class TorchEngine(RenderEngine):
     name = "torch"
 
     def frame_state(self, expression, latent):
-        field = self.loaded.model.field
+        field = self.model.field
         condition = torch.cat([expression, latent])
         return field.blend(condition), field.latent_bias(condition)
 
     def decode(self, state, points, dirs):
-        return self.loaded.model.field.decode(state[0], state[1], points, dirs)
+        return self.model.field.decode(state[0], state[1], points, dirs)
 
 
-def onnx_providers(kind: str = "cpu") -> list[str]:
+def onnx_providers(kind: str = "cpu", available: list[str] | None = None) -> list[str]:
     """Execution providers to ask ONNX Runtime for: ``cpu``, or ``gpu`` (TensorRT, CUDA, then CPU, as installed)."""
-    import onnxruntime as ort
+    if available is None:
+        import onnxruntime as ort
 
-    available = ort.get_available_providers()
+        available = ort.get_available_providers()
     wanted = ["CPUExecutionProvider"] if kind == "cpu" else \
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in wanted if p in available]
 
 
+def _ort_session(ort, path: Path, opts, providers: list[str]):
+    """A session with ``providers``; when the TensorRT provider is listed but its libraries are missing (it
+    ships with onnxruntime-gpu, TensorRT itself does not), try again without it rather than fail."""
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception:
+        if "TensorrtExecutionProvider" not in providers:
+            raise
+        return ort.InferenceSession(str(path), opts, providers=[p for p in providers if p != "TensorrtExecutionProvider"])
+
+
+def run_bound(session, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+    """Run an ONNX Runtime session on torch tensors in place (IO binding): inputs are read and outputs written
+    where they live (CPU or CUDA memory), so CUDA samples never round-trip through the host. float32 only."""
+    binding = session.io_binding()
+    keep = []  # contiguous copies must outlive the run
+    for name, t in inputs.items():
+        t = t.contiguous().float()
+        keep.append(t)
+        binding.bind_input(name, t.device.type, t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+    for name, t in outputs.items():
+        if not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"output {name} must be a contiguous float32 tensor")
+        binding.bind_output(name, t.device.type, t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+    if any(t.is_cuda for t in keep):
+        torch.cuda.current_stream(keep[0].device).synchronize()  # ORT reads on its own stream
+    session.run_with_iobinding(binding)
+
+
 class OnnxEngine(RenderEngine):
-    """ONNX Runtime on the bundle's exported graphs (CPU by default; CUDA / TensorRT providers on request)."""
+    """ONNX Runtime on the bundle's exported graphs: CPU, or its TensorRT / CUDA providers when ``device`` is a
+    CUDA device and onnxruntime-gpu is installed (then samples stay on the GPU, bound in place). Without a GPU
+    provider the engine runs on the CPU whatever ``device`` says; :attr:`providers` tells which it got."""
 
     name = "onnxruntime"
 
     def __init__(self, loaded: LoadedAvatar, directory: str | Path, providers: list[str] | None = None,
-                 threads: int = 0):
+                 threads: int = 0, device: str | torch.device = "cpu"):
         import onnxruntime as ort
 
         directory = Path(directory)
@@ -150,26 +205,38 @@ class OnnxEngine(RenderEngine):
             if not (directory / f).is_file():
                 raise UserError(f"{directory} has no {f}; export it first: python export/build.py {directory}")
         grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
-        super().__init__(loaded, grid, step)
+        device = torch.device(device)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.log_severity_level = 3
-        providers = providers or onnx_providers("cpu")
+        providers = providers or onnx_providers("gpu" if device.type == "cuda" else "cpu")
         try:
-            self.model = ort.InferenceSession(str(directory / ONNX_MODEL), opts, providers=providers)
-            self.blend = ort.InferenceSession(str(directory / ONNX_BLEND), opts, providers=["CPUExecutionProvider"])
+            self.model_session = _ort_session(ort, directory / ONNX_MODEL, opts, providers)
+            self.blend = _ort_session(ort, directory / ONNX_BLEND, opts, providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt/mismatched graphs
             raise UserError(f"{directory / ONNX_MODEL}: ONNX Runtime cannot load it ({exc}); re-export it") from None
-        self.providers = self.model.get_providers()
+        self.providers = self.model_session.get_providers()
+        on_gpu = device.type == "cuda" and any(p in self.providers for p in ("CUDAExecutionProvider",
+                                                                             "TensorrtExecutionProvider"))
+        super().__init__(loaded, grid, step, device if on_gpu else "cpu")
 
     def frame_state(self, expression, latent):
-        planes, bias = self.blend.run(None, {"expression": expression.numpy(), "latent": latent.numpy()})
+        planes, bias = self.blend.run(None, {"expression": expression.cpu().numpy(), "latent": latent.cpu().numpy()})
+        if self.device.type == "cuda":
+            return torch.from_numpy(planes).to(self.device), torch.from_numpy(bias).to(self.device)
         return planes, bias
 
     def decode(self, state, points, dirs):
-        rgb, sigma = self.model.run(None, {"planes": state[0], "latent_bias": state[1],
-                                           "points": points.contiguous().numpy(), "dirs": dirs.contiguous().numpy()})
+        if self.device.type == "cuda":
+            rgb = torch.empty(points.shape[0], 3, device=self.device)
+            sigma = torch.empty(points.shape[0], device=self.device)
+            run_bound(self.model_session, {"planes": state[0], "latent_bias": state[1], "points": points, "dirs": dirs},
+                      {"rgb": rgb, "sigma": sigma})
+            return rgb, sigma
+        rgb, sigma = self.model_session.run(None, {"planes": state[0], "latent_bias": state[1],
+                                                   "points": points.contiguous().numpy(),
+                                                   "dirs": dirs.contiguous().numpy()})
         return torch.from_numpy(rgb), torch.from_numpy(sigma)
 
 
@@ -180,53 +247,88 @@ def tensorrt_unavailable_reason() -> str | None:
     except ImportError:
         return ("the TensorRT engine needs an NVIDIA GPU with CUDA and `pip install -r requirements-gpu.txt` "
                 "(tensorrt is not installed here)")
+    except Exception as exc:  # a broken install (missing CUDA libraries, wrong driver) fails with other errors
+        return f"tensorrt is installed but does not import ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available():
         return "the TensorRT engine needs an NVIDIA GPU with CUDA; none is visible here"
     return None
 
 
+# The sample-count range of model.plan's optimisation profile: chunks of the GPU chunk size are the common case.
+TRT_MAX_SAMPLES = 1 << 21
+
+
+def sample_profile(max_samples: int = TRT_MAX_SAMPLES) -> tuple[int, int, int]:
+    """(min, opt, max) sample counts TensorRT optimises for; ``opt`` is the size the marcher sends most."""
+    if max_samples < 1:
+        raise ValueError("max_samples must be positive")
+    return 1, min(GPU_CHUNK, max_samples), max_samples
+
+
 class TensorRTEngine(RenderEngine):
-    """TensorRT on the serialized engine ``model.plan`` built from ``model.onnx`` (see export/build.py)."""
+    """TensorRT (10.x Python API) on the serialized engine ``model.plan`` built from ``model.onnx`` (see
+    export/build.py). The per-frame blend runs in torch on the engine's own CUDA copy of the model."""
 
     name = "tensorrt"
 
-    def __init__(self, loaded: LoadedAvatar, directory: str | Path):
+    def __init__(self, loaded: LoadedAvatar, directory: str | Path, device: str | torch.device = "cuda"):
         reason = tensorrt_unavailable_reason()
         if reason:
             raise UserError(reason)
         import tensorrt as trt
 
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise UserError(f"the TensorRT engine runs on a CUDA device, not {device}")
         directory = Path(directory)
         if not (directory / TRT_MODEL).is_file():
             raise UserError(f"{directory} has no {TRT_MODEL}; build it: python export/build.py {directory} --engine tensorrt")
         grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
-        super().__init__(loaded, grid, step)
-        self.device = torch.device("cuda")
-        self.grid = self.grid.to(self.device)
-        self.box_min, self.box_max = self.grid.box_min, self.grid.box_max
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine((directory / TRT_MODEL).read_bytes())
-        self.context = self.engine.create_execution_context()
-        self.loaded.model.to(self.device)
+        super().__init__(loaded, grid, step, device)
+        self.chunk = min(self.chunk, TRT_MAX_SAMPLES)
+        with torch.cuda.device(self.device):
+            self.runtime, self.engine, self.context = load_plan(trt, (directory / TRT_MODEL).read_bytes(), directory)
 
     def frame_state(self, expression, latent):
         # The frame state (the blend) is one einsum; torch on the GPU does it as fast as anything.
         planes, bias = TorchEngine.frame_state(self, expression, latent)
-        return self.loaded.model.field.channels_last(planes).contiguous(), bias
+        return self.model.field.channels_last(planes).contiguous(), bias.contiguous()
 
     def decode(self, state, points, dirs):
         n = points.shape[0]
-        inputs = {"planes": state[0].contiguous(), "latent_bias": state[1].contiguous(),
-                  "points": points.to(self.device).contiguous(), "dirs": dirs.to(self.device).contiguous()}
-        rgb = torch.empty(n, 3, device=self.device)
-        sigma = torch.empty(n, device=self.device)
-        for name, t in inputs.items():
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        self.context.set_tensor_address("rgb", rgb.data_ptr())
-        self.context.set_tensor_address("sigma", sigma.data_ptr())
-        self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-        return rgb, sigma
+        inputs = {"planes": state[0], "latent_bias": state[1], "points": points.contiguous(), "dirs": dirs.contiguous()}
+        outputs = {"rgb": torch.empty(n, 3, device=self.device), "sigma": torch.empty(n, device=self.device)}
+        run_plan(self.context, inputs, outputs, torch.cuda.current_stream(self.device).cuda_stream)
+        return outputs["rgb"], outputs["sigma"]
+
+
+def load_plan(trt, plan: bytes, directory: Path):
+    """(runtime, engine, execution context) from a serialized plan, or one clear line: TensorRT returns None (and logs)
+    for a plan built on another GPU or TensorRT version, or when the context's memory cannot be had."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise UserError(f"{directory / TRT_MODEL} does not load on this GPU / TensorRT {getattr(trt, '__version__', '?')} "
+                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --engine tensorrt")
+    context = engine.create_execution_context()
+    if context is None:
+        raise UserError("TensorRT could not create an execution context for model.plan (out of GPU memory?)")
+    return runtime, engine, context  # the caller keeps the runtime: an engine must not outlive it
+
+
+def run_plan(context, inputs: dict[str, Tensor], outputs: dict[str, Tensor], stream: int) -> None:
+    """One enqueue with the TensorRT 10 name-based API (set_input_shape, set_tensor_address, execute_async_v3);
+    each returns False on failure, which would otherwise leave the outputs uninitialised."""
+    for name, t in inputs.items():
+        if not context.set_input_shape(name, tuple(t.shape)):
+            raise UserError(f"TensorRT rejected input {name} of shape {tuple(t.shape)} (outside model.plan's "
+                            f"optimisation profile {sample_profile()}?); rebuild it with export/build.py")
+    for name, t in {**inputs, **outputs}.items():
+        if not context.set_tensor_address(name, t.data_ptr()):
+            raise UserError(f"TensorRT has no tensor {name!r}: model.plan is not this version's graph; rebuild it")
+    if not context.execute_async_v3(stream):
+        n = next(iter(inputs.values())).shape[0] if inputs else 0
+        raise UserError(f"TensorRT failed to run model.plan ({n} samples; see its log above)")
 
 
 def engines_record(directory: str | Path) -> dict:
@@ -234,24 +336,33 @@ def engines_record(directory: str | Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto") -> RenderEngine:
-    """The engine called ``name``; ``auto`` takes the fastest one measured by export/build.py that works here
-    (torch when nothing was exported)."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto", device: str | torch.device = "cpu",
+                log: Callable[[str], None] = _stderr) -> RenderEngine:
+    """The engine called ``name`` on ``device``; ``auto`` takes the fastest one measured by export/build.py that
+    opens here (torch when nothing was exported), saying in one line via ``log`` why each faster one did not."""
+    device = torch.device(device)
     if name == "auto":
         record = engines_record(directory)
         ranked = sorted(record.get("fps", {}).items(), key=lambda kv: -kv[1])
         for candidate, _ in ranked:
+            if candidate == "torch":
+                break
             try:
-                return open_engine(loaded, directory, candidate)
-            except UserError:
-                continue
-        return TorchEngine(loaded)
+                return open_engine(loaded, directory, candidate, device, log)
+            except Exception as exc:  # any failure to open (missing library, stale plan, no GPU): fall back
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log(f"engine {candidate} unavailable here ({reason}); trying the next")
+        return TorchEngine(loaded, device=device)
     if name == "torch":
-        return TorchEngine(loaded)
+        return TorchEngine(loaded, device=device)
     if name == "onnxruntime":
-        return OnnxEngine(loaded, directory)
+        return OnnxEngine(loaded, directory, device=device)
     if name == "tensorrt":
-        return TensorRTEngine(loaded, directory)
+        return TensorRTEngine(loaded, directory, device if device.type == "cuda" else "cuda")
     raise UserError(f"unknown engine {name!r}; choose from auto, {', '.join(ENGINE_NAMES)}")
 
 

@@ -201,10 +201,15 @@ def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> l
     crop = report["crop"]
     x0, y0, side = crop["x0"], crop["y0"], crop["side"]
     w, h = train.image_size
+    from avatar.errors import UserError
     from avatar.tracking import FaceTracker
 
     items = []
-    with FaceTracker("image") as tracker:
+    try:
+        tracker_cm = FaceTracker("image")
+    except (UserError, ImportError):  # no MediaPipe / landmarker here (e.g. a bare GPU box): no novel-pose scores
+        return []
+    with tracker_cm as tracker:
         frames = novel["frames"]
         for f in [frames[i] for i in pick(len(frames), limit)]:
             full = read_rgb(novel_path.parent / f["file_path"])

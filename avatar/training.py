@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from avatar.devices import pick_device  # noqa: F401  (re-exported: the commands import it from here)
 from avatar.errors import UserError
 from avatar.fileio import write_bytes_atomic
 
@@ -105,22 +106,6 @@ def config_with_preset(preset: str, field: str = "fast", **overrides) -> FitConf
         cfg = replace(cfg, **FAST_PRESETS[preset])
     names = {f.name for f in fields(FitConfig)}
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
-    return device
 
 
 def padded_box(bbox: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from avatar.bundle import LoadedAvatar, load_bundle
-from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MODEL, OnnxEngine, RenderEngine,
-                            TensorRTEngine, TorchEngine, save_occupancy_cache, tensorrt_unavailable_reason, time_engine)
+from avatar.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MAX_SAMPLES, TRT_MODEL, OnnxEngine,
+                            RenderEngine, TensorRTEngine, TorchEngine, sample_profile, save_occupancy_cache,
+                            tensorrt_unavailable_reason, time_engine)
 from avatar.errors import UserError, run_cli
 from avatar.fileio import write_bytes_atomic, write_json_atomic
 from avatar.retarget import rotate_about
@@ -91,8 +93,25 @@ def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
     save_occupancy_cache(directory / OCCUPANCY_CACHE, loaded.model.occupancy, loaded.sampling.step)
 
 
-def build_tensorrt(directory: Path, fp16: bool, max_samples: int = 1 << 21) -> None:
-    """model.plan from model.onnx with an optimisation profile over the ragged sample count."""
+def keep_fp32_outside_matmuls(network, trt) -> int:
+    """For an fp16 build: pin every float layer except the matrix multiplies to fp32, so coordinates, gather
+    indices and interpolation weights, ``exp`` and the sigmoid keep their precision while the MLP's matmuls
+    (nearly all of the work) run in half. Returns how many layers were pinned."""
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.MATRIX_MULTIPLY or layer.num_outputs == 0:
+            continue
+        if layer.get_output(0).dtype == trt.float32:
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def build_tensorrt(directory: Path, fp16: bool, max_samples: int = TRT_MAX_SAMPLES) -> None:
+    """model.plan from model.onnx (TensorRT 10 Python API) with an optimisation profile over the ragged sample
+    count: ``sample_profile`` (1, the GPU chunk size the marcher sends, ``max_samples``)."""
     reason = tensorrt_unavailable_reason()
     if reason:
         raise UserError(reason)
@@ -100,7 +119,7 @@ def build_tensorrt(directory: Path, fp16: bool, max_samples: int = 1 << 21) -> N
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse((directory / ONNX_MODEL).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -108,12 +127,15 @@ def build_tensorrt(directory: Path, fp16: bool, max_samples: int = 1 << 21) -> N
     config = builder.create_builder_config()
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        keep_fp32_outside_matmuls(network, trt)
+    lo, opt, hi = sample_profile(max_samples)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         shape = list(inp.shape)
         if shape[0] == -1:  # points / dirs: [samples, 3]
-            profile.set_shape(inp.name, (1, 3), (1 << 16, 3), (max_samples, 3))
+            profile.set_shape(inp.name, (lo, *shape[1:]), (opt, *shape[1:]), (hi, *shape[1:]))
         else:
             profile.set_shape(inp.name, shape, shape, shape)
     config.add_optimization_profile(profile)
@@ -164,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in half precision; also report "
                                                       "fp16 parity of the torch engine")
     p.add_argument("--frames", type=int, default=20, help="frames for the parity check and the timing (median)")
+    p.add_argument("--device", default="auto", help=f"where the engines are timed: {DEVICE_HELP}; parity is "
+                                                   "always against the torch engine on the CPU")
     return p
 
 
@@ -181,13 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or loaded.image_size[1]
     if size < 8 or size > 2048:
         raise UserError(f"--size {size}: choose 8–2048 pixels")
+    device = pick_device(args.device)
+    prepare_device(device)
     export_onnx(loaded, directory)
     frames = parity_frames(loaded, max(2, args.frames))
-    torch_engine = TorchEngine(loaded)
-    ort_engine = OnnxEngine(loaded, directory)
-    parity = {"onnxruntime_fp32_max_abs_255": max_pixel_difference(torch_engine, ort_engine, frames, size)}
-    print(f"parity at {size}²: ONNX Runtime ({', '.join(ort_engine.providers)}) vs torch, max abs pixel difference "
-          f"{parity['onnxruntime_fp32_max_abs_255']:.0f}/255 over {len(frames)} frames")
+    reference = TorchEngine(loaded)  # the CPU torch engine: what every other engine must reproduce
+    torch_engine = reference if device.type == "cpu" else TorchEngine(loaded, device=device)
+    ort_engine = OnnxEngine(loaded, directory, device=device)
+    parity = {"onnxruntime_fp32_max_abs_255": max_pixel_difference(reference, ort_engine, frames, size)}
+    print(f"parity at {size}²: ONNX Runtime ({', '.join(ort_engine.providers)}) vs torch (CPU), max abs pixel "
+          f"difference {parity['onnxruntime_fp32_max_abs_255']:.0f}/255 over {len(frames)} frames")
+    if torch_engine is not reference:
+        parity[f"torch_{device.type}_max_abs_255"] = max_pixel_difference(reference, torch_engine, frames, size)
+        print(f"parity at {size}²: torch on {device} vs torch (CPU): {parity[f'torch_{device.type}_max_abs_255']:.0f}/255")
     engines: dict[str, RenderEngine] = {"torch": torch_engine, "onnxruntime": ort_engine}
     if args.engine in ("tensorrt", "all"):
         reason = tensorrt_unavailable_reason()
@@ -195,15 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TensorRT skipped: {reason}")
         else:
             build_tensorrt(directory, args.fp16)
-            trt_engine = TensorRTEngine(loaded, directory)
+            trt_engine = TensorRTEngine(loaded, directory, device if device.type == "cuda" else "cuda")
             key = f"tensorrt_{'fp16' if args.fp16 else 'fp32'}_max_abs_255"
-            parity[key] = max_pixel_difference(torch_engine, trt_engine, frames, size)
-            print(f"parity at {size}²: TensorRT ({'fp16' if args.fp16 else 'fp32'}) vs torch: {parity[key]:.0f}/255")
+            parity[key] = max_pixel_difference(reference, trt_engine, frames, size)
+            print(f"parity at {size}²: TensorRT ({'fp16' if args.fp16 else 'fp32'}) vs torch (CPU): {parity[key]:.0f}/255")
             engines["tensorrt"] = trt_engine
     if args.fp16:
-        value = fp16_parity(loaded, frames, size)
+        value = fp16_parity(loaded, frames, size, device)
         if math.isnan(value):
-            parity["torch_fp16_max_abs_255"] = "unavailable: torch's CPU kernels here do not run this field in fp16"
+            parity["torch_fp16_max_abs_255"] = f"unavailable: torch's {device.type} kernels here do not run this field in fp16"
             print(f"parity at {size}²: fp16 torch: {parity['torch_fp16_max_abs_255']} (TensorRT --fp16 is measured "
                   "on a GPU)")
         else:
@@ -212,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     fps = {name: round(1.0 / time_engine(engine, frames, size), 2) for name, engine in engines.items()}
     best = max(fps, key=fps.get)
     record = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads(), "size": size, "frames": len(frames), "parity": parity,
+              "torch_threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "size": size, "frames": len(frames), "parity": parity,
               "fps": fps, "auto": best, "files": {"onnx": [ONNX_BLEND, ONNX_MODEL], "occupancy": OCCUPANCY_CACHE}}
     write_json_atomic(directory / ENGINES_FILE, record)
     print(f"frames/s at {size}² (median of {len(frames)}): " + ", ".join(f"{k} {v:.1f}" for k, v in fps.items())
@@ -221,22 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fp16_parity(loaded: LoadedAvatar, frames, size: int) -> float:
-    """The torch engine with the decoder's weights and inputs in fp16 (where this torch supports it) vs fp32."""
-    import copy
+class HalfTorchEngine(TorchEngine):
+    """The torch engine with the decoder under fp16 autocast: matmuls in half; coordinates, grid lookups and
+    ``exp`` stay fp32 (autocast's fp32 list). The model's weights are never converted, so nothing is mutated."""
 
-    half = copy.deepcopy(loaded)
-    half.model = copy.deepcopy(loaded.model)
-    reference = TorchEngine(loaded)
+    def decode(self, state, points, dirs):
+        with torch.autocast(self.device.type, dtype=torch.float16):
+            rgb, sigma = self.model.field.decode(state[0], state[1], points, dirs)
+        return rgb.float(), sigma.float()
 
-    class _Half(TorchEngine):
-        def decode(self, state, points, dirs):
-            f = half.model.field.half()
-            rgb, sigma = f.decode(state[0].half(), state[1].half(), points.half(), dirs.half())
-            return rgb.float(), sigma.float()
 
+def fp16_parity(loaded: LoadedAvatar, frames, size: int, device: torch.device | str = "cpu") -> float:
+    """Max pixel difference of the torch engine with an fp16 decoder (on ``device``) vs fp32 on the CPU; NaN
+    where this torch has no fp16 kernels for it on that device."""
     try:
-        return max_pixel_difference(reference, _Half(half), frames[:4], size)
+        return max_pixel_difference(TorchEngine(loaded), HalfTorchEngine(loaded, device=device), frames[:4], size)
     except RuntimeError:
         return math.nan
 

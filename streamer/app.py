@@ -30,6 +30,7 @@ class LiveConfig:
     source: str = "0"
     sinks: list[str] = field(default_factory=lambda: ["webrtc"])
     engine: str = "auto"
+    device: str = "auto"  # where the engine renders (auto: CUDA when available)
     preset: str = "cpu"
     size: int = 256  # output frame side (pixels)
     fps: float = 15.0  # target frame rate: the render resolution adapts to hold it (0 = fixed resolution)
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several; default webrtc)")
     p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py) | torch | "
                                                     "onnxruntime | tensorrt")
+    p.add_argument("--device", default="auto", help="where to render: auto (CUDA when available), cpu, cuda, "
+                                                   "cuda:N")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: 256² at 15 fps; gpu: 512² at 30")
     p.add_argument("--size", type=int, help="output frame side in pixels (preset's by default)")
     p.add_argument("--fps", type=float, help="frame-rate target; the render resolution adapts to hold it "
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     else:
         cfg.target = args.target
     overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
-    cfg = replace(cfg, **overrides, engine=args.engine, background=args.background, loop=cfg.loop or args.loop,
+    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background, loop=cfg.loop or args.loop,
                   max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
                   pose_lock=args.pose_lock, gain=args.gain, components=args.components, host=args.host, port=args.port,
                   token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet)
@@ -160,12 +163,15 @@ def run(cfg: LiveConfig, log=print) -> dict:
     import torch
 
     from avatar.bundle import load_bundle
+    from avatar.devices import pick_device, prepare_device
     from avatar.engines import open_engine
     from avatar.tracking import FaceTracker
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig
     from streamer.sources import open_source
 
-    loaded = load_bundle(cfg.target)
+    device = pick_device(cfg.device)
+    prepare_device(device)
+    loaded = load_bundle(cfg.target)  # on the CPU: the engine takes its own copy onto its device
     if loaded.model.field_name != "fast":
         raise UserError(f"{cfg.target} holds a {loaded.model.field_name!r} field, far too slow to run live; "
                         "train a fast one: python trainer/fit.py --field fast …")
@@ -174,7 +180,7 @@ def run(cfg: LiveConfig, log=print) -> dict:
         from avatar.dataset import read_rgb
 
         background = torch.from_numpy(read_rgb(cfg.background).astype(np.float32) / 255.0)
-    engine = open_engine(loaded, cfg.target, cfg.engine)
+    engine = open_engine(loaded, cfg.target, cfg.engine, device, log=log)
     controls = Controls(pose_lock=cfg.pose_lock, gain=cfg.gain)
     latest: dict = {}
     sinks: list = []

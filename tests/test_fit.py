@@ -130,10 +130,12 @@ def test_missing_dataset_is_one_line(tmp_path):
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(dataset64, tmp_path):
+    """--device cpu forces gloo even where a GPU is present; a time budget (not a step count) ends the run, so
+    the ranks must agree on when to stop (each on its own clock would hang the next all-reduce)."""
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
-                        "--max-steps", "6", "--no-eval", *TINY_FIT],
+                        "--max-steps", "100000", "--max-minutes", "0.03", "--no-eval", "--device", "cpu", *TINY_FIT],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     dist = json.loads((out / "avatar.json").read_text())["training"]["distributed"]

@@ -30,7 +30,7 @@ from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate
 from avatar.fidelity import FidelityConfig
 from avatar.fileio import write_json_atomic
-from avatar.training import pick_device
+from avatar.devices import DEVICE_HELP, pick_device, prepare_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the dataset directory the avatar was trained on")
     p.add_argument("--frames", type=int, default=0, help="test frames to score, evenly spread (0 = all)")
     p.add_argument("--out", help="where metrics.json and sheets/ go (default: the bundle directory)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=True,
                    help="measure expression fidelity with MediaPipe (default: on)")
     p.add_argument("--track-size", type=int, default=FidelityConfig.track_size,
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.data}: no such dataset directory")
     if args.track_size < 128:
         raise UserError(f"--track-size {args.track_size} is too small for MediaPipe to find a face; use ≥ 128")
-    loaded = load_bundle(args.bundle, pick_device(args.device))
+    device = pick_device(args.device)
+    prepare_device(device)
+    loaded = load_bundle(args.bundle, device)
     out = Path(args.out or args.bundle)
     fidelity_cfg = FidelityConfig(track_size=args.track_size, controllability=args.controllability) \
         if args.fidelity else None

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from avatar import bundle as bundle_io
 from avatar import rays as ray_utils
+from avatar.devices import DEVICE_HELP, prepare_device
 from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset, read_transforms
 from avatar.errors import UserError, run_cli
 from avatar.expressions import disentangled_map
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, help="fast field: width of its MLP")
     p.add_argument("--sparsity-weight", type=float, help="fast field: weight of the empty-space sparsity loss")
     p.add_argument("--opacity-entropy-weight", type=float, help="fast field: weight of the ray-opacity entropy loss")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--seed", type=int)
     p.add_argument("--landmarker", help="path to face_landmarker.task (for --video)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -92,14 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Distributed:
-    """torchrun's environment, if any: gloo on CPUs, NCCL on GPUs."""
+    """torchrun's environment, if any: gloo on CPUs, NCCL on GPUs (one GPU per rank: cuda:LOCAL_RANK)."""
+
+    # Rank 0 alone prepares the dataset (MediaPipe over the whole video) and scores the untrained model while
+    # the others wait in a collective: that may take far longer than the default 10-minute NCCL timeout.
+    TIMEOUT_HOURS = 4
 
     def __init__(self, device: torch.device):
+        from datetime import timedelta
+
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
+        self.device = device
+        if self.enabled and device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)  # before init: NCCL binds each rank's communicator to its GPU
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(hours=self.TIMEOUT_HOURS))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (one shared decision, e.g. to stop)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL needs a tensor on the rank's GPU
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     @property
     def main(self) -> bool:
@@ -156,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_signal)
     args = build_parser().parse_args(argv)
     cfg, resuming = resolve_config(args)
-    device = pick_device(cfg.device)
-    ddp = Distributed(device)
-    if device.type == "cuda" and ddp.enabled:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = Distributed(pick_device(cfg.device))
+    device = ddp.device
+    prepare_device(device)
     try:
         return train(cfg, resuming, device, ddp, evaluate_at_end=not args.no_eval)
     finally:
@@ -222,13 +243,18 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
 
     writer = None
     if ddp.main:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is only for watching; a bare GPU box may not have it
+            print("tensorboard is not installed: no TensorBoard logs for this run", file=sys.stderr)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=None if ddp.main else True,
                dynamic_ncols=True)
     start, start_step = time.perf_counter(), step
-    loss_history: list[float] = []
+    # Losses stay tensors until a log step: float() every step would wait for the GPU every step.
+    first_loss: torch.Tensor | None = None
+    recent_losses: deque[torch.Tensor] = deque(maxlen=100)
     model.train()
     try:
         while step < cfg.max_steps:
@@ -255,22 +281,30 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             step += 1
             if cfg.field == "fast" and step >= 128 and step % cfg.occupancy_every == 0:
                 update_occupancy(model, expressions, rng, ddp)
-            psnr = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10)))
-            loss_history.append(float(loss.detach()))
+            if first_loss is None:
+                first_loss = loss.detach()
+            recent_losses.append(loss.detach())
+            # The time budget (same wall time for every field in comparisons), decided once for all ranks —
+            # each rank's own clock would stop them at different steps and hang the next all-reduce. Under DDP
+            # the decision costs a collective, so it is taken every 8 steps.
+            out_of_time = False
+            if cfg.max_minutes > 0 and (not ddp.enabled or step % 8 == 0):
+                out_of_time = ddp.any((time.perf_counter() - start) > cfg.max_minutes * 60)
             if ddp.main:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    bar.set_postfix(loss=f"{loss_history[-1]:.4f}", psnr=f"{psnr:.2f}")
-                    writer.add_scalar("train/loss", loss_history[-1], step)
-                    writer.add_scalar("train/psnr", psnr, step)
-                    writer.add_scalar("train/lr", learning_rate(cfg, step), step)
-                if cfg.val_every and step % cfg.val_every == 0 and len(val_set):
+                    psnr, loss_value = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10))), float(loss.detach())
+                    bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{psnr:.2f}")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss_value, step)
+                        writer.add_scalar("train/psnr", psnr, step)
+                        writer.add_scalar("train/lr", learning_rate(cfg, step), step)
+                if writer is not None and cfg.val_every and step % cfg.val_every == 0 and len(val_set):
                     log_validation(writer, loaded, val_set, step, model)
-                out_of_time = cfg.max_minutes > 0 and (time.perf_counter() - start) > cfg.max_minutes * 60
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
                     save_checkpoint(ckpt_path, model, optimizer, step, cfg)
-            if cfg.max_minutes > 0 and (time.perf_counter() - start) > cfg.max_minutes * 60:
-                break  # the time budget (same wall time for every field in comparisons)
+            if out_of_time:
+                break
     except KeyboardInterrupt:
         if ddp.main:
             save_checkpoint(ckpt_path, model, optimizer, step, cfg)
@@ -297,8 +331,8 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
 
     train_stats = {"steps": step, "seconds_this_session": round(seconds, 1),
                    "steps_per_second": round((step - start_step) / max(seconds, 1e-9), 3),
-                   "loss_first": loss_history[0] if loss_history else None,
-                   "loss_last_100_mean": float(np.mean(loss_history[-100:])) if loss_history else None,
+                   "loss_first": float(first_loss) if first_loss is not None else None,
+                   "loss_last_100_mean": float(torch.stack(list(recent_losses)).mean()) if recent_losses else None,
                    "distributed": ddp_report}
     meta = {
         "intrinsics": train_set.intrinsics.tolist(),
@@ -395,7 +429,7 @@ def update_occupancy(model: Avatar, expressions: torch.Tensor, rng: np.random.Ge
     """Decayed-max update under a random training expression (all ranks agree: same grid everywhere)."""
     k = int(rng.integers(len(expressions)))
     if ddp.enabled:
-        k_t = torch.tensor([k])
+        k_t = torch.tensor([k], device=expressions.device)  # NCCL broadcasts GPU tensors only
         dist.broadcast(k_t, 0)
         k = int(k_t)
     model.occupancy.update(_density_fn(model, expressions[k]))

@@ -26,7 +26,7 @@ from avatar.bundle import LoadedAvatar, load_bundle
 from avatar.errors import UserError, run_cli
 from avatar.model import normals_from_depth, render_image
 from avatar.retarget import relative_expression, relative_pose, rotate_about
-from avatar.training import pick_device
+from avatar.devices import DEVICE_HELP, pick_device, prepare_device
 from avatar.video import VideoWriter
 
 
@@ -100,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--normals", action="store_true", help="add a normals-from-depth panel")
     p.add_argument("--mask", action="store_true", help="add a foreground-mask panel")
     p.add_argument("--size", type=int, help="output height in pixels (default: the avatar's)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--landmarker", help="face_landmarker.task for --drive")
     args = p.parse_args(argv)
 
-    loaded = load_bundle(args.bundle, pick_device(args.device))
+    device = pick_device(args.device)
+    prepare_device(device)
+    loaded = load_bundle(args.bundle, device)
     if not 0 <= args.latent < loaded.meta["num_latents"]:
         raise UserError(f"--latent must be in [0, {loaded.meta['num_latents'] - 1}]")
     w, h = loaded.image_size
