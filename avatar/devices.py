@@ -36,13 +36,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def prepare_device(device: torch.device) -> None:
-    """Per-process settings for ``device``: on CUDA, make it current and allow TF32 matmuls/convolutions
-    (the field's small matmuls lose nothing visible at 10-bit mantissas and run several times faster)."""
+    """Per-process settings for ``device``: on CUDA, make it current and keep matmuls in full fp32.
+
+    TF32 was tried and measured (bench/gpu_check.py, H200, 2026-11-26): the density head's ``exp`` turns TF32's
+    10-bit mantissas into renders up to 103/255 (256²) and 183/255 (512²) away from the CPU's, against 1/255
+    in fp32 — while the frame rate there is bound by per-frame overheads (53 fps at 256², 58 at 512²), not by
+    matmul throughput."""
     if device.type == "cuda":
         if device.index is not None:  # (set_device rejects a bare "cuda"; that one means the current GPU anyway)
             torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def chunk_for(device: torch.device) -> int:
