@@ -112,7 +112,7 @@ class FastField(nn.Module):
                  expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
                  expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
-                 expression_resolution: int = 0, **_ignored):
+                 expression_resolution: int = 0, expression_init_zero: bool = True, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
@@ -132,9 +132,12 @@ class FastField(nn.Module):
         same = self.expression_resolution == resolution
         self.planes = nn.Parameter(torch.randn(bases + 1 if same else 1, 3, channels, resolution, resolution) * 0.1)
         self.expression_planes = None if same else nn.Parameter(
-            torch.randn(bases, 3, channels, self.expression_resolution, self.expression_resolution) * 0.01)
+            torch.zeros(bases, 3, channels, self.expression_resolution, self.expression_resolution))
         with torch.no_grad():
-            self.planes[1:] *= 0.1
+            # Expression bases start at zero: each gets its own gradient (scaled by its own weight), so they need no
+            # symmetry breaking, and random values in texels no ray ever trains would show as grain and dark
+            # speckles whenever a basis is weighted differently from the training frames (single-group edits).
+            self.planes[1:] = 0.0 if expression_init_zero else self.planes[1:] * 0.1
         self.expression_map = nn.Linear(expression_dim, bases)
         if expression_components is not None:
             comps = torch.tensor(expression_components, dtype=torch.float32)[:bases]

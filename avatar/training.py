@@ -61,6 +61,10 @@ class FitConfig:
     # and speed everywhere (rays march through it). Two regularisers: the opacity of random points in the head
     # box (L1, saturates on real surfaces) and the binary entropy of each ray's opacity (rays end on something
     # or see the background).
+    # Total variation of the frame's blended planes (mean squared difference of neighbouring texels): keeps texels
+    # that few rays see from turning into grain, which MediaPipe reads as texture, not as a face.
+    plane_tv_weight: float = 1e-2
+    expression_init_zero: bool = True
     sparsity_weight: float = 5e-2
     sparsity_points: int = 4096
     opacity_entropy_weight: float = 1e-2

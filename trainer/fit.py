@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "linear map of all scores (ties coefficients that co-varied in the video)")
     p.add_argument("--expression-resolution", type=int,
                    help="fast field: resolution of the expression bases' planes (0 = the plane resolution)")
+    p.add_argument("--plane-tv-weight", type=float, help="fast field: weight of the planes' total-variation loss")
+    p.add_argument("--expression-init", choices=["zero", "random"],
+                   help="fast field: expression bases start at zero (default) or small random values")
     p.add_argument("--residual-bases", type=int, help="fast field, fixed map: extra bases for what the groups miss")
     p.add_argument("--region-fraction", type=float,
                    help="share of each step's rays drawn from the mouth and eye boxes (few pixels, most of the expression)")
@@ -146,6 +149,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg = json.loads(stored.read_text())
         stored_cfg.setdefault("expression_map", "learned")  # runs from before the fixed map had the learned one
         stored_cfg.setdefault("region_fraction", 0.0)
+        stored_cfg.setdefault("plane_tv_weight", 0.0)
+        stored_cfg.setdefault("expression_init_zero", False)
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -159,6 +164,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     if bool(args.video) == bool(args.data):
         raise UserError("give exactly one of --video VIDEO or --data DATASET_DIR")
     overrides = {f.name: getattr(args, f.name, None) for f in fields(FitConfig)}
+    if getattr(args, "expression_init", None):
+        overrides["expression_init_zero"] = args.expression_init == "zero"
     overrides["out"] = str(out)
     overrides.pop("preset", None)
     overrides.pop("field", None)
@@ -386,7 +393,8 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
         field_kwargs = dict(common, resolution=cfg.plane_resolution, channels=cfg.plane_channels,
                             bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
                             expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map,
-                            expression_resolution=cfg.expression_resolution)
+                            expression_resolution=cfg.expression_resolution,
+                            expression_init_zero=cfg.expression_init_zero)
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)
@@ -410,12 +418,25 @@ def build_optimizer(cfg: FitConfig, model: Avatar) -> torch.optim.Optimizer:
 
 def fast_field_regularisers(cfg: FitConfig, model: Avatar, expression: torch.Tensor, frame: int,
                             step_cm: float) -> torch.Tensor:
-    """Sparsity: mean opacity of one marching step at random points of the head box, under this frame's condition."""
-    if cfg.sparsity_weight <= 0:
-        return torch.zeros((), device=expression.device)
-    pts = model.box_min + torch.rand(cfg.sparsity_points, 3, device=expression.device) * (model.box_max - model.box_min)
-    sigma = model.field(pts, torch.zeros_like(pts), torch.cat([expression, model.latents[frame]]))[1]
-    return cfg.sparsity_weight * torch.mean(1 - torch.exp(-sigma * step_cm))
+    """Sparsity (mean opacity of one marching step at random points of the head box) and total variation of the
+    blended planes, under this frame's condition."""
+    loss = torch.zeros((), device=expression.device)
+    if cfg.sparsity_weight <= 0 and cfg.plane_tv_weight <= 0:
+        return loss
+    condition = torch.cat([expression, model.latents[frame]])
+    planes = model.field.blend(condition)  # [3, ch, r, r]
+    if cfg.plane_tv_weight > 0:
+        loss = loss + cfg.plane_tv_weight * plane_total_variation(planes)
+    if cfg.sparsity_weight > 0:
+        pts = model.box_min + torch.rand(cfg.sparsity_points, 3, device=expression.device) * (model.box_max - model.box_min)
+        sigma = model.field.query(planes, pts, torch.zeros_like(pts), condition)[1]
+        loss = loss + cfg.sparsity_weight * torch.mean(1 - torch.exp(-sigma * step_cm))
+    return loss
+
+
+def plane_total_variation(planes: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring texels of ``planes [..., r, r]`` (both axes)."""
+    return (planes[..., 1:, :] - planes[..., :-1, :]).pow(2).mean() + (planes[..., :, 1:] - planes[..., :, :-1]).pow(2).mean()
 
 
 def _density_fn(model: Avatar, expression: torch.Tensor):
