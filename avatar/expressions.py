@@ -72,15 +72,28 @@ def disentangled_map(expressions: Float[np.ndarray, "t e"], names: tuple[str, ..
         centred[:, list(names).index("_neutral")] = 0.0
     g = centred @ a_groups.T  # [t, g'] centred group weights
     beta = np.linalg.lstsq(g, centred, rcond=None)[0] if g.shape[1] else np.zeros((0, e.shape[1]))  # [g', e]
-    projector = np.eye(e.shape[1]) - a_groups.T @ beta  # e ↦ e minus what the groups predict: [e, e]
-    rest = centred @ projector.T
-    if "_neutral" in names:
-        projector[list(names).index("_neutral")] = 0.0
+    remove = np.eye(e.shape[1]) - a_groups.T @ beta  # [e, e]: (row vectors) e ↦ e minus what the groups predict
+    rest = centred @ remove
     _, s, vt = np.linalg.svd(rest, full_matrices=False)
     count = int(min(residual, (s > 1e-6 * max(s.max(initial=0), 1e-12)).sum()))
-    a_rest = vt[:count] @ projector  # [r, e]
+    a_rest = vt[:count] @ remove.T  # [r, e]: v · (e removed) as one row
     std = (centred @ a_rest.T).std(0) + 1e-8
     a_rest = a_rest / std[:, None]
     b_rest = -(a_rest @ mean)
     labels += [f"residual{i}" for i in range(count)]
     return np.concatenate([a_groups, a_rest]), np.concatenate([b_groups, b_rest]), labels
+
+
+def weight_limits(matrix: Float[np.ndarray, "k e"], offset: Float[np.ndarray, "k"], labels: list[str],
+                  expressions: Float[np.ndarray, "t e"], margin: float = 0.1) -> tuple[list[float], list[float]]:
+    """Per-weight ``(low, high)`` bounds: residual weights stay inside their trained range (plus ``margin`` of
+    it). An edit such as "jawOpen alone" leaves the scores that normally move with the jaw at rest, which the
+    residual weights read as an extreme never seen in training; unbounded, they would paint untrained looks.
+    Group weights are not bounded (a group's own basis may extrapolate a little)."""
+    w = np.asarray(expressions, np.float64) @ matrix.T + offset  # [t, k]
+    lo, hi = w.min(0), w.max(0)
+    pad = (hi - lo) * margin
+    big = 1e6
+    low = [float(l - p) if lab.startswith("residual") else -big for l, p, lab in zip(lo, pad, labels)]
+    high = [float(h + p) if lab.startswith("residual") else big for h, p, lab in zip(hi, pad, labels)]
+    return low, high

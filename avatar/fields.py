@@ -112,13 +112,21 @@ class FastField(nn.Module):
                  expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
                  expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
-                 expression_resolution: int = 0, expression_init_zero: bool = True, **_ignored):
+                 expression_resolution: int = 0, expression_init_zero: bool = True,
+                 expression_low: list[float] | None = None, expression_high: list[float] | None = None, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
                             channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
                             expression_labels=list(expression_labels or []),
                             expression_resolution=int(expression_resolution or resolution))
+        if expression_low is not None:  # bounds on the basis weights (see avatar.expressions.weight_limits)
+            self.hparams.update(expression_low=list(map(float, expression_low)),
+                                expression_high=list(map(float, expression_high)))
+            self.register_buffer("weight_low", torch.tensor(expression_low, dtype=torch.float32), persistent=False)
+            self.register_buffer("weight_high", torch.tensor(expression_high, dtype=torch.float32), persistent=False)
+        else:
+            self.weight_low = self.weight_high = None
         if expression_map not in ("learned", "fixed"):
             raise ValueError(f"expression_map must be 'learned' or 'fixed', not {expression_map!r}")
         lo, hi = torch.tensor(box_min, dtype=torch.float32), torch.tensor(box_max, dtype=torch.float32)
@@ -165,6 +173,8 @@ class FastField(nn.Module):
         """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
         expression = condition[: self.hparams["expression_dim"]]
         weights = self.expression_map(expression)
+        if self.weight_low is not None:
+            weights = torch.minimum(torch.maximum(weights, self.weight_low), self.weight_high)
         if self.expression_planes is None:
             return torch.einsum("k,kpcij->pcij", torch.cat([torch.ones(1, device=condition.device), weights]), self.planes)
         offset = torch.einsum("k,kpcij->pcij", weights, self.expression_planes)

@@ -85,9 +85,11 @@ def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor
             return model.field.decode(planes, bias, points, view)
 
         if sampling.culling:
-            return march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
-                                blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples)
-        return march_dense(query, origins, dirs, near, far, background, sampling.step)
+            out = march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
+                               blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples)
+        else:
+            out = march_dense(query, origins, dirs, near, far, background, sampling.step)
+        return {**out, "planes": planes}  # the frame's blended planes: the trainer's regularisers reuse them
 
     def run(field: nn.Module, t: Tensor) -> dict[str, Tensor]:
         pts = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # [n, s, 3]

@@ -95,7 +95,7 @@ FAST_PRESETS: dict[str, dict] = {
     "paper": dict(rays_per_step=4096, max_steps=30_000, lr=2e-3, lr_decay_steps=30_000, plane_resolution=256,
                   plane_channels=12, expression_resolution=128, march_steps=384, checkpoint_every=2000, val_every=2000),
     "cpu": dict(rays_per_step=2048, max_steps=4000, lr=2e-3, lr_decay_steps=4000, plane_resolution=128,
-                plane_channels=16, march_steps=192, checkpoint_every=250, val_every=1000),
+                plane_channels=16, expression_resolution=64, march_steps=192, checkpoint_every=250, val_every=1000),
     "smoke": dict(rays_per_step=1024, max_steps=300, lr=2e-3, lr_decay_steps=600, plane_resolution=64,
                   plane_channels=8, march_steps=96, checkpoint_every=50, val_every=150),
 }

@@ -35,7 +35,7 @@ from avatar import rays as ray_utils
 from avatar.devices import DEVICE_HELP, prepare_device
 from avatar.dataset import PrepareConfig, load_background, load_split, prepare_dataset, read_transforms
 from avatar.errors import UserError, run_cli
-from avatar.expressions import disentangled_map
+from avatar.expressions import disentangled_map, weight_limits
 from avatar.evaluation import evaluate, format_table, pick, score
 from avatar.fileio import write_json_atomic
 from avatar.model import Avatar, SamplingConfig, carve_occupancy, culling_psnr_gap
@@ -275,7 +275,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
             loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
             if cfg.field == "fast":
-                loss = loss + fast_field_regularisers(cfg, model, expressions[i], i, sampling.step)
+                loss = loss + fast_field_regularisers(cfg, model, expressions[i], i, sampling.step, outputs["planes"])
                 a = outputs["alpha"].clamp(1e-4, 1 - 1e-4)
                 loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
             if "rgb_coarse" in outputs:
@@ -398,8 +398,9 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)
+            low, high = weight_limits(matrix, offset, labels, train_set.expressions)
             field_kwargs.update(bases=len(labels), expression_matrix=matrix.tolist(), expression_offset=offset.tolist(),
-                                expression_labels=labels)
+                                expression_labels=labels, expression_low=low, expression_high=high)
     else:
         field_kwargs = dict(common, width=cfg.width, depth=cfg.depth)
     return Avatar(cfg.field, field_kwargs, num_frames=len(train_set), latent_dim=cfg.latent_dim,
@@ -417,14 +418,15 @@ def build_optimizer(cfg: FitConfig, model: Avatar) -> torch.optim.Optimizer:
 
 
 def fast_field_regularisers(cfg: FitConfig, model: Avatar, expression: torch.Tensor, frame: int,
-                            step_cm: float) -> torch.Tensor:
+                            step_cm: float, planes: torch.Tensor | None = None) -> torch.Tensor:
     """Sparsity (mean opacity of one marching step at random points of the head box) and total variation of the
     blended planes, under this frame's condition."""
     loss = torch.zeros((), device=expression.device)
     if cfg.sparsity_weight <= 0 and cfg.plane_tv_weight <= 0:
         return loss
     condition = torch.cat([expression, model.latents[frame]])
-    planes = model.field.blend(condition)  # [3, ch, r, r]
+    if planes is None:  # (the render of this step already blended them: one blend per step, not two)
+        planes = model.field.blend(condition)  # [3, ch, r, r]
     if cfg.plane_tv_weight > 0:
         loss = loss + cfg.plane_tv_weight * plane_total_variation(planes)
     if cfg.sparsity_weight > 0:
