@@ -126,3 +126,36 @@ def test_prepare_refuses_bad_fraction(subject, tmp_path):
     with pytest.raises(UserError):
         prepare_dataset(PrepareConfig(video=str(subject / "video.mp4"), out=str(tmp_path / "o"), test_fraction=1.5),
                         progress=False)
+
+
+def test_frames_carry_mouth_and_eye_boxes_around_their_landmarks(dataset64):
+    """The boxes the trainer draws extra rays from: inside the face box, mouth below the eyes, eyes apart."""
+    from avatar.dataset import load_split
+
+    train = load_split(dataset64, "train", with_images=False)
+    assert train.regions is not None and train.regions.shape == (len(train), 3, 4)
+    mouth, right_eye, left_eye = train.regions[:, 0], train.regions[:, 1], train.regions[:, 2]
+    centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+    face = train.bboxes
+    for box in (mouth, right_eye, left_eye):
+        assert (box[:, 2] > box[:, 0]).all() and (box[:, 3] > box[:, 1]).all()
+        c = centre(box)
+        assert ((c[:, 0] > face[:, 0]) & (c[:, 0] < face[:, 2]) & (c[:, 1] > face[:, 1]) & (c[:, 1] < face[:, 3])).all()
+    assert (centre(mouth)[:, 1] > centre(right_eye)[:, 1]).all() and (centre(mouth)[:, 1] > centre(left_eye)[:, 1]).all()
+    assert (centre(right_eye)[:, 0] < centre(left_eye)[:, 0]).all()  # the subject's right eye is on the image's left
+
+
+def test_sample_pixels_draws_the_asked_share_from_the_regions():
+    from avatar.training import sample_pixels
+
+    rng = np.random.default_rng(0)
+    regions = np.array([[10, 40, 20, 50], [5, 5, 15, 12], [30, 5, 40, 12]], np.float32)
+    px = sample_pixels(rng, 4000, np.array([0, 0, 64, 64]), 64, 64, 0.95, regions, 0.25)
+    assert px.shape == (4000, 2)
+    inside = np.zeros(len(px), bool)
+    for x0, y0, x1, y1 in regions:
+        inside |= (px[:, 0] >= x0) & (px[:, 0] < x1) & (px[:, 1] >= y0) & (px[:, 1] < y1)
+    area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in regions) / 64**2
+    assert inside.mean() > 0.25 + 0.5 * area  # the regions' share plus what uniform sampling puts there anyway
+    none = sample_pixels(np.random.default_rng(0), 4000, np.array([0, 0, 64, 64]), 64, 64, 0.95, None, 0.25)
+    assert len(none) == 4000
