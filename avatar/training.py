@@ -94,7 +94,7 @@ PRESETS: dict[str, dict] = {
 FAST_PRESETS: dict[str, dict] = {
     "paper": dict(rays_per_step=4096, max_steps=30_000, lr=2e-3, lr_decay_steps=30_000, plane_resolution=256,
                   plane_channels=12, expression_resolution=128, march_steps=384, checkpoint_every=2000, val_every=2000),
-    "cpu": dict(rays_per_step=2048, max_steps=4000, lr=2e-3, lr_decay_steps=4000, plane_resolution=128,
+    "cpu": dict(rays_per_step=2048, max_steps=8000, lr=2e-3, lr_decay_steps=8000, plane_resolution=128,
                 plane_channels=16, expression_resolution=64, march_steps=192, checkpoint_every=250, val_every=1000),
     "smoke": dict(rays_per_step=1024, max_steps=300, lr=2e-3, lr_decay_steps=600, plane_resolution=64,
                   plane_channels=8, march_steps=96, checkpoint_every=50, val_every=150),
@@ -141,8 +141,10 @@ def sample_pixels(rng: np.random.Generator, count: int, box: np.ndarray, width: 
     return np.clip(np.concatenate(parts), 0, [width - 1, height - 1])
 
 
-def learning_rate(cfg: FitConfig, step: int) -> float:
-    return cfg.lr * (0.1 ** (step / max(1, cfg.lr_decay_steps)))
+def learning_rate(cfg: FitConfig, step: int, time_fraction: float = 0.0) -> float:
+    """Exponential decay, 10× over ``lr_decay_steps`` — or over the ``--max-minutes`` budget when that comes
+    first (``time_fraction`` = share of it spent), so a timed run ends its schedule whatever the machine's speed."""
+    return cfg.lr * (0.1 ** max(step / max(1, cfg.lr_decay_steps), min(time_fraction, 1.0)))
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"

@@ -280,8 +280,12 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                 loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
             if "rgb_coarse" in outputs:
                 loss = loss + torch.mean((outputs["rgb_coarse"] - target) ** 2)
+            # Ranks keep their own clocks: under DDP the schedule follows steps only, so every rank's lr agrees.
+            time_fraction = ((time.perf_counter() - start) / (cfg.max_minutes * 60)
+                             if cfg.max_minutes > 0 and not ddp.enabled else 0.0)
+            lr = learning_rate(cfg, step, time_fraction)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -305,7 +309,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                     if writer is not None:
                         writer.add_scalar("train/loss", loss_value, step)
                         writer.add_scalar("train/psnr", psnr, step)
-                        writer.add_scalar("train/lr", learning_rate(cfg, step), step)
+                        writer.add_scalar("train/lr", lr, step)
                 if writer is not None and cfg.val_every and step % cfg.val_every == 0 and len(val_set):
                     log_validation(writer, loaded, val_set, step, model)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
