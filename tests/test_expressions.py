@@ -84,3 +84,14 @@ def test_group_rows_average_members():
     assert set(labels) == set(EXPRESSION_GROUPS)
     smile = rows[labels.index("mouthSmile")]
     assert smile[NAMES.index("mouthSmileLeft")] == smile[NAMES.index("mouthSmileRight")] == 0.5
+
+
+def test_learning_rate_decays_over_the_time_budget_when_that_comes_first():
+    from avatar.training import FitConfig, learning_rate
+
+    cfg = FitConfig(lr=1e-2, lr_decay_steps=8000)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-2)
+    assert learning_rate(cfg, 8000) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 100, time_fraction=1.0) == pytest.approx(1e-3)  # budget spent: fully decayed
+    assert learning_rate(cfg, 100, time_fraction=0.5) == pytest.approx(1e-2 * 0.1 ** 0.5)
+    assert learning_rate(cfg, 6000, time_fraction=0.1) == pytest.approx(1e-2 * 0.1 ** 0.75)  # steps ahead of time
