@@ -69,6 +69,7 @@ def test_fast_field_blends_expression_bases_once_per_frame():
     cond_b[25] = 1.0
     with torch.no_grad():
         f.expression_map.weight.normal_()
+        f.planes[1:].normal_()  # (bases start at zero; give them something to blend)
     pa, pb = f.blend(cond_a), f.blend(cond_b)
     assert pa.shape == (3, 4, 16, 16) and not torch.allclose(pa, pb)
     pts = torch.rand(10, 3) * 10 - 5

@@ -98,8 +98,11 @@ def test_controllability_is_zero_for_a_frozen_renderer_and_the_recordings_own_fo
     for g in tested:
         f, s = frozen["groups"][g]["whole"], shown["groups"][g]["whole"]
         assert frozen["groups"][g]["single"]["response"] == 0.0 and f["response"] == 0.0
+        if "real_frames_response" not in s:  # MediaPipe found no face on that 64² real frame: counted, not scored
+            continue
         assert s["response"] == pytest.approx(s["real_frames_response"]) and s["response"] > 0.1
         assert s["own_pose"]["render"] == s["own_pose"]["real_frame"] is not None
+    assert "real_frames_response" in shown["groups"]["mouthSmile"]["whole"]
     assert shown["groups"]["mouthSmile"]["whole"]["response"] > 0.5
 
 
