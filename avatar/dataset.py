@@ -25,7 +25,7 @@ from tqdm import tqdm
 from avatar import camera
 from avatar.errors import UserError
 from avatar.fileio import atomic_directory, read_json, write_json_atomic
-from avatar.tracking import (BLENDSHAPE_NAMES, NUM_FACE_VERTICES, REGION_LANDMARKS, FaceTracker, load_canonical_face,
+from avatar.tracking import (BLENDSHAPE_NAMES, NUM_FACE_VERTICES, REGION_NAMES, FaceTracker, load_canonical_face,
                              region_boxes, rigid_landmark_weights)
 from avatar.video import iter_frames, probe_video
 
@@ -492,8 +492,7 @@ def load_split(directory: str | Path, split: str, with_images: bool = True) -> F
         poses=np.array([f["transform_matrix"] for f in frames], dtype=np.float64).reshape(-1, 4, 4),
         expressions=np.array([f["expression"] for f in frames], dtype=np.float32).reshape(len(frames), -1),
         bboxes=np.array([f["bbox"] for f in frames], dtype=np.float32).reshape(-1, 4),
-        regions=(np.array([[f["regions"][k] for k in REGION_LANDMARKS] for f in frames], dtype=np.float32)
-                 if frames and all("regions" in f for f in frames) else None),
+        regions=_regions(frames, directory / f"transforms_{split}.json"),
         frame_indices=np.array([f.get("frame_index", i) for i, f in enumerate(frames)], dtype=np.int64),
         file_paths=[f["file_path"] for f in frames],
         intrinsics=np.asarray(meta["intrinsics"], dtype=np.float64),
@@ -501,6 +500,19 @@ def load_split(directory: str | Path, split: str, with_images: bool = True) -> F
         expression_names=list(meta["expression_names"]),
         head_bounds=(np.asarray(bounds["min"], float), np.asarray(bounds["max"], float)),
     )
+
+
+def _regions(frames: list[dict], path: Path) -> np.ndarray | None:
+    """``[t, 3, 4]`` region boxes (:data:`REGION_NAMES` order), or None for a dataset made before they existed."""
+    if not frames or not all("regions" in f for f in frames):
+        return None
+    try:
+        boxes = np.array([[f["regions"][k] for k in REGION_NAMES] for f in frames], dtype=np.float32)
+    except (KeyError, TypeError, ValueError):
+        boxes = None
+    if boxes is None or boxes.shape != (len(frames), len(REGION_NAMES), 4):
+        raise UserError(f"{path}: malformed frame regions; prepare the dataset again with trainer/prepare.py")
+    return boxes
 
 
 def load_background(directory: str | Path) -> np.ndarray:

@@ -85,11 +85,14 @@ def disentangled_map(expressions: Float[np.ndarray, "t e"], names: tuple[str, ..
 
 
 def weight_limits(matrix: Float[np.ndarray, "k e"], offset: Float[np.ndarray, "k"], labels: list[str],
-                  expressions: Float[np.ndarray, "t e"], margin: float = 0.1) -> tuple[list[float], list[float]]:
+                  expressions: Float[np.ndarray, "t e"], margin: float = 0.1) -> tuple[list[float], list[float]] | None:
     """Per-weight ``(low, high)`` bounds: residual weights stay inside their trained range (plus ``margin`` of
     it). An edit such as "jawOpen alone" leaves the scores that normally move with the jaw at rest, which the
     residual weights read as an extreme never seen in training; unbounded, they would paint untrained looks.
-    Group weights are not bounded (a group's own basis may extrapolate a little)."""
+    Group weights are not bounded (a group's own basis may extrapolate a little): without residual weights
+    there is nothing to bound (None)."""
+    if not any(lab.startswith("residual") for lab in labels):
+        return None
     w = np.asarray(expressions, np.float64) @ matrix.T + offset  # [t, k]
     lo, hi = w.min(0), w.max(0)
     pad = (hi - lo) * margin

@@ -19,7 +19,6 @@ Frames where MediaPipe finds no face are counted per side, never dropped silentl
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 
 from avatar import camera, metrics
-from avatar.tracking import FaceObservation, FaceTracker
+from avatar.tracking import FaceObservation, FaceTracker, region_landmarks
 
 # Blendshape groups whose controllability is measured; a group's value is the mean of its members.
 CONTROL_GROUPS: dict[str, tuple[str, ...]] = {
@@ -105,19 +104,10 @@ def group_value(expressions: np.ndarray, names: list[str], members: tuple[str, .
     return np.asarray(expressions, np.float64)[..., idx].mean(-1)
 
 
-@functools.cache
-def region_landmarks() -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Landmark indices of each region's polygons, from MediaPipe's own face-mesh connection lists."""
-    from mediapipe.tasks.python.vision import FaceLandmarksConnections as C
-
-    def ids(*conns) -> tuple[int, ...]:
-        return tuple(sorted({i for conn in conns for c in conn for i in (c.start, c.end)}))
-
-    return {
-        "mouth": (ids(C.FACE_LANDMARKS_LIPS),),
-        "eyes": (ids(C.FACE_LANDMARKS_LEFT_EYE, C.FACE_LANDMARKS_LEFT_EYEBROW),
-                 ids(C.FACE_LANDMARKS_RIGHT_EYE, C.FACE_LANDMARKS_RIGHT_EYEBROW)),
-    }
+def region_polygons() -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Landmark indices of each scored region's polygons: the lips; both eyes, each with its brow."""
+    r = region_landmarks()
+    return {"mouth": (r["mouth"],), "eyes": (r["left_eye"], r["right_eye"])}
 
 
 def region_masks(landmarks: np.ndarray, width: int, height: int, dilation: float = 0.04) -> dict[str, np.ndarray]:
@@ -131,7 +121,7 @@ def region_masks(landmarks: np.ndarray, width: int, height: int, dilation: float
     radius = max(1, round(dilation * face_width))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     out = {}
-    for name, polygons in region_landmarks().items():
+    for name, polygons in region_polygons().items():
         mask = np.zeros((height, width), np.uint8)
         for ids in polygons:
             hull = cv2.convexHull(np.round(px[list(ids)]).astype(np.int32))

@@ -133,7 +133,8 @@ class FastField(nn.Module):
         self.register_buffer("center", (lo + hi) / 2, persistent=False)
         self.register_buffer("half_extent", (hi - lo) / 2, persistent=False)
         self.channels, self.bases = channels, bases
-        # planes[0] is the neutral face; planes[1:] are expression bases. Small random init breaks symmetry.
+        # planes[0] is the neutral face (small random values break the decoder's symmetry); planes[1:] are the
+        # expression bases.
         # With a lower expression_resolution the bases live apart (expression_planes), are blended at their own
         # resolution and upsampled once per frame: many bases at the neutral's resolution would not fit a bundle.
         self.expression_resolution = self.hparams["expression_resolution"]

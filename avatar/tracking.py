@@ -7,6 +7,7 @@ Per frame it gives the 52 ARKit-style blendshape scores (our expression vector),
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import struct
@@ -249,7 +250,6 @@ class FaceTracker:
             self.close()
 
 
-# MediaPipe's blendshape order (checked against a live run in tests/test_tracking.py).
 # Face-mesh vertices that move with the skull, not with expression, and how much each is trusted. Head
 # poses are solved on these alone: lips, jaw, chin, cheeks, brows and eyelids move with the face, so a
 # pose fitted to them tilts when the mouth opens. Upper forehead and the nose bridge are the most rigid;
@@ -275,6 +275,7 @@ def rigid_landmark_weights() -> np.ndarray:
     return weights
 
 
+# MediaPipe's blendshape order (checked against a live run in tests/test_tracking.py).
 BLENDSHAPE_NAMES = (
     "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
     "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft",
@@ -289,21 +290,30 @@ BLENDSHAPE_NAMES = (
 )
 
 
-# Face-mesh vertices around the parts that carry expression (MediaPipe's face mesh topology): the outer lip
-# contour, and each eye's lids with its brow above it. Used to draw more training rays there and to score them.
-MOUTH_LANDMARKS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
-RIGHT_EYE_LANDMARKS = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246,
-                       70, 63, 105, 66, 107, 46, 53, 52, 65, 55)  # the subject's right eye (image left) + brow
-LEFT_EYE_LANDMARKS = (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466,
-                      300, 293, 334, 296, 336, 276, 283, 282, 295, 285)
-REGION_LANDMARKS = {"mouth": MOUTH_LANDMARKS, "right_eye": RIGHT_EYE_LANDMARKS, "left_eye": LEFT_EYE_LANDMARKS}
+# The parts of the face that carry expression: the lips, and each eye with its brow ("right" = the subject's
+# right eye, on the image's left, as MediaPipe names them). Used to draw more training rays there
+# (region_boxes) and to score them (avatar.fidelity).
+REGION_NAMES = ("mouth", "right_eye", "left_eye")
+
+
+@functools.cache
+def region_landmarks() -> dict[str, tuple[int, ...]]:
+    """Face-mesh vertex indices of each region in :data:`REGION_NAMES`, from MediaPipe's own connection lists."""
+    from mediapipe.tasks.python.vision import FaceLandmarksConnections as C
+
+    def ids(*conns) -> tuple[int, ...]:
+        return tuple(sorted({i for conn in conns for c in conn for i in (c.start, c.end)}))
+
+    return {"mouth": ids(C.FACE_LANDMARKS_LIPS),
+            "right_eye": ids(C.FACE_LANDMARKS_RIGHT_EYE, C.FACE_LANDMARKS_RIGHT_EYEBROW),
+            "left_eye": ids(C.FACE_LANDMARKS_LEFT_EYE, C.FACE_LANDMARKS_LEFT_EYEBROW)}
 
 
 def region_boxes(landmarks_px: np.ndarray, pad: float = 0.25) -> dict[str, list[float]]:
     """``{region: [x0, y0, x1, y1]}`` boxes (pixels) around the mouth and each eye+brow, grown by ``pad`` of
     their size on each side, from one frame's ``[≥468, 2]`` landmarks."""
     out = {}
-    for name, idx in REGION_LANDMARKS.items():
+    for name, idx in region_landmarks().items():
         pts = landmarks_px[list(idx)]
         lo, hi = pts.min(0), pts.max(0)
         grow = (hi - lo) * pad

@@ -56,6 +56,7 @@ def test_residual_weights_are_bounded_to_their_trained_range():
     e = correlated_expressions()
     a, b, labels = disentangled_map(e, NAMES, residual=4)
     low, high = weight_limits(a, b, labels, e)
+    assert weight_limits(*disentangled_map(e, NAMES, residual=0), e) is None  # nothing to bound without residuals
     edit = e[int(e[:, 1:].sum(1).argmin())].copy()
     edit[NAMES.index("jawOpen")] = e[:, NAMES.index("jawOpen")].max()  # jaw alone: its companions stay at rest
     raw = edit @ a.T + b

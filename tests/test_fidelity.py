@@ -69,7 +69,7 @@ def test_region_masks_cover_the_mouth_and_the_eyes(splits, tracker):
     masks = fidelity.region_masks(obs.landmarks, w, h, CFG.region_dilation)
     px = np.clip(np.round(obs.landmarks[:, :2] * [w, h]).astype(int), 0, [w - 1, h - 1])
     inside = lambda name, ids: masks[name][px[list(ids), 1], px[list(ids), 0]]
-    lips = fidelity.region_landmarks()["mouth"][0]
+    lips = fidelity.region_polygons()["mouth"][0]
     assert inside("mouth", lips).all() and inside("mouth", (13, 14)).all()  # lips and the gap between them
     assert inside("eyes", (159, 145, 386, 374, 105, 334)).all()  # both eyelids and brows
     assert not inside("mouth", (159, 386)).any() and not inside("eyes", (13, 14)).any()

@@ -159,3 +159,18 @@ def test_sample_pixels_draws_the_asked_share_from_the_regions():
     assert inside.mean() > 0.25 + 0.5 * area  # the regions' share plus what uniform sampling puts there anyway
     none = sample_pixels(np.random.default_rng(0), 4000, np.array([0, 0, 64, 64]), 64, 64, 0.95, None, 0.25)
     assert len(none) == 4000
+
+
+def test_malformed_regions_are_one_clear_error(dataset64, tmp_path):
+    import shutil
+
+    from avatar.dataset import load_split
+    from avatar.errors import UserError
+
+    bad = tmp_path / "d"
+    shutil.copytree(dataset64, bad)
+    meta = json.loads((bad / "transforms_train.json").read_text())
+    meta["frames"][0]["regions"] = {"mouth": [1, 2]}
+    (bad / "transforms_train.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="malformed frame regions"):
+        load_split(bad, "train", with_images=False)

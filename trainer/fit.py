@@ -402,9 +402,11 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)
-            low, high = weight_limits(matrix, offset, labels, train_set.expressions)
             field_kwargs.update(bases=len(labels), expression_matrix=matrix.tolist(), expression_offset=offset.tolist(),
-                                expression_labels=labels, expression_low=low, expression_high=high)
+                                expression_labels=labels)
+            limits = weight_limits(matrix, offset, labels, train_set.expressions)
+            if limits is not None:
+                field_kwargs.update(expression_low=limits[0], expression_high=limits[1])
     else:
         field_kwargs = dict(common, width=cfg.width, depth=cfg.depth)
     return Avatar(cfg.field, field_kwargs, num_frames=len(train_set), latent_dim=cfg.latent_dim,
