@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar import camera, fidelity, metrics
+from avatar import camera, fidelity, metrics, posefit
 from avatar.bundle import LoadedAvatar, expression_stats, reference_pose
 from avatar.dataset import FrameSet, load_split, read_rgb, resize_square
-from avatar.model import normals_from_depth, render_image
+from avatar.model import normals_from_depth, render_image, render_rays
+from avatar.training import padded_box
 
 
 def pose_expression_distance(expr_a: np.ndarray, pose_a: np.ndarray, exprs: np.ndarray, poses: np.ndarray) -> np.ndarray:
@@ -66,14 +67,66 @@ def score(loaded: LoadedAvatar, items: list[tuple[np.ndarray, np.ndarray, np.nda
     return rows, renders
 
 
+def fitted_train_poses(loaded: LoadedAvatar, train: FrameSet) -> np.ndarray:
+    """``[t, 4, 4]``: the training poses the field was fitted to (tracked, with the trainer's learned corrections)."""
+    corrections = loaded.meta.get("pose_corrections")
+    if corrections is None or len(corrections) != len(train):
+        return train.poses
+    poses = posefit.apply(torch.as_tensor(train.poses, dtype=torch.float64),
+                          torch.as_tensor(corrections, dtype=torch.float64))
+    return poses.numpy()
+
+
+def refine_poses(loaded: LoadedAvatar, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], boxes: np.ndarray,
+                 iterations: int, latent_index: int = 0, progress: str | None = None
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+    """Each item's tracked pose refined against its own image by the avatar (:func:`posefit.refine_frame_pose`:
+    6 numbers per frame; expression and latent code stay as given). Returns the new items and the corrections'
+    sizes ``[f, 2]`` (degrees, cm)."""
+    model = loaded.model
+    device = model.box_min.device
+    w, h = loaded.image_size
+    latent = loaded.latent(latent_index).to(device)
+    bg = loaded.background.reshape(h, w, 3).to(device)
+    k = torch.as_tensor(loaded.intrinsics, dtype=torch.float32, device=device)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # only the pose moves: no weight gradients to compute
+        p.requires_grad_(False)
+    out, sizes = [], []
+    try:
+        with torch.enable_grad():
+            for (pose, expr, truth), box in tqdm(list(zip(items, boxes)), desc=progress or "refining poses", leave=False,
+                                                 disable=None if progress else True):
+                e = torch.as_tensor(expr, dtype=torch.float32, device=device)
+
+                def render_fn(rays, px):
+                    return render_rays(model, rays, e, latent, bg[px[:, 1], px[:, 0]], loaded.sampling)["rgb"]
+
+                refined, delta = posefit.refine_frame_pose(
+                    render_fn, torch.as_tensor(pose, dtype=torch.float32, device=device),
+                    torch.as_tensor(truth, dtype=torch.float32, device=device), k, model.box_min, model.box_max,
+                    box=box, iterations=iterations)
+                out.append((refined.cpu().numpy().astype(np.float64), expr, truth))
+                rot, trans = posefit.delta_size(delta[None])
+                sizes.append((float(rot[0]), float(trans[0])))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return out, np.array(sizes).reshape(-1, 2)
+
+
 def pick(count: int, limit: int) -> np.ndarray:
     return np.arange(count) if limit <= 0 or limit >= count else np.linspace(0, count - 1, limit).astype(int)
 
 
 def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | None, max_frames: int = 0,
              log: Callable[[str], None] = print, progress: bool = True,
-             fidelity_cfg: fidelity.FidelityConfig | None = None) -> dict:
+             fidelity_cfg: fidelity.FidelityConfig | None = None, refine_iterations: int = 0) -> dict:
     """Score the test split (avatar and nearest-training-frame baseline) and novel poses where known.
+
+    With ``refine_iterations`` > 0 each test frame's tracked pose is first refined against the frame by the
+    avatar (photometric tracking, pose only: :func:`refine_poses`); the scores at the tracked poses are kept
+    beside them as ``test_tracked_pose``.
 
     With ``fidelity_cfg`` also the expression-fidelity block (:mod:`avatar.fidelity`): MediaPipe on the
     renders vs on the real frames, controllability, and on a synthetic subject the correlation with truth.
@@ -85,6 +138,13 @@ def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | N
     idx = pick(len(test), max_frames)
     items = [(test.poses[i], test.expressions[i], test.images[i].astype(np.float32) / 255.0) for i in idx]
     sheets = Path(out_dir) / "sheets" if out_dir is not None else None
+    tracked_rows, corrections = None, None
+    if refine_iterations > 0:
+        tracked_rows, _ = score(loaded, items, 0, None, progress="test frames, tracked poses" if progress else None)
+        w, h = loaded.image_size
+        boxes = np.stack([padded_box(test.bboxes[i], w, h) for i in idx])
+        items, corrections = refine_poses(loaded, items, boxes, refine_iterations,
+                                          progress="refining test poses" if progress else None)
     rows, renders = score(loaded, items, 0, sheets, "test", max(1, len(items) // 4), "test frames" if progress else None)
     baseline_rows, nearest_images = [], []
     for i in idx:
@@ -94,12 +154,19 @@ def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | N
         nearest_images.append(nearest)
     result = {
         "protocol": "held-out test frames (the last part of the video), tracked expression and pose, "
-                    "latent code of the first training frame",
+                    "latent code of the first training frame"
+                    + (f"; each pose refined on its frame by the avatar ({refine_iterations} steps, pose only)"
+                       if refine_iterations > 0 else ""),
         "test": {"avatar": metrics.mean_metrics(rows), "nearest_training_frame": metrics.mean_metrics(baseline_rows)},
         "test_frames": [{"frame_index": int(test.frame_indices[i]), "avatar": r, "nearest_training_frame": b}
                         for i, r, b in zip(idx, rows, baseline_rows)],
     }
-    novel = novel_pose_items(data_dir, train, max_frames)
+    if tracked_rows is not None:
+        result["test_tracked_pose"] = {"avatar": metrics.mean_metrics(tracked_rows)}
+        result["test_pose_refinement"] = {"iterations": refine_iterations,
+                                          "median_rotation_deg": round(float(np.median(corrections[:, 0])), 3),
+                                          "median_translation_cm": round(float(np.median(corrections[:, 1])), 3)}
+    novel = novel_pose_items(data_dir, train, max_frames, fitted_train_poses(loaded, train))
     if novel:
         nrows, _ = score(loaded, novel, 0, sheets, "novel", max(1, len(novel) // 4), "novel poses" if progress else None)
         result["novel_poses"] = {"avatar": metrics.mean_metrics(nrows)}
@@ -133,6 +200,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     pose = np.asarray(meta.get("reference_head_pose") or reference_pose(train.poses))
     w, h = loaded.image_size
     latent = loaded.latent(0)
+    fitted = fitted_train_poses(loaded, train)
 
     def render(expression: np.ndarray, head_pose: np.ndarray = pose) -> np.ndarray:
         out = render_image(loaded.model, head_pose, expression, latent, loaded.intrinsics, w, h, loaded.background,
@@ -151,7 +219,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
              "neutral_frame_index": int(train.frame_indices[neutral_index])}
     block = fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,
                              neutral, truth, notes, train.read_image, neutral_index,
-                             lambda j: render(train.expressions[j], train.poses[j]))
+                             lambda j: render(train.expressions[j], fitted[j]))
     for row, k in zip(block["heldout"]["per_frame"], frame_indices):
         row["frame_index"] = int(k)
     return block
@@ -160,7 +228,9 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
 def format_table(result: dict) -> str:
     """Markdown table of the mean metrics."""
     lines = ["| frames | method | PSNR ↑ | SSIM ↑ | L1 ↓ | LPIPS |", "|---|---|---|---|---|---|"]
-    for group, methods in (("test", result.get("test", {})), ("novel poses", result.get("novel_poses", {})),
+    for group, methods in (("test", result.get("test", {})),
+                           ("test, tracked pose", result.get("test_tracked_pose", {})),
+                           ("novel poses", result.get("novel_poses", {})),
                            ("test", {"untrained": result["untrained"]} if "untrained" in result else {})):
         for name, m in methods.items():
             lpips = m["lpips"] if isinstance(m["lpips"], float) else "unavailable"
@@ -177,7 +247,8 @@ def synthetic_subject(data_dir: str | Path) -> Path | None:
     return subject if (subject / "truth.json").is_file() else None
 
 
-def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0, train_poses: np.ndarray | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For a synthetic subject: its ``novel/`` frames with true poses moved into the dataset's pose space.
 
     The tracked canonical space differs from the synthetic one by a rigid transform; it is estimated from
@@ -195,7 +266,8 @@ def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0) -> l
     novel = json.loads(novel_path.read_text())
     true_poses = np.array([f["head_pose"] for f in truth["frames"]])[train.frame_indices]
     # A maps tracked-canonical → true-canonical: tracked_pose ≈ true_pose @ A.
-    rel = np.einsum("tij,tjk->tik", np.linalg.inv(true_poses), train.poses)
+    fitted = train.poses if train_poses is None else train_poses  # the poses the field was fitted to
+    rel = np.einsum("tij,tjk->tik", np.linalg.inv(true_poses), fitted)
     u, _, vt = np.linalg.svd(rel[:, :3, :3].sum(0))
     align = camera.make_pose(u @ vt, np.median(rel[:, :3, 3], axis=0))
     crop = report["crop"]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -149,10 +150,14 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
     assert metrics["test"]["avatar"]["psnr"] > metrics["untrained"]["psnr"] + 3.0
     loaded = load_bundle(out)
     assert loaded.meta["field"] == "fast" and 0.0 < loaded.meta["occupied_fraction"]["after_carving"] <= loaded.meta["occupied_fraction"]["density"] < 1.0
+    # Pose refinement: per-frame corrections learned with the field, and held-out poses refined before scoring
+    # (the tracked-pose scores beside them).
+    corrections = np.asarray(loaded.meta["pose_corrections"])
+    assert corrections.shape == (loaded.model.latents.shape[0], 6) and np.abs(corrections).max() > 0
+    assert loaded.meta["pose_refinement"]["frames"] == len(corrections)
+    assert metrics["test_pose_refinement"]["iterations"] > 0 and "test_tracked_pose" in metrics
 
     import dataclasses
-
-    import numpy as np
 
     from avatar.dataset import load_split
     from avatar.metrics import psnr

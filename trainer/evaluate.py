@@ -3,7 +3,8 @@
     python trainer/evaluate.py BUNDLE --data DATASET_DIR [--frames N] [--out DIR]
 
 Renders the test frames (tracked expression and pose, the first training frame's latent code — the paper's
-protocol) and reports mean L1, PSNR, SSIM (LPIPS only where its weights are on disk: otherwise marked
+protocol; each pose first refined against its frame by the avatar, as a photometric tracker would: the
+scores at the raw tracked poses are printed beside) and reports mean L1, PSNR, SSIM (LPIPS only where its weights are on disk: otherwise marked
 unavailable, never estimated) for the avatar and for the training image closest in expression and pose.
 On a synthetic subject it also scores the novel/ ground-truth head poses. Writes metrics.json and PNG
 sheets (ground truth | render | error heat-map | normals from depth | foreground mask) into --out.
@@ -30,6 +31,7 @@ from avatar.errors import UserError, run_cli
 from avatar.evaluation import evaluate
 from avatar.fidelity import FidelityConfig
 from avatar.fileio import write_json_atomic
+from avatar.training import FitConfig
 from avatar.devices import DEVICE_HELP, pick_device, prepare_device
 
 
@@ -40,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=0, help="test frames to score, evenly spread (0 = all)")
     p.add_argument("--out", help="where metrics.json and sheets/ go (default: the bundle directory)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--refine-poses", type=int, default=FitConfig.eval_pose_steps, metavar="STEPS",
+                   help="refine each test frame's tracked pose against the frame with the avatar itself before "
+                        "scoring (photometric tracking of 6 numbers: expression and latent code stay as tracked) "
+                        "for STEPS steps; the scores at the tracked poses are printed beside (0 = tracked poses only; "
+                        "default %(default)s)")
     p.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=True,
                    help="measure expression fidelity with MediaPipe (default: on)")
     p.add_argument("--track-size", type=int, default=FidelityConfig.track_size,
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or args.bundle)
     fidelity_cfg = FidelityConfig(track_size=args.track_size, controllability=args.controllability) \
         if args.fidelity else None
-    result = evaluate(loaded, args.data, out, args.frames, fidelity_cfg=fidelity_cfg)
+    result = evaluate(loaded, args.data, out, args.frames, fidelity_cfg=fidelity_cfg, refine_iterations=args.refine_poses)
     untrained = Path(args.bundle) / "untrained_metrics.json"
     if untrained.is_file():
         result["untrained"] = json.loads(untrained.read_text())
