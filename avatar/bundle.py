@@ -61,10 +61,25 @@ def expression_components(expressions: np.ndarray, count: int = 8) -> list[list[
     return vt[:count].tolist()
 
 
-def reference_pose(poses: np.ndarray) -> np.ndarray:
-    """The training pose that faces the camera most directly (rotation closest to identity)."""
-    angles = np.arccos(np.clip((np.trace(poses[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1))
-    return poses[int(angles.argmin())]
+def reference_pose(poses: np.ndarray, expressions: np.ndarray | None = None, calm_fraction: float = 0.2) -> np.ndarray:
+    """The recording's resting head pose: among the calmest ``calm_fraction`` of the training frames (least total
+    blendshape activity; all frames without ``expressions [t, e]``), the pose whose rotation is closest to
+    their mean rotation.
+
+    Edits (``render.py --set``), the live loop's resting pose and the controllability check start here, from the
+    neutral expression. The pose that faces the camera most directly (the previous choice) can be one the video
+    holds only in passing: on the synthetic subject it was 21° from every neutral frame, seen only while smiling,
+    and MediaPipe read a smile of 0.44 on the avatar's neutral face there (0.13 at the neutral frame's own pose).
+    """
+    rows = np.arange(len(poses))
+    if expressions is not None and len(expressions) == len(poses):
+        activity = expressions[:, 1:].sum(1)  # entry 0 is MediaPipe's `_neutral` score (as in expression_stats)
+        rows = np.argsort(activity)[: max(1, int(np.ceil(calm_fraction * len(poses))))]
+    rot = poses[rows, :3, :3]
+    u, _, vt = np.linalg.svd(rot.sum(0))  # chordal mean rotation
+    mean = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    angles = np.arccos(np.clip((np.einsum("ij,tij->t", mean, rot) - 1) / 2, -1, 1))
+    return poses[int(rows[angles.argmin()])]
 
 
 def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np.ndarray) -> None:

@@ -186,8 +186,8 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     """Expression fidelity of held-out frames (``truths`` vs each side of ``shown``) and controllability.
 
     Controllability renders with the model's normal renderer at the dataset's size, the first training
-    frame's latent code (the evaluation protocol), the bundle's reference head pose (the training pose
-    facing the camera most directly) and its neutral expression (the training frame with the least total
+    frame's latent code (the evaluation protocol), the bundle's reference head pose (the resting pose:
+    the typical head rotation of the calmest training frames) and its neutral expression (the training frame with the least total
     blendshape activity) — the same pose and neutral that ``trainer/render.py --set`` edits from.
     """
     from avatar.tracking import FaceTracker
@@ -197,7 +197,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     stats = meta.get("expression_stats") or expression_stats(train.expressions)
     neutral = np.asarray(stats["neutral"], np.float32)
     neutral_index = int(np.abs(train.expressions - neutral).sum(1).argmin())
-    pose = np.asarray(meta.get("reference_head_pose") or reference_pose(train.poses))
+    pose = np.asarray(meta.get("reference_head_pose") or reference_pose(train.poses, train.expressions))
     w, h = loaded.image_size
     latent = loaded.latent(0)
     fitted = fitted_train_poses(loaded, train)
@@ -214,7 +214,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
         if len(frame_indices) and int(frame_indices.max()) < len(t["frames"]):
             values = np.array([t["frames"][int(k)]["expression"] for k in frame_indices], np.float64)
             truth = (list(t["expression_names"]), values.reshape(len(frame_indices), -1))
-    notes = {"reference_pose": "the bundle's reference head pose (training pose facing the camera most directly)",
+    notes = {"reference_pose": "the bundle's reference head pose (the resting pose: its calmest frames' typical head rotation)",
              "neutral": "the neutral expression (training frame with the least total blendshape activity)",
              "neutral_frame_index": int(train.frame_indices[neutral_index])}
     block = fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,

@@ -361,13 +361,14 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                    "loss_first": float(first_loss) if first_loss is not None else None,
                    "loss_last_100_mean": float(torch.stack(list(recent_losses)).mean()) if recent_losses else None,
                    "distributed": ddp_report}
+    reference = bundle_io.reference_pose(train_set.poses, train_set.expressions)
     meta = {
         "intrinsics": train_set.intrinsics.tolist(),
         "image_size": [w, h],
         "expression_names": train_set.expression_names,
         "expression_stats": bundle_io.expression_stats(train_set.expressions),
-        "reference_head_pose": bundle_io.reference_pose(train_set.poses).tolist(),
-        "pose_range": pose_range(train_set.poses, bundle_io.reference_pose(train_set.poses)),
+        "reference_head_pose": reference.tolist(),
+        "pose_range": pose_range(train_set.poses, reference),
         "expression_components": bundle_io.expression_components(train_set.expressions),
         "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
         "sampling": sampling.__dict__,
