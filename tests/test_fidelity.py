@@ -47,6 +47,30 @@ def test_small_math():
     assert fidelity.correlation([1, 2, 3], [5, 5, 5]) is None
 
 
+def test_reference_pose_is_the_resting_pose_not_the_most_frontal():
+    """Controllability and edits start from the reference pose with the neutral expression: it must be a pose the
+    calm frames hold, not a frontal one the video passes through only while making faces."""
+    from avatar.bundle import reference_pose
+
+    rng = np.random.default_rng(0)
+    poses, exprs = [], []
+    for i in range(40):
+        calm = i % 2 == 0
+        ypr = (rng.normal(0, 1.5, 3) + ([4.0, -12.0, 3.0] if calm else [0.0, 0.0, 0.0])).tolist()
+        poses.append(camera.make_pose(camera.euler_to_matrix(*ypr), np.array([0.0, 0.0, -40.0])))
+        e = np.zeros(len(BLENDSHAPE_NAMES))
+        e[1:] = 0.0 if calm else 0.4
+        exprs.append(e)
+    poses, exprs = np.array(poses), np.array(exprs)
+    ref = reference_pose(poses, exprs)
+    calm_rows = np.arange(0, 40, 2)
+    assert any(np.allclose(ref, poses[r]) for r in calm_rows)
+    assert camera.rotation_angle_deg(ref[:3, :3], camera.euler_to_matrix(4.0, -12.0, 3.0)) < 4.0
+    # without expressions: the typical pose of all frames (between the two clusters), still a training pose
+    mid = reference_pose(poses)
+    assert any(np.allclose(mid, p) for p in poses)
+
+
 def test_aed_zero_for_the_real_frame_positive_for_another_and_misses_counted(splits, tracker):
     train, test = splits
     truths = [as_float(test.images[k]) for k in range(3)]
