@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="avatar bundle (fast field)")
     p.add_argument("--source", required=True, help="video whose face drives the avatar")
-    p.add_argument("--frame", type=int, default=25, help="which frame of the source to show")
+    p.add_argument("--frame", type=int, default=170,
+                   help="which frame of the source to show (default: one whose head motion the demo avatar was trained on)")
     p.add_argument("--out", default="docs/overview.jpg")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--yaw", type=float, default=15.0, help="head turn for the novel-pose panel (degrees)")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from avatar.bundle import load_bundle
     from avatar.engines import TorchEngine
-    from avatar.retarget import relative_expression, relative_pose, rotate_about
+    from avatar.retarget import clamp_pose, relative_expression, relative_pose, rotate_about
     from avatar.tracking import FaceTracker
     from avatar.video import iter_frames
     from trainer.render import parse_edits
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = np.asarray(stats["min"]), np.asarray(stats["max"])
     expr = relative_expression(obs.blendshapes, neutral_obs.blendshapes, np.asarray(stats["neutral"]), lo, hi)
     reference = np.asarray(meta["reference_head_pose"])
-    pose = relative_pose(obs.head_pose, neutral_obs.head_pose, reference)
+    # Clamped to the trained head motion, as the live loop does (a pose the video never held renders holes).
+    pose = clamp_pose(relative_pose(obs.head_pose, neutral_obs.head_pose, reference), reference, meta.get("pose_range"))
     bounds = meta["head_bounds"]
     centre = (np.asarray(bounds["min"]) + np.asarray(bounds["max"])) / 2
     edited = np.clip(parse_edits(args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"],
