@@ -97,6 +97,8 @@ def train(args, device: torch.device, preset: str, minutes: float, out: Path, ev
 
     argv = ["--data", args.data, "--field", "fast", "--preset", preset, "--max-minutes", f"{max(minutes, 0.05):.3f}",
             "--eval-frames", str(eval_frames), "--out", str(out), "--overwrite", "--device", str(device)]
+    if args.eval_pose_steps is not None:
+        argv += ["--eval-pose-steps", str(args.eval_pose_steps)]
     if preset != "smoke":
         argv += ["--max-steps", "1000000"]  # the time budget ends it
     code = fit.main(argv)
@@ -235,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="256,512", help="render sizes (default 256,512)")
     p.add_argument("--frames", type=int, default=20, help="timed frames per size (default 20)")
     p.add_argument("--eval-frames", type=int, default=12, help="held-out test frames scored per training run")
+    p.add_argument("--eval-pose-steps", type=int, default=None,
+                   help="pose-refinement steps per scored test frame (trainer/fit.py's default when left out)")
     p.add_argument("--stages", default="a1,a2,b,c", help="which stages to run (default all: a1,a2,b,c)")
     p.add_argument("--work", default="runs/gpu_check", help="where the trained avatars go")
     p.add_argument("--out", default="runs/gpu_check", help="where gpu_check.md/.json go when $OUT is not set")

@@ -32,7 +32,8 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(tmp_path / "blocked.py"), str(ROOT / "bench" / "gpu_check.py"),
                         "--data", str(dataset64), "--device", "cpu", "--budget-minutes", "1.5", "--sizes", "32",
-                        "--frames", "3", "--eval-frames", "2", "--stages", "a2,b,c", "--work", str(tmp_path / "work")],
+                        "--frames", "3", "--eval-frames", "2", "--eval-pose-steps", "0", "--stages", "a2,b,c",
+                        "--work", str(tmp_path / "work")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--val-every", type=int, help="steps between validation images in TensorBoard")
     p.add_argument("--eval-frames", type=int, help="test frames to score at the end (0 = all)")
+    p.add_argument("--eval-pose-steps", type=int,
+                   help="steps refining each scored test frame's tracked pose against the frame before scoring "
+                        "(0 = score at the tracked poses only; default 40, smoke 10)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (0 = no limit)")
     p.add_argument("--plane-resolution", type=int, help="fast field: tri-plane resolution")
     p.add_argument("--expression-bases", type=int, help="fast field: expression bases blended per frame")
