@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from avatar import camera
 from avatar.errors import UserError
 from avatar.fileio import read_json, write_bytes_atomic, write_json_atomic
 from avatar.model import Avatar, SamplingConfig
@@ -76,8 +77,7 @@ def reference_pose(poses: np.ndarray, expressions: np.ndarray | None = None, cal
         activity = expressions[:, 1:].sum(1)  # entry 0 is MediaPipe's `_neutral` score (as in expression_stats)
         rows = np.argsort(activity)[: max(1, int(np.ceil(calm_fraction * len(poses))))]
     rot = poses[rows, :3, :3]
-    u, _, vt = np.linalg.svd(rot.sum(0))  # chordal mean rotation
-    mean = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    mean = camera.align_canonical_rotations(rot, np.broadcast_to(np.eye(3), rot.shape))  # their chordal mean
     angles = np.arccos(np.clip((np.einsum("ij,tij->t", mean, rot) - 1) / 2, -1, 1))
     return poses[int(rows[angles.argmin()])]
 

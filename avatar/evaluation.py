@@ -19,6 +19,7 @@ from tqdm import tqdm
 from avatar import camera, fidelity, metrics, posefit
 from avatar.bundle import LoadedAvatar, expression_stats, reference_pose
 from avatar.dataset import FrameSet, load_split, read_rgb, resize_square
+from avatar.errors import UserError
 from avatar.model import normals_from_depth, render_image, render_rays
 from avatar.training import padded_box
 
@@ -70,11 +71,16 @@ def score(loaded: LoadedAvatar, items: list[tuple[np.ndarray, np.ndarray, np.nda
 def fitted_train_poses(loaded: LoadedAvatar, train: FrameSet) -> np.ndarray:
     """``[t, 4, 4]``: the training poses the field was fitted to (tracked, with the trainer's learned corrections)."""
     corrections = loaded.meta.get("pose_corrections")
-    if corrections is None or len(corrections) != len(train):
+    if corrections is None:  # a bundle trained without pose refinement
         return train.poses
-    poses = posefit.apply(torch.as_tensor(train.poses, dtype=torch.float64),
-                          torch.as_tensor(corrections, dtype=torch.float64))
-    return poses.numpy()
+    try:
+        deltas = np.asarray(corrections, dtype=np.float64)
+    except (TypeError, ValueError):
+        deltas = None
+    if deltas is None or deltas.shape != (len(train), 6):
+        raise UserError(f"the bundle's pose_corrections do not fit the {len(train)} training frames of this dataset "
+                        "(another dataset, or a damaged avatar.json)")
+    return posefit.apply(torch.from_numpy(train.poses), torch.from_numpy(deltas)).numpy()
 
 
 def refine_poses(loaded: LoadedAvatar, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], boxes: np.ndarray,
@@ -186,9 +192,9 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
     """Expression fidelity of held-out frames (``truths`` vs each side of ``shown``) and controllability.
 
     Controllability renders with the model's normal renderer at the dataset's size, the first training
-    frame's latent code (the evaluation protocol), the bundle's reference head pose (the resting pose:
-    the typical head rotation of the calmest training frames) and its neutral expression (the training frame with the least total
-    blendshape activity) — the same pose and neutral that ``trainer/render.py --set`` edits from.
+    frame's latent code (the evaluation protocol), the bundle's reference head pose (the resting pose: the
+    typical head rotation of the calmest training frames) and its neutral expression (the training frame with
+    the least total blendshape activity) — the same pose and neutral that ``trainer/render.py --set`` edits from.
     """
     from avatar.tracking import FaceTracker
 
@@ -273,7 +279,6 @@ def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0, trai
     crop = report["crop"]
     x0, y0, side = crop["x0"], crop["y0"], crop["side"]
     w, h = train.image_size
-    from avatar.errors import UserError
     from avatar.tracking import FaceTracker
 
     items = []

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from avatar import rays as ray_utils
+from avatar.training import sample_pixels
 
 # Adam moves a parameter by ~lr per step whatever its units. A rotation of 1e-3 rad moves a point 9 cm from the
 # head's centre by 0.09 mm; with translations in units of 10 cm, a step of 1e-3 moves it by 0.1 mm: the two
@@ -73,18 +74,14 @@ def refine_frame_pose(render_fn, pose: Float[Tensor, "4 4"], image: Float[Tensor
     """
     device = pose.device
     h, w = image.shape[:2]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x0, y0, x1, y1 = (0, 0, w, h) if box is None else [float(v) for v in box]
+    rng = np.random.default_rng(seed)
+    box = np.array([0, 0, w, h]) if box is None else np.asarray(box)
     delta = torch.zeros(6, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     for it in range(iterations):
         for group in opt.param_groups:
             group["lr"] = lr * 0.1 ** (it / max(1, iterations))
-        u = torch.rand(rays, 2, generator=gen)
-        px = torch.stack([x0 + u[:, 0] * (x1 - x0), y0 + u[:, 1] * (y1 - y0)], 1).long()
-        px[:, 0].clamp_(0, w - 1)
-        px[:, 1].clamp_(0, h - 1)
-        px = px.to(device)
+        px = torch.from_numpy(sample_pixels(rng, rays, box, w, h, inside_fraction=1.0)).to(device)
         ray = ray_utils.frame_rays(px, intrinsics, apply(pose, delta), box_min, box_max)
         loss = torch.mean((render_fn(ray, px) - image[px[:, 1], px[:, 0]]) ** 2)
         opt.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ class FitConfig:
     # Per-frame head-pose corrections learned with the field (avatar/posefit.py): the tracker's poses are off by
     # ~2° in a way smoothing cannot remove, which cost 6 dB on held-out frames of the synthetic subject.
     pose_refine: bool = True
-    pose_lr: float = 2e-3  # Adam on (rotation vector rad, translation in 1 mm units)
+    pose_lr: float = 2e-3  # Adam on (rotation vector in rad, translation in posefit.TRANSLATION_UNIT_CM units)
     pose_warmup: int = 300  # steps before the corrections move: the field needs a rough head first
     pose_l2: float = 1e-4  # pulls corrections toward the tracker (and fixes the gauge: field vs all poses)
     # Held-out frames: the tracked pose refined against the frame by the trained avatar before scoring (pose only;

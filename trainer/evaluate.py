@@ -4,8 +4,8 @@
 
 Renders the test frames (tracked expression and pose, the first training frame's latent code — the paper's
 protocol; each pose first refined against its frame by the avatar, as a photometric tracker would: the
-scores at the raw tracked poses are printed beside) and reports mean L1, PSNR, SSIM (LPIPS only where its weights are on disk: otherwise marked
-unavailable, never estimated) for the avatar and for the training image closest in expression and pose.
+scores at the raw tracked poses are printed beside) and reports mean L1, PSNR, SSIM (LPIPS only where its
+weights are on disk: otherwise marked unavailable, never estimated) for the avatar and for the training image closest in expression and pose.
 On a synthetic subject it also scores the novel/ ground-truth head poses. Writes metrics.json and PNG
 sheets (ground truth | render | error heat-map | normals from depth | foreground mask) into --out.
 
