@@ -11,6 +11,9 @@ DEVICE_HELP = "auto (CUDA when available, then MPS, then CPU), cpu, cuda, cuda:N
 # Samples per field call. The CPU wants the [hidden, chunk] activations in cache (16k: ~2× faster than a whole
 # frame at once); a GPU wants few, large launches (and a TensorRT profile whose opt size actually occurs).
 CPU_CHUNK, GPU_CHUNK = 1 << 14, 1 << 19
+# The torch engine on a GPU: a whole 512² frame (~1.6 M samples) in one decoder call; its activations take
+# ~64 × 4 B per sample, 1 GiB at this size.
+TORCH_GPU_CHUNK = 1 << 22
 
 
 def pick_device(name: str) -> torch.device:

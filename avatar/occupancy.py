@@ -38,6 +38,7 @@ class OccupancyGrid(nn.Module):
         self.visibility: Tensor | None = None  # max compositing weight per cell, while carving
         self._coarse: Tensor | None = None
         self._coarse_key: tuple | None = None
+        self._block_steps, self._block_key = 1, None
 
     def cell_centers(self, jitter: bool = False) -> Float[Tensor, "r3 3"]:
         r = self.resolution
@@ -110,8 +111,11 @@ class OccupancyGrid(nn.Module):
     def block_steps(self, step: float) -> int:
         """Steps per block such that half a block is shorter than a coarse cell on every axis: then a block whose
         midpoint is in an empty cell of the dilated coarse mask holds no occupied point."""
-        coarse_cell = float(((self.box_max - self.box_min) / self.coarse_mask().shape[0]).min())
-        return int(max(1, min(32, math.floor(2 * coarse_cell / step * 0.999))))
+        key = (step, self.coarse_mask().shape[0], self.box_min.data_ptr(), self.box_max.data_ptr())
+        if self._block_key != key:  # cached: the float() below is a host sync on a GPU, once per frame otherwise
+            coarse_cell = float(((self.box_max - self.box_min) / self.coarse_mask().shape[0]).min())
+            self._block_steps, self._block_key = int(max(1, min(32, math.floor(2 * coarse_cell / step * 0.999)))), key
+        return self._block_steps
 
     def coarse_occupied(self, points: Float[Tensor, "n 3"]) -> Tensor:
         """Bool ``[n]`` from the dilated coarse mask; indices are clamped to the box (see :meth:`block_steps`)."""
@@ -194,6 +198,8 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     (one lookup per block), the steps of the remaining blocks are culled one by one with the fine grid. Rays
     are marched ``blocks_per_round`` occupied blocks at a time; after each round rays whose transmittance is
     negligible stop (early termination). All work of a round is one packed field call — no per-ray loop.
+    ``blocks_per_round <= 0`` marches every occupied block in one pass (no early termination: few launches
+    and host syncs, for GPUs).
 
     ``query(points [m, 3], dirs [m, 3]) → (rgb [m, 3], sigma [m])`` is the field for this frame. With
     ``grid=None`` nothing is culled (rays still terminate early). ``on_samples(points, weights)`` sees every
@@ -224,15 +230,10 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
             mid = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
             keep = keep & grid.coarse_occupied(mid.reshape(-1, 3)).reshape(keep.shape)
         ray_of, block_of = torch.nonzero(keep, as_tuple=True)  # sorted by ray, then depth
-        counts = torch.bincount(ray_of, minlength=n)
-        rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
         ks = torch.arange(block, device=device)
-        for first in range(0, int(counts.max()) if n else 0, blocks_per_round):
-            sel = (rank >= first) & (rank < first + blocks_per_round)
-            sel &= trans[ray_of] > min_transmittance
-            rays, blocks = ray_of[sel], block_of[sel]
-            if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
-                break
+
+        def samples(rays: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """The occupied steps of these (ray, block) pairs: their rays, points and depths, sorted by ray, depth."""
             k = blocks[:, None] * block + ks[None, :]  # [m, block] step indices
             valid = k < steps_per_ray[rays, None]
             t = near[rays, None] + (k + offset[rays, None]) * step
@@ -240,16 +241,40 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
             if grid is not None:
                 valid = valid & grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)
             rows, cols = torch.nonzero(valid, as_tuple=True)
-            if rows.numel() == 0:
+            return rays[rows], pts[rows, cols], t[rows, cols]
+
+        if blocks_per_round <= 0:
+            # One pass: every occupied block of every ray in one packed field call, no early termination. On a
+            # GPU the per-round host syncs and small launches cost far more than the ~10 % more samples.
+            sample_rays, pts, t = samples(ray_of, block_of)
+            if sample_rays.numel():
+                rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
+                evaluated += sample_rays.numel()
+                out = composite_packed(sample_rays, t, sigma, rgb, step, n, trans)
+                if on_samples is not None:
+                    on_samples(pts, out["weights"])
+                color, depth, acc, trans = out["rgb"], out["depth"], out["alpha"], out["transmittance"]
+            rounds = 0
+        else:
+            counts = torch.bincount(ray_of, minlength=n)
+            rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
+            rounds = int(counts.max()) if n else 0
+        for first in range(0, rounds, max(blocks_per_round, 1)):
+            sel = (rank >= first) & (rank < first + blocks_per_round)
+            sel &= trans[ray_of] > min_transmittance
+            rays, blocks = ray_of[sel], block_of[sel]
+            if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
+                break
+            sample_rays, pts, t = samples(rays, blocks)
+            if sample_rays.numel() == 0:
                 continue
-            sample_rays = rays[rows]
             # Packed per ray: compact the ids of the rays this round touches.
             active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
-            rgb, sigma = _query_chunked(query, pts[rows, cols], dirs[sample_rays], chunk_samples)
-            evaluated += rows.numel()
-            out = composite_packed(local, t[rows, cols], sigma, rgb, step, active.numel(), trans[active])
+            rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
+            evaluated += sample_rays.numel()
+            out = composite_packed(local, t, sigma, rgb, step, active.numel(), trans[active])
             if on_samples is not None:
-                on_samples(pts[rows, cols], out["weights"])
+                on_samples(pts, out["weights"])
             color = color.index_add(0, active, out["rgb"])
             depth = depth.index_add(0, active, out["depth"])
             acc = acc.index_add(0, active, out["alpha"])

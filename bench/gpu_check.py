@@ -140,12 +140,16 @@ def timed_fps(engine, frames, size: int, count: int, seconds: float, device: tor
     return 1.0 / statistics.median(times), len(times)
 
 
-def render_check(args, device: torch.device, bundle: Path, budget: Budget, fraction: float) -> list[dict]:
+def render_check(args, device: torch.device, bundle: Path, budget: Budget, fraction: float,
+                 results: dict) -> list[dict]:
     from avatar.bundle import load_bundle
     from avatar.engines import TorchEngine
     from export.build import parity_frames
 
     stage_end = time.perf_counter() + budget.share(fraction)
+    variants = args.variants == "on" or (args.variants == "auto" and device.type == "cuda")
+    # with variants, the plain rows get less than half of the stage's time (they stop at --frames anyway)
+    main_end = stage_end - (stage_end - time.perf_counter()) * (0.55 if variants else 0.0)
     loaded = load_bundle(bundle)  # on the CPU; the device engine takes its own copy
     frames = parity_frames(loaded, max(args.frames, 4), seed=1)
     cpu_engine = TorchEngine(loaded)
@@ -153,17 +157,17 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
     rows = []
     sizes = [int(s) for s in args.sizes.split(",")]
     for i, size in enumerate(sizes):
-        per_size = max(1.0, (stage_end - time.perf_counter()) / (len(sizes) - i))
+        per_size = max(1.0, (main_end - time.perf_counter()) / (len(sizes) - i))
         fps, n = timed_fps(dev_engine, frames, size, args.frames, per_size * 0.5, device)
         # CPU reference on as many of the same frames as its share of the time allows (at least 2)
         ref_frames, ref, t0 = [], [], time.perf_counter()
         for f in frames:
-            if len(ref) >= 2 and time.perf_counter() - t0 > per_size * 0.35:
+            if len(ref) >= 2 and (time.perf_counter() - t0 > per_size * 0.35 or len(ref) >= args.frames):
                 break
             ref.append(frames_rgb(cpu_engine, [f], size)[0])
             ref_frames.append(f)
         diff = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
-        row = {"engine": "torch", "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
+        row = {"engine": "torch" + (", compiled decoder" if dev_engine.compiled else ""), "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
                "parity_frames": len(ref_frames), "max_abs_diff_255": diff}
         if device.type == "cuda":  # the same frames with full-fp32 matmuls, to see what TF32 costs in pixels
             tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -172,11 +176,87 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
                 row["max_abs_diff_255_without_tf32"] = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
+        row["samples_per_frame"] = dev_engine.last_samples
         say(f"render torch on {device} at {size}²: {row['fps_median']} fps (median of {n}); max |Δ| vs CPU "
             f"{diff:.0f}/255 over {len(ref_frames)} frames" +
             (f" ({row['max_abs_diff_255_without_tf32']:.0f}/255 without TF32)" if "max_abs_diff_255_without_tf32" in row
              else ""))
         rows.append(row)
+    if variants:
+        # its own stage: a failure there must not lose the rows above
+        extra = run_stage("b2 render variants", results, render_variants, args, loaded, dev_engine, frames,
+                          max(sizes), stage_end, ref_frames, ref, device)
+        rows += extra or []
+    return rows
+
+
+def _tf32_engine_class():
+    from avatar.engines import TorchEngine
+
+    class Tf32DecoderEngine(TorchEngine):
+        """TF32 only for the decoder's matmuls (rays and compositing stay fp32)."""
+
+        def decode(self, state, points, dirs):
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return super().decode(state, points, dirs)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+
+    return Tf32DecoderEngine
+
+
+def render_variants(args, loaded, engine, frames, size: int, stage_end: float, ref_frames, ref,
+                    device: torch.device) -> list[dict]:
+    """At the largest size: the CPU's marching plan (rounds of 2 blocks with early termination) beside the GPU's
+    one pass, the fp16 decoder, and a profile of the default plan (top ops by CUDA time, into $OUT)."""
+    from avatar.engines import TorchEngine
+    from export.build import HalfTorchEngine
+
+    Tf32DecoderEngine = _tf32_engine_class()
+    rows = []
+    default = engine.blocks_per_round
+    variants = [("rounds of 2 blocks (the CPU plan)", lambda: engine, 2),
+                ("compiled decoder (torch.compile)", lambda: TorchEngine(loaded, device=device, compile=True), default),
+                ("fp16 decoder", lambda: HalfTorchEngine(loaded, device=device), default),
+                ("compiled fp16 decoder", lambda: HalfTorchEngine(loaded, device=device, compile=True), default),
+                ("TF32 decoder matmuls, eager", lambda: Tf32DecoderEngine(loaded, device=device, compile=False), default)]
+    if not args.compile:
+        variants = [v for v in variants if "compiled" not in v[0]]
+    for i, (label, make, bpr) in enumerate(variants):
+        if time.perf_counter() > stage_end:
+            say(f"variant {label} skipped: the stage's time is spent")
+            break
+        eng = make()
+        eng.blocks_per_round = bpr
+        t0 = time.perf_counter()
+        eng.render(*frames[0], size)  # (torch.compile compiles here)
+        first = time.perf_counter() - t0
+        share = max(1.0, (stage_end - time.perf_counter()) / (len(variants) - i) * 0.6)
+        fps, n = timed_fps(eng, frames, size, args.frames, share, device)
+        diff = max_diff(ref, frames_rgb(eng, ref_frames, size))
+        row = {"engine": f"torch, {label}", "device": str(device), "size": size, "fps_median": round(fps, 2),
+               "timed_frames": n, "parity_frames": len(ref_frames), "max_abs_diff_255": diff,
+               "samples_per_frame": eng.last_samples, "first_frame_seconds": round(first, 2)}
+        say(f"render torch, {label}, at {size}²: {row['fps_median']} fps (median of {n}), {eng.last_samples} samples; "
+            f"max |Δ| vs CPU {diff:.0f}/255; first frame {first:.1f} s")
+        rows.append(row)
+    engine.blocks_per_round = default
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for f in frames[:5]:
+                engine.render(*f, size)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
+        dest = Path(os.environ.get("OUT") or args.out)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / f"profile_{size}.txt").write_text(table + "\n")
+        say(f"profile of 5 frames at {size}² (top ops by {'CUDA' if cuda else 'CPU'} time):\n" + "\n".join(table.splitlines()[:18]))
+    except Exception as exc:  # noqa: BLE001 — the profile is extra information, never a failure of the stage
+        say(f"profile unavailable: {type(exc).__name__}: {exc}")
     return rows
 
 
@@ -216,8 +296,9 @@ def markdown(results: dict) -> str:
                          f"frame {r['baseline_psnr']:.2f} dB ({r['test_frames']} test frames) |")
     for r in results.get("render", []) or []:
         extra = f" ({r['max_abs_diff_255_without_tf32']:.0f}/255 without TF32)" if "max_abs_diff_255_without_tf32" in r else ""
-        lines.append(f"| render, torch on {r['device']} | {r['size']}² | {r['fps_median']:.1f} fps (median of "
-                     f"{r['timed_frames']}) | max Δ vs CPU render {r['max_abs_diff_255']:.0f}/255{extra} over "
+        samples = f", {r['samples_per_frame'] / 1e6:.2f} M samples/frame" if "samples_per_frame" in r else ""
+        lines.append(f"| render, {r['engine']} on {r['device']} | {r['size']}² | {r['fps_median']:.1f} fps (median of "
+                     f"{r['timed_frames']}){samples} | max Δ vs CPU render {r['max_abs_diff_255']:.0f}/255{extra} over "
                      f"{r['parity_frames']} frames |")
     o = results.get("onnx")
     if o:
@@ -239,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-frames", type=int, default=12, help="held-out test frames scored per training run")
     p.add_argument("--eval-pose-steps", type=int, default=None,
                    help="pose-refinement steps per scored test frame (trainer/fit.py's default when left out)")
+    p.add_argument("--variants", choices=["auto", "on", "off"], default="auto",
+                   help="at the largest size, also time the CPU's marching plan, the eager, fp16 and TF32 decoders, "
+                        "and profile the default engine (auto: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out the variants with the decoder under torch.compile (seconds of compiling each)")
+    p.add_argument("--bundle", default=None,
+                   help="render/ONNX stages on this trained avatar instead of training one (stages a are skipped)")
     p.add_argument("--stages", default="a1,a2,b,c", help="which stages to run (default all: a1,a2,b,c)")
     p.add_argument("--work", default="runs/gpu_check", help="where the trained avatars go")
     p.add_argument("--out", default="runs/gpu_check", help="where gpu_check.md/.json go when $OUT is not set")
@@ -266,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     # a) training: the smoke preset (pipeline check), then the default preset for most of the training share.
     # fit.py's own wrap-up (occupancy finalisation, evaluation) comes after --max-minutes: the shares leave room.
     stages = set(args.stages.split(","))
+    if args.bundle:
+        stages -= {"a1", "a2"}
     smoke = run_stage("a1 train smoke", results, train, args, device, "smoke", budget.share(0.06) / 60,
                       work / "smoke", 2) if "a1" in stages else None
     # fit.py's wrap-up after --max-minutes (occupancy, evaluation) took this long for the smoke run: keep room for it
@@ -274,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     main_row = run_stage("a2 train cpu preset", results, train, args, device, "cpu", main_minutes, work / "cpu",
                          args.eval_frames, budget=budget, needs_seconds=wrap_up + 3) if "a2" in stages else None
     results["train"] = [r for r in (smoke, main_row) if r]
-    bundle = work / "cpu" if main_row else work / "smoke" if smoke else None
+    bundle = Path(args.bundle) if args.bundle else work / "cpu" if main_row else work / "smoke" if smoke else None
     if bundle is not None and (bundle / "avatar.json").is_file():
         if "b" in stages:
             results["render"] = run_stage("b render torch", results, render_check, args, device, bundle, budget, 0.7,
-                                          budget=budget)
+                                          results, budget=budget)
         if "c" in stages:
             results["onnx"] = run_stage("c onnx runtime", results, onnx_check, args, device, bundle, budget, 0.8,
                                         budget=budget)

@@ -258,7 +258,7 @@ class HalfTorchEngine(TorchEngine):
 
     def decode(self, state, points, dirs):
         with torch.autocast(self.device.type, dtype=torch.float16):
-            rgb, sigma = self.model.field.decode(state[0], state[1], points, dirs)
+            rgb, sigma = self._decode(state[0], state[1], points, dirs)
         return rgb.float(), sigma.float()
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from avatar import volrend
@@ -35,7 +36,8 @@ def test_packed_composite_equals_dense_composite():
     torch.testing.assert_close(packed["alpha"], dense["alpha"])
 
 
-def test_culled_renderer_matches_the_dense_reference():
+@pytest.mark.parametrize("blocks_per_round", [2, 0])  # rounds with early termination (CPU), one pass (GPU)
+def test_culled_renderer_matches_the_dense_reference(blocks_per_round):
     rays = camera_rays()
     bg = torch.rand(rays["origins"].shape[0], 3)
     args = (rays["origins"], rays["dirs"], rays["near"], rays["far"], bg)
@@ -43,22 +45,27 @@ def test_culled_renderer_matches_the_dense_reference():
     grid = OccupancyGrid(*BOX, resolution=32, threshold=0.01)
     grid.finalize([lambda p: sphere_query(p, p)[1]])
     assert 0.01 < grid.occupied_fraction() < 0.3  # it does cull
-    culled = march_culled(sphere_query, grid, *args, step=0.2, min_transmittance=1e-4)
+    seen = []
+    culled = march_culled(sphere_query, grid, *args, step=0.2, min_transmittance=1e-4,
+                          blocks_per_round=blocks_per_round, on_samples=lambda p, w: seen.append(p.shape[0]))
     assert culled["samples"] < 0.3 * dense["samples"]
+    assert sum(seen) == culled["samples"] and (len(seen) == 1) == (blocks_per_round == 0)
     torch.testing.assert_close(culled["rgb"], dense["rgb"], atol=2e-3, rtol=0)
     torch.testing.assert_close(culled["alpha"], dense["alpha"], atol=2e-3, rtol=0)
 
 
-def test_rays_that_hit_nothing_and_empty_batches():
+@pytest.mark.parametrize("blocks_per_round", [2, 0])
+def test_rays_that_hit_nothing_and_empty_batches(blocks_per_round):
     rays = camera_rays(8)
     bg = torch.rand(64, 3)
     grid = OccupancyGrid(*BOX, resolution=8)
     grid.mask.zero_()  # nothing occupied
-    out = march_culled(sphere_query, grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], bg, step=0.5)
+    out = march_culled(sphere_query, grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], bg, step=0.5,
+                       blocks_per_round=blocks_per_round)
     torch.testing.assert_close(out["rgb"], bg)
     assert out["samples"] == 0
     empty = march_culled(sphere_query, grid, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0),
-                         torch.zeros(0, 3), step=0.5)
+                         torch.zeros(0, 3), step=0.5, blocks_per_round=blocks_per_round)
     assert empty["rgb"].shape == (0, 3)
 
 

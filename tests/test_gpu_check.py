@@ -32,7 +32,7 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(tmp_path / "blocked.py"), str(ROOT / "bench" / "gpu_check.py"),
                         "--data", str(dataset64), "--device", "cpu", "--budget-minutes", "1.5", "--sizes", "32",
-                        "--frames", "3", "--eval-frames", "2", "--eval-pose-steps", "0", "--stages", "a2,b,c",
+                        "--frames", "3", "--eval-frames", "2", "--eval-pose-steps", "0", "--stages", "a2,b,c", "--variants", "on", "--no-compile",
                         "--work", str(tmp_path / "work")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1"})
@@ -40,11 +40,13 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     assert "failed" not in r.stdout
     record = json.loads((out / "gpu_check.json").read_text())
     # (the smoke stage is left out here for time: it is the same code path with another preset)
-    assert all(stage["ok"] for stage in record["stages"].values()) and len(record["stages"]) == 3
+    assert all(stage["ok"] for stage in record["stages"].values()) and len(record["stages"]) == 4
     (main,) = record["train"]
     assert main["preset"] == "cpu" and main["steps"] > 0 and main["steps_per_second"] > 0
     assert main["baseline_psnr"] > 0 and main["test_psnr"] > 0
-    (render,) = record["render"]
+    render, rounds, half, tf32 = record["render"]
+    assert "rounds of 2" in rounds["engine"] and "fp16" in half["engine"] and half["samples_per_frame"] > 0
+    assert (out / "profile_32.txt").is_file()
     assert render["size"] == 32 and render["fps_median"] > 0 and render["max_abs_diff_255"] == 0  # CPU vs CPU
     assert record["onnx"]["provider"] == "CPUExecutionProvider" and record["onnx"]["max_abs_diff_255"] <= 2
     table = (out / "gpu_check.md").read_text()

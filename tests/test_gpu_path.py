@@ -119,6 +119,36 @@ def test_engine_on_another_device_leaves_the_shared_model_alone(bundle_copy):
     assert _on_device(loaded.model, torch.device("cpu")) is loaded.model
 
 
+def test_compiled_decoder_matches_eager_and_falls_back_in_one_line(bundle_copy, monkeypatch):
+    """The decoder under torch.compile renders what eager does; where compiling fails the
+    engine says so once and renders without it."""
+    from avatar.engines import TorchEngine
+    sys.path.insert(0, str(bundle_copy.parents[2]))
+    from export.build import parity_frames
+
+    loaded = load_bundle(bundle_copy)
+    frame = parity_frames(loaded, 2, seed=3)[1]
+    eager = TorchEngine(loaded, compile=False)
+    assert not eager.compiled and not TorchEngine(loaded).compiled  # off unless asked for
+    reference = (eager.render(*frame, 24)["rgb"] * 255).round()
+    compiled = TorchEngine(loaded, compile=True)
+    assert compiled.compiled
+    assert float(((compiled.render(*frame, 24)["rgb"] * 255).round() - reference).abs().max()) <= 1
+
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("Compiler: cc not found\nmore")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    lines = []
+    broken = TorchEngine(loaded, compile=True, log=lines.append)
+    first = (broken.render(*frame, 24)["rgb"] * 255).round()
+    broken.render(*frame, 24)
+    assert torch.equal(first, reference) and not broken.compiled
+    assert lines == ["torch.compile of the decoder failed here (Compiler: cc not found); rendering without it"]
+
+
 def test_fp16_parity_does_not_mutate_the_model(bundle_copy):
     sys.path.insert(0, str(bundle_copy.parents[2]))
     from export.build import fp16_parity, parity_frames
