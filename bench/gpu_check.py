@@ -7,8 +7,10 @@ Stages (each in its own try/except: a failure prints `stage X failed: reason` an
   a) train the fast field: the smoke preset, then the default (`cpu`) preset for a share of the budget —
      steps/s and held-out test PSNR beside the nearest-training-frame baseline;
   b) render 256² and 512² with the torch engine on --device: median frames/s over ≥ --frames frames after a
-     warm-up, and the largest pixel difference (/255) from the torch engine on the CPU, same frames and bundle
-     (with TF32 matmuls on, as rendered, and off);
+     warm-up, and the largest pixel difference (/255) from the torch engine on the CPU, same frames and bundle;
+     b2) on CUDA (or with --variants on), at the largest size: the CPU's marching plan (rounds of 2 blocks), the
+     decoder compiled, in fp16, compiled in fp16, with TF32 matmuls — and a torch.profiler table of the default
+     engine (profile_<size>.txt);
   c) ONNX export + ONNX Runtime with the best provider present (CUDA/TensorRT when onnxruntime-gpu is
      installed, else CPU — the table says which): frames/s and parity;
   d) a Markdown table (device name, date, torch version) printed and written with a JSON record into $OUT when
@@ -169,18 +171,9 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
         diff = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
         row = {"engine": "torch" + (", compiled decoder" if dev_engine.compiled else ""), "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
                "parity_frames": len(ref_frames), "max_abs_diff_255": diff}
-        if device.type == "cuda":  # the same frames with full-fp32 matmuls, to see what TF32 costs in pixels
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            try:
-                row["max_abs_diff_255_without_tf32"] = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
         row["samples_per_frame"] = dev_engine.last_samples
         say(f"render torch on {device} at {size}²: {row['fps_median']} fps (median of {n}); max |Δ| vs CPU "
-            f"{diff:.0f}/255 over {len(ref_frames)} frames" +
-            (f" ({row['max_abs_diff_255_without_tf32']:.0f}/255 without TF32)" if "max_abs_diff_255_without_tf32" in row
-             else ""))
+            f"{diff:.0f}/255 over {len(ref_frames)} frames")
         rows.append(row)
     if variants:
         # its own stage: a failure there must not lose the rows above
@@ -295,10 +288,9 @@ def markdown(results: dict) -> str:
                          f"{r['steps_per_second']:.2f} steps/s, test PSNR {r['test_psnr']:.2f} dB | nearest training "
                          f"frame {r['baseline_psnr']:.2f} dB ({r['test_frames']} test frames) |")
     for r in results.get("render", []) or []:
-        extra = f" ({r['max_abs_diff_255_without_tf32']:.0f}/255 without TF32)" if "max_abs_diff_255_without_tf32" in r else ""
         samples = f", {r['samples_per_frame'] / 1e6:.2f} M samples/frame" if "samples_per_frame" in r else ""
         lines.append(f"| render, {r['engine']} on {r['device']} | {r['size']}² | {r['fps_median']:.1f} fps (median of "
-                     f"{r['timed_frames']}){samples} | max Δ vs CPU render {r['max_abs_diff_255']:.0f}/255{extra} over "
+                     f"{r['timed_frames']}){samples} | max Δ vs CPU render {r['max_abs_diff_255']:.0f}/255 over "
                      f"{r['parity_frames']} frames |")
     o = results.get("onnx")
     if o:
@@ -321,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-pose-steps", type=int, default=None,
                    help="pose-refinement steps per scored test frame (trainer/fit.py's default when left out)")
     p.add_argument("--variants", choices=["auto", "on", "off"], default="auto",
-                   help="at the largest size, also time the CPU's marching plan, the eager, fp16 and TF32 decoders, "
+                   help="at the largest size, also time the CPU's marching plan, the compiled, fp16 and TF32 decoders, "
                         "and profile the default engine (auto: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the variants with the decoder under torch.compile (seconds of compiling each)")
