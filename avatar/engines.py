@@ -29,7 +29,7 @@ from avatar.bundle import LoadedAvatar
 from avatar.devices import GPU_CHUNK, TORCH_GPU_CHUNK, chunk_for
 from avatar.errors import UserError
 from avatar.fileio import read_json
-from avatar.occupancy import OccupancyGrid, march_culled
+from avatar.occupancy import OccupancyGrid, block_plan, march_culled, max_blocks
 
 ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE, ENGINES_FILE = "model.onnx", "blend.onnx", "occupancy.safetensors", "engines.json"
 TRT_MODEL = "model.plan"
@@ -96,7 +96,10 @@ class RenderEngine:
         # one pass (0), since there the per-round launches and host syncs cost more than the extra samples.
         self.blocks_per_round = loaded.sampling.blocks_per_round if self.device.type == "cpu" else 0
         self.chunk = chunk_for(self.device)
-        self._pixels: dict[int, Tensor] = {}
+        # a fixed block count on a GPU (no host sync, CUDA-graph friendly); the CPU finds the exact one per frame
+        self._n_blocks = None if self.device.type == "cpu" else max_blocks(
+            self.box_min, self.box_max, self.step, self.grid.block_steps(self.step))
+        self._pixels: dict[int, tuple[Tensor, Tensor]] = {}
         self._backgrounds: dict[tuple, Tensor] = {}
         self.last_samples = 0
 
@@ -108,6 +111,17 @@ class RenderEngine:
         raise NotImplementedError
 
     # -- everything else, shared -------------------------------------------------------------------------------
+    def front(self, size: int, expression: Float[Tensor, "e"], head_pose: Float[Tensor, "4 4"],
+              latent: Float[Tensor, "l"]) -> tuple[dict, object, dict]:
+        """The part of a frame whose shapes depend only on ``size``: the rays, the field's frame state and the
+        block plan (:func:`avatar.occupancy.block_plan`)."""
+        pixels, k = self._pixels[size]
+        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max)
+        state = self.frame_state(expression, latent)
+        plan = block_plan(self.grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], self.step,
+                          n_blocks=self._n_blocks)
+        return rays, state, plan
+
     def background(self, size: int, image: Tensor | None = None) -> Float[Tensor, "n 3"]:
         key = (size, id(image))
         if key not in self._backgrounds:
@@ -125,15 +139,14 @@ class RenderEngine:
         dev = self.device
         as_t = lambda a: torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float32, device=dev)
         expression, head_pose, latent = as_t(expression), as_t(head_pose), as_t(latent)
-        w, h = self.loaded.image_size
-        k = torch.as_tensor(self.loaded.intrinsics * (size / h), dtype=torch.float32, device=dev)
         if size not in self._pixels:
-            self._pixels = {size: ray_utils.pixel_grid(size, size, dev)}
-        rays = ray_utils.frame_rays(self._pixels[size], k, head_pose, self.box_min, self.box_max)
-        state = self.frame_state(expression, latent)
+            w, h = self.loaded.image_size
+            k = torch.as_tensor(self.loaded.intrinsics * (size / h), dtype=torch.float32, device=dev)
+            self._pixels = {size: (ray_utils.pixel_grid(size, size, dev), k)}
+        rays, state, plan = self.front(size, expression, head_pose, latent)
         out = march_culled(lambda p, d: self.decode(state, p, d), self.grid, rays["origins"], rays["dirs"],
                            rays["near"], rays["far"], self.background(size, background), self.step,
-                           blocks_per_round=self.blocks_per_round, chunk_samples=self.chunk)
+                           blocks_per_round=self.blocks_per_round, chunk_samples=self.chunk, plan=plan)
         self.last_samples = out["samples"]
         # one copy back to the host (each copy from a GPU is a sync), into page-locked memory on CUDA (about twice
         # as fast as pageable memory; torch's caching host allocator reuses the buffers)
@@ -150,21 +163,27 @@ class RenderEngine:
 
 class TorchEngine(RenderEngine):
     """The fast field itself. On a GPU a frame's samples go through the decoder in one call (no chunks: each
-    chunk is another ~25 launches). ``compile=True`` hands the decoder to ``torch.compile`` (dynamic sample
-    count): measured on an H200 at 512² (bench/gpu_check.py) it cuts the GPU time per frame from 5.6 to 4.0 ms,
-    but the frame rate there is bound by the host side (launches, syncs), so it moved 134 → 151 frames/s in one
-    run and 146 → 143 in another — off by default (it also costs seconds at the first frame). Where compiling
-    fails (no compiler, an old GPU) the engine says so in one line and renders without it."""
+    chunk is another ~25 launches), the fixed-shape front of each frame is a CUDA graph, and the decoder is
+    compiled by ``torch.compile`` (``compile="auto"``: on CUDA; dynamic sample count), which fuses its
+    elementwise work. Measured on an H200 at 512² (bench/gpu_check.py, 2026-11-26): 148 frames/s eager, 166
+    with the graph, 204 with the graph and the compiled decoder. Compiling takes a few seconds at the first
+    frame; where it fails (no compiler, an old GPU) the engine says so in one line and renders without it."""
 
     name = "torch"
 
     def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None,
-                 device: str | torch.device = "cpu", compile: bool = False,
+                 device: str | torch.device = "cpu", compile: bool | str = "auto", graphs: bool = True,
                  log: Callable[[str], None] | None = None):
         super().__init__(loaded, grid, step, device)
         if self.device.type != "cpu":
             self.chunk = TORCH_GPU_CHUNK
+        # On CUDA the fixed-shape front of a frame (rays, plane blend, block plan: ~70 small kernels) is captured
+        # once per size as a CUDA graph and replayed: one launch instead of ~70 (the frame is host-bound there).
+        self.graphs = graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple] = {}
         self._log = log or _stderr
+        if compile == "auto":
+            compile = self.device.type == "cuda"
         self._compiled = torch.compile(self.model.field.decode, dynamic=True) if compile else None
 
     @property
@@ -188,6 +207,41 @@ class TorchEngine(RenderEngine):
 
     def decode(self, state, points, dirs):
         return self._decode(state[0], state[1], points, dirs)
+
+    def front(self, size, expression, head_pose, latent):
+        if not self.graphs:
+            return super().front(size, expression, head_pose, latent)
+        if size not in self._graphs:
+            try:
+                captured = self._capture(size, expression, head_pose, latent)
+            except Exception as exc:  # noqa: BLE001 — a driver or torch without graph support: run it eagerly
+                self.graphs = False
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._log(f"CUDA graph capture failed here ({reason[:200]}); rendering without graphs")
+                return super().front(size, expression, head_pose, latent)
+            if len(self._graphs) >= 8:  # the live loop adapts its render size: keep the recent few
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[size] = captured
+        inputs, outputs, graph = self._graphs[size]
+        for static, value in zip(inputs, (expression, head_pose, latent)):
+            static.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _capture(self, size, expression, head_pose, latent):
+        """A CUDA graph of :meth:`RenderEngine.front` at ``size``, with its own input tensors."""
+        inputs = (expression.clone(), head_pose.clone(), latent.clone())
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up off the capture (lazy caches, cuBLAS handles)
+            for _ in range(2):
+                RenderEngine.front(self, size, *inputs)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = RenderEngine.front(self, size, *inputs)
+        return inputs, outputs, graph
 
 
 def onnx_providers(kind: str = "cpu", available: list[str] | None = None) -> list[str]:

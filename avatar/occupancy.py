@@ -186,12 +186,47 @@ def composite_packed(ray_indices: Int[Tensor, "m"], t: Float[Tensor, "m"], sigma
             "weights": weights}
 
 
+def max_blocks(box_min: Tensor, box_max: Tensor, step: float, block: int) -> int:
+    """An upper bound of the blocks any ray through the box needs (its diagonal in steps): a fixed shape for
+    :func:`block_plan`, known without looking at the rays (no host sync)."""
+    diagonal = float(torch.linalg.vector_norm((box_max - box_min).detach().cpu().double()))
+    return (math.ceil(diagonal / step) + 1 + block - 1) // block
+
+
+def block_plan(grid: OccupancyGrid | None, origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+               near: Float[Tensor, "n"], far: Float[Tensor, "n"], step: float, perturb: bool = False,
+               n_blocks: int | None = None) -> dict:
+    """Per ray: the offset of its fixed steps, their number, and which blocks of ``block`` steps the coarse grid
+    keeps (``keep [n, n_blocks]``; a block is kept when its midpoint lies in an occupied coarse cell).
+
+    With ``n_blocks`` given (e.g. :func:`max_blocks`) every shape is fixed by the ray count and nothing waits
+    for the device, so a GPU can replay this as one CUDA graph; blocks past a ray's end are never kept.
+    """
+    n = origins.shape[0]
+    device = origins.device
+    offset = torch.rand(n, device=device) if perturb else torch.full((n,), 0.5, device=device)
+    length = (far - near).clamp_min(0.0)
+    steps_per_ray = torch.ceil(length / step - offset).clamp_min(0).long()  # steps k with near+(k+off)·step < far
+    block = grid.block_steps(step) if grid is not None else 16
+    if n_blocks is None:
+        max_steps = int(steps_per_ray.max()) if n else 0
+        n_blocks = (max_steps + block - 1) // block
+    # Block b of a ray holds steps [b·block, (b+1)·block); its midpoint decides the coarse test.
+    b = torch.arange(n_blocks, device=device)
+    keep = b[None, :] * block < steps_per_ray[:, None]  # [n, nb]
+    if grid is not None and n_blocks > 0:
+        t_mid = near[:, None] + ((b[None, :] + 0.5) * block + offset[:, None] - 0.5) * step
+        mid = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
+        keep = keep & grid.coarse_occupied(mid.reshape(-1, 3)).reshape(keep.shape)
+    return {"offset": offset, "steps_per_ray": steps_per_ray, "keep": keep, "block": block}
+
+
 def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid: OccupancyGrid | None,
                  origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Float[Tensor, "n"],
                  far: Float[Tensor, "n"], background: Float[Tensor, "n 3"], step: float, blocks_per_round: int = 2,
                  perturb: bool = False, min_transmittance: float = 1e-3,
                  on_samples: Callable[[Tensor, Tensor], None] | None = None,
-                 chunk_samples: int | None = None) -> dict[str, Tensor]:
+                 chunk_samples: int | None = None, plan: dict | None = None) -> dict[str, Tensor]:
     """Render rays with fixed steps, two-level occupancy culling, packed evaluation and early termination.
 
     Each ray's fixed steps are grouped in blocks; a block is skipped when the coarse grid says it is empty
@@ -205,7 +240,8 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     ``grid=None`` nothing is culled (rays still terminate early). ``on_samples(points, weights)`` sees every
     evaluated sample (for visibility carving). Returns ``rgb``, ``depth``, ``alpha`` per ray and the number
     of field samples evaluated (``samples``). ``chunk_samples``: samples per field call (default: per device,
-    small on a CPU for its caches, large on a GPU for few launches).
+    small on a CPU for its caches, large on a GPU for few launches). ``plan``: this frame's :func:`block_plan`
+    when the caller made it already (the engines make it inside a CUDA graph).
     """
     n = origins.shape[0]
     device = origins.device
@@ -215,20 +251,10 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     acc = torch.zeros(n, device=device)
     trans = torch.ones(n, device=device)
     evaluated = 0
-    offset = torch.rand(n, device=device) if perturb else torch.full((n,), 0.5, device=device)
-    length = (far - near).clamp_min(0.0)
-    steps_per_ray = torch.ceil(length / step - offset).clamp_min(0).long()  # steps k with near+(k+off)·step < far
-    block = grid.block_steps(step) if grid is not None else 16
-    max_steps = int(steps_per_ray.max()) if n else 0
-    if max_steps > 0:
-        n_blocks = (max_steps + block - 1) // block
-        # Block b of a ray holds steps [b·block, (b+1)·block); its midpoint decides the coarse test.
-        b = torch.arange(n_blocks, device=device)
-        keep = b[None, :] * block < steps_per_ray[:, None]  # [n, nb]
-        if grid is not None:
-            t_mid = near[:, None] + ((b[None, :] + 0.5) * block + offset[:, None] - 0.5) * step
-            mid = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
-            keep = keep & grid.coarse_occupied(mid.reshape(-1, 3)).reshape(keep.shape)
+    if plan is None:
+        plan = block_plan(grid, origins, dirs, near, far, step, perturb)
+    offset, steps_per_ray, keep, block = plan["offset"], plan["steps_per_ray"], plan["keep"], plan["block"]
+    if keep.shape[1] > 0:
         ray_of, block_of = torch.nonzero(keep, as_tuple=True)  # sorted by ray, then depth
         ks = torch.arange(block, device=device)
 

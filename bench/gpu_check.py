@@ -9,8 +9,8 @@ Stages (each in its own try/except: a failure prints `stage X failed: reason` an
   b) render 256² and 512² with the torch engine on --device: median frames/s over ≥ --frames frames after a
      warm-up, and the largest pixel difference (/255) from the torch engine on the CPU, same frames and bundle;
      b2) on CUDA (or with --variants on), at the largest size: the CPU's marching plan (rounds of 2 blocks), the
-     decoder compiled, in fp16, compiled in fp16, with TF32 matmuls — and a torch.profiler table of the default
-     engine (profile_<size>.txt);
+     frame's front run eagerly instead of as a CUDA graph, the decoder not compiled, in fp16, with TF32 matmuls
+     — and a torch.profiler table of the default engine (profile_<size>.txt);
   c) ONNX export + ONNX Runtime with the best provider present (CUDA/TensorRT when onnxruntime-gpu is
      installed, else CPU — the table says which): frames/s and parity;
   d) a Markdown table (device name, date, torch version) printed and written with a JSON record into $OUT when
@@ -169,7 +169,8 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
             ref.append(frames_rgb(cpu_engine, [f], size)[0])
             ref_frames.append(f)
         diff = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
-        row = {"engine": "torch" + (", compiled decoder" if dev_engine.compiled else ""), "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
+        label = ", ".join(x for x, on in (("CUDA-graph front", dev_engine.graphs), ("compiled decoder", dev_engine.compiled)) if on)
+        row = {"engine": "torch" + (f" ({label})" if label else ""), "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
                "parity_frames": len(ref_frames), "max_abs_diff_255": diff}
         row["samples_per_frame"] = dev_engine.last_samples
         say(f"render torch on {device} at {size}²: {row['fps_median']} fps (median of {n}); max |Δ| vs CPU "
@@ -211,12 +212,10 @@ def render_variants(args, loaded, engine, frames, size: int, stage_end: float, r
     rows = []
     default = engine.blocks_per_round
     variants = [("rounds of 2 blocks (the CPU plan)", lambda: engine, 2),
-                ("compiled decoder (torch.compile)", lambda: TorchEngine(loaded, device=device, compile=True), default),
+                ("front without CUDA graphs", lambda: TorchEngine(loaded, device=device, graphs=False), default),
+                ("eager decoder (no torch.compile)", lambda: TorchEngine(loaded, device=device, compile=False), default),
                 ("fp16 decoder", lambda: HalfTorchEngine(loaded, device=device), default),
-                ("compiled fp16 decoder", lambda: HalfTorchEngine(loaded, device=device, compile=True), default),
                 ("TF32 decoder matmuls, eager", lambda: Tf32DecoderEngine(loaded, device=device, compile=False), default)]
-    if not args.compile:
-        variants = [v for v in variants if "compiled" not in v[0]]
     for i, (label, make, bpr) in enumerate(variants):
         if time.perf_counter() > stage_end:
             say(f"variant {label} skipped: the stage's time is spent")
@@ -313,10 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-pose-steps", type=int, default=None,
                    help="pose-refinement steps per scored test frame (trainer/fit.py's default when left out)")
     p.add_argument("--variants", choices=["auto", "on", "off"], default="auto",
-                   help="at the largest size, also time the CPU's marching plan, the compiled, fp16 and TF32 decoders, "
-                        "and profile the default engine (auto: on CUDA only)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="leave out the variants with the decoder under torch.compile (seconds of compiling each)")
+                   help="at the largest size, also time the CPU's marching plan, the front without CUDA graphs, the "
+                        "eager, fp16 and TF32 decoders, and profile the default engine (auto: on CUDA only)")
     p.add_argument("--bundle", default=None,
                    help="render/ONNX stages on this trained avatar instead of training one (stages a are skipped)")
     p.add_argument("--stages", default="a1,a2,b,c", help="which stages to run (default all: a1,a2,b,c)")

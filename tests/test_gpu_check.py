@@ -32,7 +32,7 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(tmp_path / "blocked.py"), str(ROOT / "bench" / "gpu_check.py"),
                         "--data", str(dataset64), "--device", "cpu", "--budget-minutes", "1.5", "--sizes", "32",
-                        "--frames", "3", "--eval-frames", "2", "--eval-pose-steps", "0", "--stages", "a2,b,c", "--variants", "on", "--no-compile",
+                        "--frames", "3", "--eval-frames", "2", "--eval-pose-steps", "0", "--stages", "a2,b,c", "--variants", "on",
                         "--work", str(tmp_path / "work")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1"})
@@ -44,7 +44,7 @@ def test_gpu_check_runs_on_the_cpu_without_mediapipe_av_aiortc(dataset64, tmp_pa
     (main,) = record["train"]
     assert main["preset"] == "cpu" and main["steps"] > 0 and main["steps_per_second"] > 0
     assert main["baseline_psnr"] > 0 and main["test_psnr"] > 0
-    render, rounds, half, tf32 = record["render"]
+    render, rounds, eager_front, eager, half, tf32 = record["render"]
     assert "rounds of 2" in rounds["engine"] and "fp16" in half["engine"] and half["samples_per_frame"] > 0
     assert (out / "profile_32.txt").is_file()
     assert render["size"] == 32 and render["fps_median"] > 0 and render["max_abs_diff_255"] == 0  # CPU vs CPU

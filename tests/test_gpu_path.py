@@ -129,7 +129,7 @@ def test_compiled_decoder_matches_eager_and_falls_back_in_one_line(bundle_copy, 
     loaded = load_bundle(bundle_copy)
     frame = parity_frames(loaded, 2, seed=3)[1]
     eager = TorchEngine(loaded, compile=False)
-    assert not eager.compiled and not TorchEngine(loaded).compiled  # off unless asked for
+    assert not eager.compiled and not TorchEngine(loaded).compiled  # auto: compiled on CUDA only
     reference = (eager.render(*frame, 24)["rgb"] * 255).round()
     compiled = TorchEngine(loaded, compile=True)
     assert compiled.compiled
@@ -147,6 +147,64 @@ def test_compiled_decoder_matches_eager_and_falls_back_in_one_line(bundle_copy, 
     broken.render(*frame, 24)
     assert torch.equal(first, reference) and not broken.compiled
     assert lines == ["torch.compile of the decoder failed here (Compiler: cc not found); rendering without it"]
+
+
+def test_fixed_block_count_plan_renders_the_same(bundle_copy):
+    """The GPU's block plan has a fixed shape (the box diagonal's block count, no host sync): the blocks past
+    every ray's end are never kept, so the frame is the same as with the exact count the CPU computes."""
+    from avatar.engines import TorchEngine
+    from avatar.occupancy import block_plan, max_blocks
+    from avatar.rays import frame_rays, intersect_box, pixel_grid
+    sys.path.insert(0, str(bundle_copy.parents[2]))
+    from export.build import parity_frames
+
+    loaded = load_bundle(bundle_copy)
+    frame = parity_frames(loaded, 2, seed=4)[1]
+    exact = TorchEngine(loaded)
+    fixed = TorchEngine(loaded)
+    fixed._n_blocks = max_blocks(fixed.box_min, fixed.box_max, fixed.step, fixed.grid.block_steps(fixed.step))
+    k = torch.as_tensor(loaded.intrinsics * (24 / loaded.image_size[1]), dtype=torch.float32)
+    rays = frame_rays(pixel_grid(24, 24), k, torch.as_tensor(frame[1], dtype=torch.float32), fixed.box_min, fixed.box_max)
+    args = (fixed.grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], fixed.step)
+    a, b = block_plan(*args), block_plan(*args, n_blocks=fixed._n_blocks)
+    assert b["keep"].shape[1] > a["keep"].shape[1] > 0
+    assert torch.equal(b["keep"][:, :a["keep"].shape[1]], a["keep"]) and not b["keep"][:, a["keep"].shape[1]:].any()
+    assert torch.equal(exact.render(*frame, 24)["rgb"], fixed.render(*frame, 24)["rgb"])
+    # the bound holds for the longest rays there are (the box's diagonals, steps starting at offset 0), and is
+    # tight: one block of slack at most
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lo = torch.tensor(rng.uniform(-15, -5, 3), dtype=torch.float32)
+        hi = torch.tensor(rng.uniform(5, 15, 3), dtype=torch.float32)
+        step, block = float(rng.uniform(0.1, 0.5)), int(rng.integers(1, 33))
+        corners = torch.stack([torch.where(torch.tensor([i & 1, i & 2, i & 4]).bool(), hi, lo) for i in range(8)])
+        dirs = (corners.flip(0) - corners) / (corners.flip(0) - corners).norm(dim=-1, keepdim=True)
+        near, far, _ = intersect_box(corners - dirs * 5.0, dirs, lo, hi)
+        needed = -(-int(torch.ceil((far - near).max() / step)) // block)
+        assert needed <= max_blocks(lo, hi, step, block) <= needed + 1
+
+
+def test_graph_capture_failure_falls_back_in_one_line(bundle_copy, monkeypatch):
+    from avatar.engines import TorchEngine
+    sys.path.insert(0, str(bundle_copy.parents[2]))
+    from export.build import parity_frames
+
+    loaded = load_bundle(bundle_copy)
+    frame = parity_frames(loaded, 2, seed=5)[1]
+    assert not TorchEngine(loaded).graphs  # CUDA only
+    lines = []
+    engine = TorchEngine(loaded, log=lines.append)
+    engine.graphs = True  # as on CUDA, where the capture then fails
+
+    def fails(*args):
+        raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+
+    monkeypatch.setattr(engine, "_capture", fails)
+    first = engine.render(*frame, 24)["rgb"]
+    engine.render(*frame, 24)
+    assert torch.equal(first, TorchEngine(loaded).render(*frame, 24)["rgb"]) and not engine.graphs
+    assert lines == ["CUDA graph capture failed here (operation not permitted when stream is capturing); "
+                     "rendering without graphs"]
 
 
 def test_fp16_parity_does_not_mutate_the_model(bundle_copy):

@@ -82,11 +82,23 @@ def test_split_indices():
     assert sum(len(v) for v in s.values()) == 120
 
 
-def test_prepare_cli_and_existing_output(subject, tmp_path):
+def test_prepare_cli_tracks_poses_photometrically_and_refuses_existing_output(subject, tmp_path):
     out = tmp_path / "cli"
-    r = run_script("trainer/prepare.py", str(subject / "video.mp4"), "--out", str(out), "--size", "64")
+    r = run_script("trainer/prepare.py", str(subject / "video.mp4"), "--out", str(out), "--size", "64",
+                   "--refine-poses", "0.05", "--refine-steps", "3", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "reprojection error" in r.stdout
+    assert "reprojection error" in r.stdout and "tracked photometrically" in r.stdout
+    assert not (out / ".posetrack").exists()  # the quick avatar is not left behind
+    report = json.loads((out / "report.json").read_text())
+    assert report["pose_tracking"]["steps_per_held_out_frame"] == 3
+    landmarks, tracked = report["head_pose_vs_truth_landmarks"], report["head_pose_vs_truth"]
+    assert tracked["poses"] == "photometrically tracked" and tracked["frames"] == landmarks["frames"]
+    for split in ("train", "test"):
+        frames = json.loads((out / f"transforms_{split}.json").read_text())["frames"]
+        moved = [np.abs(np.subtract(f["transform_matrix"], f["tracked_transform_matrix"])).max() for f in frames]
+        assert all(m < 2.0 for m in moved), (split, moved)  # corrected, and only slightly
+        # (this 3-second fit ends inside the trainer's pose warm-up: only the held-out frames are refined here)
+        assert split == "train" or max(moved) > 1e-4, (split, moved)
     again = run_script("trainer/prepare.py", str(subject / "video.mp4"), "--out", str(out), "--size", "64")
     assert again.returncode != 0 and "already exists" in again.stderr
 
