@@ -132,6 +132,15 @@ class RenderEngine:
             self._backgrounds = {key: bg.reshape(-1, 3).contiguous().to(self.device)}
         return self._backgrounds[key]
 
+    def warm_up(self, size: int) -> float:
+        """Render the avatar's neutral face at its reference pose once, so that one-time work (CUDA graph capture,
+        compiling the decoder, lazy caches) happens before the first live frame. Returns the seconds it took."""
+        start = time.perf_counter()
+        meta = self.loaded.meta
+        self.render(np.asarray(meta["expression_stats"]["neutral"], np.float32),
+                    np.asarray(meta["reference_head_pose"], np.float32), self.loaded.latent(0), size)
+        return time.perf_counter() - start
+
     @torch.inference_mode()
     def render(self, expression: np.ndarray | Tensor, head_pose: np.ndarray | Tensor, latent: np.ndarray | Tensor,
                size: int, background: Tensor | None = None) -> dict[str, Tensor]:

@@ -181,6 +181,9 @@ def run(cfg: LiveConfig, log=print) -> dict:
 
         background = torch.from_numpy(read_rgb(cfg.background).astype(np.float32) / 255.0)
     engine = open_engine(loaded, cfg.target, cfg.engine, device, log=log)
+    seconds = engine.warm_up(cfg.size)  # graph capture / compiling now, not on the first live frame
+    if seconds > 1.0:
+        log(f"engine warmed up in {seconds:.1f} s")
     controls = Controls(pose_lock=cfg.pose_lock, gain=cfg.gain)
     latest: dict = {}
     sinks: list = []

@@ -193,6 +193,10 @@ def test_graph_capture_failure_falls_back_in_one_line(bundle_copy, monkeypatch):
     frame = parity_frames(loaded, 2, seed=5)[1]
     assert not TorchEngine(loaded).graphs  # CUDA only
     lines = []
+    spy = TorchEngine(loaded)
+    spy.front = lambda size, *a: (captured.append(size), TorchEngine.front(spy, size, *a))[1]
+    captured = []
+    assert spy.warm_up(20) > 0 and captured == [20]  # the live loop's warm-up renders once at its size
     engine = TorchEngine(loaded, log=lines.append)
     engine.graphs = True  # as on CUDA, where the capture then fails
 
