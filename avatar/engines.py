@@ -174,8 +174,8 @@ class TorchEngine(RenderEngine):
     """The fast field itself. On a GPU a frame's samples go through the decoder in one call (no chunks: each
     chunk is another ~25 launches), the fixed-shape front of each frame is a CUDA graph, and the decoder is
     compiled by ``torch.compile`` (``compile="auto"``: on CUDA; dynamic sample count), which fuses its
-    elementwise work. Measured on an H200 at 512² (bench/gpu_check.py, 2026-11-26): 148 frames/s eager, 166
-    with the graph, 204 with the graph and the compiled decoder. Compiling takes a few seconds at the first
+    elementwise work. Measured at 512² (bench/gpu_check.py, 2026-11-26): on an H200 148 frames/s eager, 166
+    with the graph, 194–204 with the graph and the compiled decoder; on an H100 180 (143 not compiled). Compiling takes a few seconds at the first
     frame; where it fails (no compiler, an old GPU) the engine says so in one line and renders without it."""
 
     name = "torch"
