@@ -44,6 +44,9 @@ class FitConfig:
     pose_lr: float = 2e-3  # Adam on (rotation vector in rad, translation in posefit.TRANSLATION_UNIT_CM units)
     pose_warmup: int = 300  # steps before the corrections move: the field needs a rough head first
     pose_l2: float = 1e-4  # pulls corrections toward the tracker (and fixes the gauge: field vs all poses)
+    # Steps during which every frame is rendered with the neutral expression: the poses then have to explain
+    # how the rigid head moves before any expression basis can (prepare's pose tracking uses it).
+    expression_warmup: int = 0
     # Held-out frames: the tracked pose refined against the frame by the trained avatar before scoring (pose only;
     # the tracked-pose score is kept beside it). 0 = score at the tracked poses only.
     eval_pose_steps: int = 40

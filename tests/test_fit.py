@@ -193,3 +193,30 @@ def test_a_256_fast_avatar_bundle_is_at_most_50_mb(tmp_path):
                 np.zeros((256, 256, 3), np.uint8))
     total = sum(p.stat().st_size for p in (tmp_path / "b").iterdir())
     assert total <= 50 * 2**20, total
+
+
+def test_expression_warmup_renders_the_calmest_expression_first(dataset64, tmp_path, monkeypatch):
+    """--expression-warmup N: the first N steps see one neutral expression (the calmest training frame's), the
+    rest each frame's own — prepare's pose tracking relies on it to let the poses, not the bases, move the head."""
+    import numpy as np
+
+    from avatar.dataset import load_split
+    from avatar.model import Avatar
+    from trainer import fit
+
+    seen = []
+    forward = Avatar.forward
+
+    def spy(self, rays, expression, *args, **kwargs):
+        seen.append(expression.detach().clone())
+        return forward(self, rays, expression, *args, **kwargs)
+
+    monkeypatch.setattr(Avatar, "forward", spy)
+    code = fit.main(["--data", str(dataset64), "--out", str(tmp_path / "a"), "--preset", "smoke", "--max-steps", "12",
+                     "--expression-warmup", "8", "--no-eval", "--seed", "3"])
+    assert code == 0 and len(seen) >= 12
+    train = load_split(dataset64, "train", with_images=False).expressions
+    calmest = train[np.abs(train).sum(1).argmin()]
+    first, rest = seen[:8], seen[8:12]
+    assert all(np.allclose(e.numpy(), calmest) for e in first)
+    assert not all(np.allclose(e.numpy(), calmest) for e in rest)

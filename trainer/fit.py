@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn a small head-pose correction per training frame with the field (default: on); "
                         "the tracker's poses are ~2° off, which blurs the head and cost 6 dB on held-out frames")
     p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections")
+    p.add_argument("--pose-warmup", type=int, help="steps before the pose corrections move (default 300)")
+    p.add_argument("--expression-warmup", type=int,
+                   help="steps rendered with the neutral expression before the expression bases take part (default 0)")
     p.add_argument("--plane-channels", type=int, help="fast field: feature channels per plane")
     p.add_argument("--hidden", type=int, help="fast field: width of its MLP")
     p.add_argument("--sparsity-weight", type=float, help="fast field: weight of the empty-space sparsity loss")
@@ -258,6 +261,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
     poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
     expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
+    calmest = int(expressions.abs().sum(1).argmin())  # the neutral stand-in during --expression-warmup
     boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
     rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + step)  # each rank its own frames and rays
 
@@ -285,13 +289,14 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             target = images[i, px[:, 1], px[:, 0]].float() / 255.0
             pose = posefit.apply(poses[i], pose_deltas[i]) if cfg.pose_refine else poses[i]
             rays = ray_utils.frame_rays(px, intrinsics, pose, model.box_min, model.box_max)
-            outputs = trainer_model(rays, expressions[i], i, background[px[:, 1], px[:, 0]], sampling, True)
+            expression = expressions[i] if step >= cfg.expression_warmup else expressions[calmest]
+            outputs = trainer_model(rays, expression, i, background[px[:, 1], px[:, 0]], sampling, True)
             mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
             loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
             if cfg.pose_refine:
                 loss = loss + cfg.pose_l2 * pose_deltas[i].pow(2).sum()
             if cfg.field == "fast":
-                loss = loss + fast_field_regularisers(cfg, model, expressions[i], i, sampling.step, outputs["planes"])
+                loss = loss + fast_field_regularisers(cfg, model, expression, i, sampling.step, outputs["planes"])
                 a = outputs["alpha"].clamp(1e-4, 1 - 1e-4)
                 loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
             if "rgb_coarse" in outputs:
