@@ -48,11 +48,20 @@ class LoadedAvatar:
         return self.model.latents[index].detach()
 
 
+def expression_activity(expressions: np.ndarray) -> np.ndarray:
+    """``[t]``: how much each frame of ``[t, e]`` expresses (entry 0 is MediaPipe's `_neutral` score, not one)."""
+    return expressions[:, 1:].sum(1)
+
+
+def neutral_index(expressions: np.ndarray) -> int:
+    """The training frame with the least expression: the avatar's neutral."""
+    return int(expression_activity(expressions).argmin())
+
+
 def expression_stats(expressions: np.ndarray) -> dict[str, list[float]]:
     """min, max, mean and a neutral expression (the training frame with the least expression) of ``[t, e]``."""
-    activity = expressions[:, 1:].sum(1)  # entry 0 is MediaPipe's `_neutral` score, not an expression
     return {"min": expressions.min(0).tolist(), "max": expressions.max(0).tolist(),
-            "mean": expressions.mean(0).tolist(), "neutral": expressions[int(activity.argmin())].tolist()}
+            "mean": expressions.mean(0).tolist(), "neutral": expressions[neutral_index(expressions)].tolist()}
 
 
 def expression_components(expressions: np.ndarray, count: int = 8) -> list[list[float]]:
@@ -74,8 +83,7 @@ def reference_pose(poses: np.ndarray, expressions: np.ndarray | None = None, cal
     """
     rows = np.arange(len(poses))
     if expressions is not None and len(expressions) == len(poses):
-        activity = expressions[:, 1:].sum(1)  # entry 0 is MediaPipe's `_neutral` score (as in expression_stats)
-        rows = np.argsort(activity)[: max(1, int(np.ceil(calm_fraction * len(poses))))]
+        rows = np.argsort(expression_activity(expressions))[: max(1, int(np.ceil(calm_fraction * len(poses))))]
     rot = poses[rows, :3, :3]
     mean = camera.align_canonical_rotations(rot, np.broadcast_to(np.eye(3), rot.shape))  # their chordal mean
     angles = np.arccos(np.clip((np.einsum("ij,tij->t", mean, rot) - 1) / 2, -1, 1))

@@ -175,8 +175,9 @@ class TorchEngine(RenderEngine):
     chunk is another ~25 launches), the fixed-shape front of each frame is a CUDA graph, and the decoder is
     compiled by ``torch.compile`` (``compile="auto"``: on CUDA; dynamic sample count), which fuses its
     elementwise work. Measured at 512² (bench/gpu_check.py, 2026-11-26): on an H200 148 frames/s eager, 166
-    with the graph, 194–204 with the graph and the compiled decoder; on an H100 180 (143 not compiled). Compiling takes a few seconds at the first
-    frame; where it fails (no compiler, an old GPU) the engine says so in one line and renders without it."""
+    with the graph, 194–204 with the graph and the compiled decoder; on an H100 180 (143 not compiled).
+    Compiling takes a few seconds at the first frame; where it fails (no compiler, an old GPU) the engine says so
+    in one line and renders without it (the same for the graph capture)."""
 
     name = "torch"
 
@@ -205,8 +206,7 @@ class TorchEngine(RenderEngine):
                 return self._compiled(planes, latent_bias, points, dirs)
             except Exception as exc:  # noqa: BLE001 — compiling can fail in many ways; eager always works
                 self._compiled = None
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._log(f"torch.compile of the decoder failed here ({reason[:200]}); rendering without it")
+                self._log(f"torch.compile of the decoder failed here ({_reason(exc)}); rendering without it")
         return self.model.field.decode(planes, latent_bias, points, dirs)
 
     def frame_state(self, expression, latent):
@@ -225,20 +225,20 @@ class TorchEngine(RenderEngine):
                 captured = self._capture(size, expression, head_pose, latent)
             except Exception as exc:  # noqa: BLE001 — a driver or torch without graph support: run it eagerly
                 self.graphs = False
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._log(f"CUDA graph capture failed here ({reason[:200]}); rendering without graphs")
+                self._log(f"CUDA graph capture failed here ({_reason(exc)}); rendering without graphs")
                 return super().front(size, expression, head_pose, latent)
             if len(self._graphs) >= 8:  # the live loop adapts its render size: keep the recent few
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[size] = captured
-        inputs, outputs, graph = self._graphs[size]
+        inputs, outputs, graph, _ = self._graphs[size]
         for static, value in zip(inputs, (expression, head_pose, latent)):
             static.copy_(value)
         graph.replay()
         return outputs
 
     def _capture(self, size, expression, head_pose, latent):
-        """A CUDA graph of :meth:`RenderEngine.front` at ``size``, with its own input tensors."""
+        """A CUDA graph of :meth:`RenderEngine.front` at ``size``, with its own input tensors. The pixel grid it
+        reads is kept with it: ``self._pixels`` holds one size only, and a graph replays raw device addresses."""
         inputs = (expression.clone(), head_pose.clone(), latent.clone())
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -250,7 +250,7 @@ class TorchEngine(RenderEngine):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = RenderEngine.front(self, size, *inputs)
-        return inputs, outputs, graph
+        return inputs, outputs, graph, self._pixels[size]
 
 
 def onnx_providers(kind: str = "cpu", available: list[str] | None = None) -> list[str]:
@@ -440,6 +440,12 @@ def engines_record(directory: str | Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line (its message's first line, else its type)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -458,8 +464,7 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
             try:
                 return open_engine(loaded, directory, candidate, device, log)
             except Exception as exc:  # any failure to open (missing library, stale plan, no GPU): fall back
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log(f"engine {candidate} unavailable here ({reason}); trying the next")
+                log(f"engine {candidate} unavailable here ({_reason(exc)}); trying the next")
         return TorchEngine(loaded, device=device)
     if name == "torch":
         return TorchEngine(loaded, device=device)

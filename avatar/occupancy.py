@@ -280,31 +280,29 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
                 if on_samples is not None:
                     on_samples(pts, out["weights"])
                 color, depth, acc, trans = out["rgb"], out["depth"], out["alpha"], out["transmittance"]
-            rounds = 0
         else:
             counts = torch.bincount(ray_of, minlength=n)
             rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
-            rounds = int(counts.max()) if n else 0
-        for first in range(0, rounds, max(blocks_per_round, 1)):
-            sel = (rank >= first) & (rank < first + blocks_per_round)
-            sel &= trans[ray_of] > min_transmittance
-            rays, blocks = ray_of[sel], block_of[sel]
-            if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
-                break
-            sample_rays, pts, t = samples(rays, blocks)
-            if sample_rays.numel() == 0:
-                continue
-            # Packed per ray: compact the ids of the rays this round touches.
-            active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
-            rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
-            evaluated += sample_rays.numel()
-            out = composite_packed(local, t, sigma, rgb, step, active.numel(), trans[active])
-            if on_samples is not None:
-                on_samples(pts, out["weights"])
-            color = color.index_add(0, active, out["rgb"])
-            depth = depth.index_add(0, active, out["depth"])
-            acc = acc.index_add(0, active, out["alpha"])
-            trans = trans.index_copy(0, active, out["transmittance"])
+            for first in range(0, int(counts.max()) if n else 0, blocks_per_round):
+                sel = (rank >= first) & (rank < first + blocks_per_round)
+                sel &= trans[ray_of] > min_transmittance
+                rays, blocks = ray_of[sel], block_of[sel]
+                if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
+                    break
+                sample_rays, pts, t = samples(rays, blocks)
+                if sample_rays.numel() == 0:
+                    continue
+                # Packed per ray: compact the ids of the rays this round touches.
+                active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
+                rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
+                evaluated += sample_rays.numel()
+                out = composite_packed(local, t, sigma, rgb, step, active.numel(), trans[active])
+                if on_samples is not None:
+                    on_samples(pts, out["weights"])
+                color = color.index_add(0, active, out["rgb"])
+                depth = depth.index_add(0, active, out["depth"])
+                acc = acc.index_add(0, active, out["alpha"])
+                trans = trans.index_copy(0, active, out["transmittance"])
     color = color + trans[:, None] * background
     depth = depth + trans * far
     return {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}

@@ -169,10 +169,11 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
             ref.append(frames_rgb(cpu_engine, [f], size)[0])
             ref_frames.append(f)
         diff = max_diff(ref, frames_rgb(dev_engine, ref_frames, size))
-        label = ", ".join(x for x, on in (("CUDA-graph front", dev_engine.graphs), ("compiled decoder", dev_engine.compiled)) if on)
-        row = {"engine": "torch" + (f" ({label})" if label else ""), "device": str(device), "size": size, "fps_median": round(fps, 2), "timed_frames": n,
-               "parity_frames": len(ref_frames), "max_abs_diff_255": diff}
-        row["samples_per_frame"] = dev_engine.last_samples
+        label = ", ".join(x for x, on in (("CUDA-graph front", dev_engine.graphs),
+                                          ("compiled decoder", dev_engine.compiled)) if on)
+        row = {"engine": "torch" + (f" ({label})" if label else ""), "device": str(device), "size": size,
+               "fps_median": round(fps, 2), "timed_frames": n, "parity_frames": len(ref_frames),
+               "max_abs_diff_255": diff, "samples_per_frame": dev_engine.last_samples}
         say(f"render torch on {device} at {size}²: {row['fps_median']} fps (median of {n}); max |Δ| vs CPU "
             f"{diff:.0f}/255 over {len(ref_frames)} frames")
         rows.append(row)
@@ -203,8 +204,9 @@ def _tf32_engine_class():
 
 def render_variants(args, loaded, engine, frames, size: int, stage_end: float, ref_frames, ref,
                     device: torch.device) -> list[dict]:
-    """At the largest size: the CPU's marching plan (rounds of 2 blocks with early termination) beside the GPU's
-    one pass, the fp16 decoder, and a profile of the default plan (top ops by CUDA time, into $OUT)."""
+    """At the largest size, beside the default engine: the CPU's marching plan (rounds of 2 blocks with early
+    termination), the front without CUDA graphs, the decoder eager, in fp16 and with TF32 matmuls; then a profile
+    of the default engine (top ops by CUDA time, into $OUT)."""
     from avatar.engines import TorchEngine
     from export.build import HalfTorchEngine
 

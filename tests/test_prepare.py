@@ -111,7 +111,7 @@ def no_face_video(path):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_video", "no_face", "bad_model", "bad_background"])
+@pytest.mark.parametrize("case", ["missing", "not_a_video", "no_face", "bad_model", "bad_background", "bad_device"])
 def test_bad_input_one_line_nonzero_nothing_written(case, subject, tmp_path):
     out = tmp_path / "X"
     video, extra = str(subject / "video.mp4"), []
@@ -125,6 +125,8 @@ def test_bad_input_one_line_nonzero_nothing_written(case, subject, tmp_path):
         extra = ["--landmarker", str(tmp_path / "missing.task")]
     elif case == "bad_background":
         extra = ["--background", str(ROOT / "README.md")]
+    elif case == "bad_device":  # refused before the landmark tracking writes the dataset
+        extra = ["--device", "cuda:7" if not __import__("torch").cuda.is_available() else "tpu"]
     r = run_script("trainer/prepare.py", video, "--out", str(out), *extra)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()

@@ -261,7 +261,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
     poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
     expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
-    calmest = int(expressions.abs().sum(1).argmin())  # the neutral stand-in during --expression-warmup
+    calmest = bundle_io.neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
     boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
     rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + step)  # each rank its own frames and rays
 

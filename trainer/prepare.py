@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/prepare.py`
 
 from avatar.dataset import PrepareConfig, prepare_dataset
-from avatar.devices import DEVICE_HELP
+from avatar.devices import DEVICE_HELP, pick_device
 from avatar.errors import UserError, run_cli
 
 
@@ -78,7 +78,6 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
 
     from avatar.bundle import load_bundle
     from avatar.dataset import SPLITS, load_split, pose_error_vs_truth, read_transforms
-    from avatar.devices import pick_device
     from avatar.evaluation import fitted_train_poses, refine_poses
     from avatar.fileio import read_json, write_json_atomic
     from avatar.posefit import delta_size
@@ -96,16 +95,14 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
         if code:
             raise UserError(f"the pose-tracking fit failed (exit {code}); run again with --refine-poses 0 to skip it")
         loaded = load_bundle(work, device=pick_device(device))
-        tracked, refined, corrections = {}, {}, {}
+        refined, corrections = {}, {}
         train = load_split(directory, "train", with_images=False)
-        tracked["train"] = train.poses
         refined["train"] = fitted_train_poses(loaded, train)
         corrections["train"] = delta_size(np.asarray(loaded.meta["pose_corrections"]))[0]
         for split in SPLITS:
             if split == "train":
                 continue
             frames = load_split(directory, split)
-            tracked[split] = frames.poses
             if len(frames) == 0:
                 refined[split], corrections[split] = frames.poses, np.zeros(0)
                 continue
@@ -161,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PrepareConfig(**{f.name: args[f.name] for f in fields(PrepareConfig)})
     if args["refine_poses"] < 0 or args["refine_steps"] < 1:
         raise UserError("--refine-poses must be ≥ 0 minutes and --refine-steps ≥ 1")
+    if args["refine_poses"] > 0:
+        pick_device(args["device"])  # a bad --device is refused before anything is written
     prepare_dataset(cfg)
     if args["refine_poses"] > 0:
         refine_dataset_poses(cfg.out, args["refine_poses"], args["refine_steps"], args["device"])
