@@ -12,12 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from avatar import camera
 from avatar.errors import UserError
-from avatar.fileio import read_json, write_bytes_atomic, write_json_atomic
+from avatar.fileio import read_json, read_safetensors, safetensors_bytes, write_bytes_atomic, write_json_atomic
 from avatar.model import Avatar, SamplingConfig
 
 BUNDLE_FORMAT = "nerface-avatar-bundle"
@@ -93,20 +91,63 @@ def reference_pose(poses: np.ndarray, expressions: np.ndarray | None = None, cal
 def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np.ndarray) -> None:
     """Write the bundle files atomically; ``avatar.json`` goes last, so its presence means complete."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # Weights are stored at half precision (half the size, no visible change); loading restores float32.
     tensors = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    write_bytes_atomic(directory / WEIGHTS_FILE, save(tensors))
     ok, png = cv2.imencode(".png", np.ascontiguousarray(background[..., ::-1]))
-    write_bytes_atomic(directory / BACKGROUND_FILE, png.tobytes())
     full = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "field": model.field_name,
             "field_hparams": model.hparams, "latent_dim": int(model.latents.shape[1]),
             "num_latents": int(model.latents.shape[0]), "weights": WEIGHTS_FILE, "background": BACKGROUND_FILE,
             "weights_dtype": "float16",
             "occupancy_resolution": int(model.occupancy.resolution) if hasattr(model, "occupancy") else None,
             **meta}
-    write_json_atomic(directory / META_FILE, full)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
+        write_bytes_atomic(directory / BACKGROUND_FILE, png.tobytes())
+        write_json_atomic(directory / META_FILE, full)
+    except OSError as exc:  # disk full, a file-size limit: each file written so far is whole, none half-written
+        raise UserError(f"cannot write the avatar bundle into {directory} ({exc.strerror or exc})") from None
+
+
+def _is_matrix(value, rows: int, cols: int) -> bool:
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return a.shape == (rows, cols) and bool(np.isfinite(a).all())
+
+
+def check_meta(meta: dict, meta_path: Path) -> None:
+    """Refuse an ``avatar.json`` whose values have the wrong types or shapes (valid JSON is not a valid bundle):
+    one line naming the key, instead of a traceback deep in the renderer."""
+    hp = meta["field_hparams"]
+    if not isinstance(hp, dict):
+        raise UserError(f"{meta_path}: 'field_hparams' must be an object")
+    dim = hp.get("expression_dim", 52)
+    checks = {
+        "intrinsics": _is_matrix(meta["intrinsics"], 1, 4) or _is_matrix([meta["intrinsics"]], 1, 4),
+        "image_size": (isinstance(meta["image_size"], list) and len(meta["image_size"]) == 2
+                       and all(isinstance(v, int) and 0 < v <= 8192 for v in meta["image_size"])),
+        "expression_names": (isinstance(meta["expression_names"], list) and len(meta["expression_names"]) == dim
+                             and all(isinstance(n, str) for n in meta["expression_names"])),
+        "latent_dim": isinstance(meta["latent_dim"], int) and 0 < meta["latent_dim"] <= 4096,
+        "num_latents": isinstance(meta["num_latents"], int) and 0 < meta["num_latents"] <= 1_000_000,
+        "sampling": isinstance(meta["sampling"], dict),
+    }
+    if "reference_head_pose" in meta:
+        checks["reference_head_pose"] = _is_matrix(meta["reference_head_pose"], 4, 4)
+    if "expression_stats" in meta:
+        stats = meta["expression_stats"]
+        checks["expression_stats"] = isinstance(stats, dict) and all(
+            _is_matrix([stats.get(k)], 1, dim) for k in ("neutral", "min", "max"))
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise UserError(f"{meta_path}: {bad[0]!r} has the wrong type or shape (a damaged or hand-edited bundle)")
+    try:
+        SamplingConfig(**meta["sampling"])
+    except TypeError as exc:
+        raise UserError(f"{meta_path}: bad 'sampling' ({exc})") from None
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> LoadedAvatar:
@@ -123,6 +164,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
                 "expression_names", "sampling"):
         if key not in meta:
             raise UserError(f"{meta_path} lacks {key!r}")
+    check_meta(meta, meta_path)
     hp = dict(meta["field_hparams"])
     hp.pop("latent_dim", None)
     try:
@@ -133,10 +175,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     weights_path = directory / meta.get("weights", WEIGHTS_FILE)
     if not weights_path.is_file():
         raise UserError(f"{directory} lacks its weights file {weights_path.name}")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    tensors, _ = read_safetensors(weights_path, "the avatar's weights", "copy the bundle again or retrain it")
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     if missing:

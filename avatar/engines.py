@@ -27,7 +27,7 @@ from torch import Tensor
 from avatar import rays as ray_utils
 from avatar.bundle import LoadedAvatar
 from avatar.devices import GPU_CHUNK, TORCH_GPU_CHUNK, chunk_for
-from avatar.errors import UserError
+from avatar.errors import DamagedFile, UserError
 from avatar.fileio import read_json
 from avatar.occupancy import OccupancyGrid, block_plan, march_culled, max_blocks
 
@@ -38,28 +38,27 @@ ENGINE_NAMES = ("torch", "onnxruntime", "tensorrt")
 
 def save_occupancy_cache(path: str | Path, grid: OccupancyGrid, step: float) -> None:
     """The grid the engines cull with (fine mask, its coarse level, the box, the marching step), atomically."""
-    from safetensors.torch import save
-
-    from avatar.fileio import write_bytes_atomic
+    from avatar.fileio import safetensors_bytes, write_bytes_atomic
 
     tensors = {"mask": grid.mask.to(torch.uint8).contiguous(), "coarse": grid.coarse_mask().to(torch.uint8).contiguous(),
                "box_min": grid.box_min.float().contiguous(), "box_max": grid.box_max.float().contiguous()}
-    write_bytes_atomic(path, save(tensors, metadata={"step": repr(float(step)), "coarse_factor": str(grid.coarse_factor)}))
+    write_bytes_atomic(path, safetensors_bytes(tensors, metadata={"step": repr(float(step)), "coarse_factor": str(grid.coarse_factor)}))
 
 
 def load_occupancy_cache(path: str | Path) -> tuple[OccupancyGrid, float]:
-    from safetensors import SafetensorError, safe_open
+    from avatar.fileio import read_safetensors
 
+    t, meta = read_safetensors(path, "the occupancy cache", "rebuild it with export/build.py")
     try:
-        with safe_open(str(path), "pt") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-        grid = OccupancyGrid(t["box_min"], t["box_max"], resolution=int(t["mask"].shape[0]))
+        r = int(t["mask"].shape[0])
+        if tuple(t["mask"].shape) != (r, r, r) or t["box_min"].shape != (3,) or t["box_max"].shape != (3,):
+            raise ValueError("tensors of the wrong shape")
+        grid = OccupancyGrid(t["box_min"], t["box_max"], resolution=r)
         grid.mask = t["mask"].bool()
         grid.coarse_factor = int(meta.get("coarse_factor", 4))
         return grid, float(meta["step"])
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable occupancy cache ({exc}); rebuild it with export/build.py") from None
+    except (KeyError, ValueError, RuntimeError, IndexError) as exc:
+        raise DamagedFile(f"{path} is not a readable occupancy cache ({exc}); rebuild it with export/build.py") from None
 
 
 def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -453,8 +452,13 @@ def _stderr(line: str) -> None:
 def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto", device: str | torch.device = "cpu",
                 log: Callable[[str], None] = _stderr) -> RenderEngine:
     """The engine called ``name`` on ``device``; ``auto`` takes the fastest one measured by export/build.py that
-    opens here (torch when nothing was exported), saying in one line via ``log`` why each faster one did not."""
+    opens here (torch when nothing was exported), saying in one line via ``log`` why each faster one did not.
+    A damaged file in the bundle (:class:`DamagedFile`) is fatal whichever engine would run: falling back past
+    it would hide a broken bundle."""
     device = torch.device(device)
+    cache = Path(directory) / OCCUPANCY_CACHE
+    if name in ("auto", "torch") and cache.is_file():
+        load_occupancy_cache(cache)  # the other engines read it themselves
     if name == "auto":
         record = engines_record(directory)
         ranked = sorted(record.get("fps", {}).items(), key=lambda kv: -kv[1])
@@ -463,6 +467,8 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
                 break
             try:
                 return open_engine(loaded, directory, candidate, device, log)
+            except DamagedFile:
+                raise
             except Exception as exc:  # any failure to open (missing library, stale plan, no GPU): fall back
                 log(f"engine {candidate} unavailable here ({_reason(exc)}); trying the next")
         return TorchEngine(loaded, device=device)

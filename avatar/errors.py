@@ -10,6 +10,10 @@ class UserError(Exception):
     """Bad input or environment: printed as one line (``error: …``) and exit code 2, no traceback."""
 
 
+class DamagedFile(UserError):
+    """A file that should be there is truncated, bit-flipped or malformed: fatal, never a reason to fall back."""
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; turn :class:`UserError` into one clear line and Ctrl-C into exit 130."""
     try:

@@ -93,3 +93,67 @@ def read_json(path: str | Path) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
+
+
+# -- safetensors with a checksum ---------------------------------------------------------------------------------
+# A safetensors file is an 8-byte header length, a JSON header, then raw tensor bytes. A flipped bit in the raw
+# bytes still loads (as a wrong number somewhere), so the writer stores the SHA-256 of those bytes in the
+# header's metadata and the reader checks it. Files written before this (no checksum) load unchecked.
+CHECKSUM_KEY = "sha256"
+
+
+def _split_safetensors(data: bytes) -> tuple[dict, bytes]:
+    """(header dict, raw tensor bytes) of a safetensors buffer; ValueError when it is not one."""
+    if len(data) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError("header length beyond the end of the file (truncated?)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("unreadable header")
+    return header, data[8 + n:]
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` (name → torch tensor) as safetensors bytes whose metadata holds the data's SHA-256."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    metadata = dict(metadata or {})
+    first = save(tensors, metadata=metadata)
+    _, raw = _split_safetensors(first)  # the data section does not depend on the header's contents
+    return save(tensors, metadata={**metadata, CHECKSUM_KEY: hashlib.sha256(raw).hexdigest()})
+
+
+def read_safetensors(path: str | Path, what: str = "file", fix: str = "") -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) from a safetensors file, checking its checksum when it has one. A missing,
+    truncated, bit-flipped or malformed file is a one-line :class:`UserError` naming ``what`` and ``fix``."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from avatar.errors import DamagedFile, UserError
+
+    path = Path(path)
+    hint = f"; {fix}" if fix else ""
+    try:
+        data = path.read_bytes()
+        header, raw = _split_safetensors(data)
+        meta = header.get("__metadata__") or {}
+        expected = meta.get(CHECKSUM_KEY)
+        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+            raise DamagedFile(f"{path} ({what}) is damaged: its contents do not match their checksum{hint}")
+        tensors = load(data)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path} ({what}) is missing{hint}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DamagedFile(f"{path} ({what}) is not a readable safetensors file ({str(exc).splitlines()[0][:160]}){hint}") from None
+    return tensors, dict(meta)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from avatar.devices import pick_device  # noqa: F401  (re-exported: the commands import it from here)
 from avatar.errors import UserError
-from avatar.fileio import write_bytes_atomic
+from avatar.fileio import read_safetensors, safetensors_bytes, write_bytes_atomic
 
 
 @dataclass
@@ -173,7 +172,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "param_groups": json.dumps(opt["param_groups"])}
-    write_bytes_atomic(path, save(tensors, metadata=meta))
+    try:
+        write_bytes_atomic(path, safetensors_bytes(tensors, metadata=meta))
+    except OSError as exc:  # disk full, file-size limit, read-only: the previous checkpoint is still whole
+        raise UserError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous one, if any, is "
+                        "intact — free some space and continue with --resume") from None
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -190,14 +193,9 @@ def checkpoint_step(path: str | Path) -> int | None:
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, torch.Tensor] | None = None) -> int:
     """Restore model and optimizer (and the ``extra`` tensors, in place) from :func:`save_checkpoint`; returns the step."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+    tensors, meta = read_safetensors(path, "the training checkpoint", "delete it to start over")
+    if "step" not in meta or "param_groups" not in meta:
+        raise UserError(f"checkpoint {path} lacks its step or optimiser settings; delete it to start over")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
