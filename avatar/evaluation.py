@@ -152,18 +152,21 @@ def evaluate(loaded: LoadedAvatar, data_dir: str | Path, out_dir: str | Path | N
         items, corrections = refine_poses(loaded, items, boxes, refine_iterations,
                                           progress="refining test poses" if progress else None)
     rows, renders = score(loaded, items, 0, sheets, "test", max(1, len(items) // 4), "test frames" if progress else None)
-    baseline_rows, nearest_images = [], []
+    baseline_rows, nearest_images, plate_rows = [], [], []
+    plate = loaded.background.cpu().numpy()  # a field that learned only to be transparent scores exactly this
     for i in idx:
         j = int(pose_expression_distance(test.expressions[i], test.poses[i], train.expressions, train.poses).argmin())
         nearest = train.read_image(j).astype(np.float32) / 255.0
         baseline_rows.append(metrics.image_metrics(nearest, test.images[i].astype(np.float32) / 255.0))
         nearest_images.append(nearest)
+        plate_rows.append(metrics.image_metrics(plate, test.images[i].astype(np.float32) / 255.0))
     result = {
         "protocol": "held-out test frames (the last part of the video), tracked expression and pose, "
                     "latent code of the first training frame"
                     + (f"; each pose refined on its frame by the avatar ({refine_iterations} steps, pose only)"
                        if refine_iterations > 0 else ""),
-        "test": {"avatar": metrics.mean_metrics(rows), "nearest_training_frame": metrics.mean_metrics(baseline_rows)},
+        "test": {"avatar": metrics.mean_metrics(rows), "nearest_training_frame": metrics.mean_metrics(baseline_rows),
+                 "background_only": metrics.mean_metrics(plate_rows)},
         "test_frames": [{"frame_index": int(test.frame_indices[i]), "avatar": r, "nearest_training_frame": b}
                         for i, r, b in zip(idx, rows, baseline_rows)],
     }

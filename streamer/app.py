@@ -36,12 +36,14 @@ class LiveConfig:
     fps: float = 15.0  # target frame rate: the render resolution adapts to hold it (0 = fixed resolution)
     background: str | None = None
     loop: bool = False
+    every_frame: bool = False
     max_frames: int = 0
     stats: str | None = None
     conditioning_log: str | None = None
     mode: str = "relative"
     pose_lock: bool = False
     gain: float = 1.0
+    smoothing: float = 1.0
     components: int = 0
     latent: int = 0
     host: str = "127.0.0.1"
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(implies --source demo clip --loop, --sink webrtc)")
     p.add_argument("--source", help="camera index (0), /dev/videoN, or a video file (default 0)")
     p.add_argument("--loop", action="store_true", help="start a video-file source over when it ends")
+    p.add_argument("--every-frame", action="store_true",
+                   help="with a video file: process every frame in order on the clip's own clock instead of keeping "
+                        "real time (an offline render through the live path; slower than real time drops nothing)")
     p.add_argument("--sink", action="append", dest="sinks", metavar="SINK",
                    help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several; default webrtc)")
     p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py) | torch | "
@@ -79,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative (default): your changes from your neutral drive the avatar's neutral")
     p.add_argument("--pose-lock", action="store_true", help="drive the expression only; the head stays still")
     p.add_argument("--gain", type=float, default=1.0, help="expression gain (0–3)")
+    p.add_argument("--smoothing", type=float, default=1.0,
+                   help="temporal smoothing of the tracked face: 1 (default), more = steadier but slower to follow, "
+                        "0 = none")
     p.add_argument("--components", type=int, default=0,
                    help="project expressions onto this many principal components of the avatar's training set")
     p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: run until Ctrl-C)")
@@ -108,14 +116,16 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     else:
         cfg.target = args.target
     overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
-    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background, loop=cfg.loop or args.loop,
+    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background, loop=cfg.loop or args.loop, every_frame=args.every_frame,
                   max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
-                  pose_lock=args.pose_lock, gain=args.gain, components=args.components, host=args.host, port=args.port,
+                  pose_lock=args.pose_lock, gain=args.gain, smoothing=args.smoothing, components=args.components, host=args.host, port=args.port,
                   token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet)
     if not 32 <= cfg.size <= 2048 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
     if not 0 <= cfg.gain <= 3:
         raise UserError("--gain must be within 0–3")
+    if not 0 <= cfg.smoothing <= 10:
+        raise UserError("--smoothing must be within 0–10")
     if not cfg.sinks:
         cfg.sinks = ["webrtc"]
     for spec in cfg.sinks:  # before anything opens a camera or a port
@@ -198,7 +208,7 @@ def run(cfg: LiveConfig, log=print) -> dict:
     records: list[dict] = []
     conditioning: list[dict] = []
     try:
-        source = open_source(cfg.source, cfg.loop)
+        source = open_source(cfg.source, cfg.loop, cfg.every_frame)
         tracker = FaceTracker("video", cfg.landmarker)
         sinks = make_sinks(cfg, controls, lambda: latest)
         for s in sinks:
@@ -207,7 +217,7 @@ def run(cfg: LiveConfig, log=print) -> dict:
             if s.name == "virtualcam":
                 log(f"virtual camera: {s.device}")
         pipeline = LivePipeline(loaded, engine, tracker, cfg.size, cfg.fps,
-                                RetargetConfig(mode=cfg.mode, components=cfg.components), controls, background,
+                                RetargetConfig(mode=cfg.mode, components=cfg.components, smoothing=cfg.smoothing), controls, background,
                                 latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
         log(f"live: {engine.name} engine, {cfg.size}² output at up to {cfg.fps or '∞'} fps, sinks "
             f"{', '.join(s.name for s in sinks)}; Ctrl-C to stop")
@@ -230,7 +240,7 @@ def run(cfg: LiveConfig, log=print) -> dict:
                     last_status = time.monotonic()
                 continue
             waiting_since = None
-            out = pipeline.step(frame.rgb, frame.captured)
+            out = pipeline.step(frame.rgb, frame.media_time)
             t_deliver = time.monotonic()
             for sink in sinks:
                 if sink.name == "webrtc":
@@ -244,7 +254,8 @@ def run(cfg: LiveConfig, log=print) -> dict:
             records.append(rec)
             if cfg.conditioning_log:
                 conditioning.append({"expression": out.expression.tolist(), "head_pose": out.head_pose.tolist(),
-                                     "render_size": out.render_size, "latent": cfg.latent})
+                                     "render_size": out.render_size, "latent": cfg.latent,
+                                     "source_index": frame.index, "state": out.state})
             fps = _recent_fps(records)
             latest.update(state=out.state, render_size=out.render_size, fps=round(fps, 1),
                           latency_ms=round(rec["capture_to_sink_ms"], 1), frames=len(records))

@@ -5,6 +5,7 @@ Threads and sinks live around it (see :mod:`streamer.app`); this module has no I
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ class RetargetConfig:
     components: int = 0  # >0: project expressions onto this many principal components of the training expressions
     filter_min_cutoff: float = 1.5  # One Euro filter (Hz) for the blendshapes
     filter_beta: float = 0.5
+    pose_min_cutoff: float = 0.8  # … and for the head pose
+    smoothing: float = 1.0  # divides both cutoffs: 2 = steadier but slower to follow, 0 = no filtering at all
 
 
 class Retargeter:
@@ -57,8 +60,9 @@ class Retargeter:
                 raise UserError("--components: this avatar bundle has no expression components (made before they "
                                 "were stored); retrain it or leave --components out")
             self.basis = np.asarray(meta["expression_components"], np.float32)[: cfg.components]
-        self.expr_filter = OneEuroFilter(cfg.filter_min_cutoff, cfg.filter_beta)
-        self.pose_filter = PoseFilter()
+        scale = math.inf if cfg.smoothing <= 0 else 1.0 / cfg.smoothing  # an infinite cutoff passes the signal as is
+        self.expr_filter = OneEuroFilter(cfg.filter_min_cutoff * scale, cfg.filter_beta)
+        self.pose_filter = PoseFilter(cfg.pose_min_cutoff * scale)
         self._calib_expr: list[np.ndarray] = []
         self._calib_pose: list[np.ndarray] = []
         self.source_neutral: np.ndarray | None = None

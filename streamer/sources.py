@@ -22,6 +22,7 @@ class Frame:
     rgb: np.ndarray  # [h, w, 3] uint8
     captured: float  # time.monotonic() when it was read
     index: int  # frames read so far by the source (gaps = frames the consumer never took)
+    media_time: float  # when the frame happens (s): the capture time, or a clip's own clock with every_frame
 
 
 class FrameSource:
@@ -42,11 +43,18 @@ class FrameSource:
         self._thread.start()
         return self
 
-    def _publish(self, rgb: np.ndarray) -> None:
+    def _publish(self, rgb: np.ndarray, media_time: float | None = None) -> None:
         with self._cond:
-            self._slot = Frame(rgb, time.monotonic(), self.frames_read)
+            now = time.monotonic()
+            self._slot = Frame(rgb, now, self.frames_read, now if media_time is None else media_time)
             self.frames_read += 1
             self._cond.notify_all()
+
+    def _wait_until_taken(self) -> None:
+        """Block the reader until the consumer has taken the frame in the slot (``every_frame`` mode only)."""
+        with self._cond:
+            while self._slot is not None and self._slot.index != self._taken and not self._stop.is_set():
+                self._cond.wait(0.05)
 
     def _run_guarded(self) -> None:
         try:
@@ -73,6 +81,7 @@ class FrameSource:
             if self._slot is None or self._slot.index == self._taken:
                 return None
             self._taken = self._slot.index
+            self._cond.notify_all()  # an every_frame reader waits for this
             return self._slot
 
     def close(self) -> None:
@@ -82,26 +91,35 @@ class FrameSource:
 
 
 class VideoFileSource(FrameSource):
-    """Decodes a video file in real time (paced at its fps); ``loop`` starts it over at the end."""
+    """Decodes a video file in real time (paced at its fps); ``loop`` starts it over at the end.
 
-    def __init__(self, path: str | Path, loop: bool = False, speed: float = 1.0):
+    ``every_frame``: no pacing and no dropping — each frame waits until the consumer took the one before, and
+    carries the clip's own clock as ``media_time`` (offline processing: the result does not depend on speed).
+    """
+
+    def __init__(self, path: str | Path, loop: bool = False, speed: float = 1.0, every_frame: bool = False):
         from avatar.video import probe_video
 
         super().__init__()
         self.info = probe_video(path)  # a missing or undecodable file fails here, as one line
-        self.path, self.loop, self.speed = Path(path), loop, speed
+        self.path, self.loop, self.speed, self.every_frame = Path(path), loop, speed, every_frame
         self.fps = self.info.fps or 25.0
 
     def _run(self) -> None:
         from avatar.video import iter_frames
 
         period = 1.0 / (self.fps * self.speed)
+        origin = time.monotonic()
         while not self._stop.is_set():
             start = time.monotonic()
             count = 0
             for count, rgb in enumerate(iter_frames(self.path), 1):
                 if self._stop.is_set():
                     return
+                if self.every_frame:
+                    self._wait_until_taken()
+                    self._publish(rgb, origin + self.frames_read / self.fps)
+                    continue
                 wait = start + (count - 1) * period - time.monotonic()
                 if wait > 0:
                     self._stop.wait(wait)
@@ -160,8 +178,9 @@ class CameraSource(FrameSource):
         self._cap.release()
 
 
-def open_source(spec: str, loop: bool = False) -> FrameSource:
-    """``0`` / ``1`` … (camera index), ``/dev/videoN`` (camera), or a video file path."""
+def open_source(spec: str, loop: bool = False, every_frame: bool = False) -> FrameSource:
+    """``0`` / ``1`` … (camera index), ``/dev/videoN`` (camera), or a video file path (``every_frame``: see
+    :class:`VideoFileSource`; a camera is always live)."""
     if spec.isdigit():
         return CameraSource(int(spec))
     if spec.startswith("/dev/video"):
@@ -170,4 +189,4 @@ def open_source(spec: str, loop: bool = False) -> FrameSource:
         return CameraSource(spec)
     if not Path(spec).is_file():
         raise UserError(f"--source {spec}: no such camera index or video file")
-    return VideoFileSource(spec, loop=loop)
+    return VideoFileSource(spec, loop=loop, every_frame=every_frame)

@@ -6,7 +6,9 @@
 - Off the loopback interface every request needs the token the server prints (``?token=…`` or the
   ``X-Token`` header).
 - Each viewer's track pulls the newest frame when its encoder is ready: a slow viewer skips frames instead
-  of queueing them, so it cannot delay the others or build up latency. Viewers are capped.
+  of queueing them, so it cannot delay the others or build up latency. Viewers are capped; a peer that has not
+  connected ``CONNECT_TIMEOUT_S`` after its offer is dropped (an offer whose candidates lead nowhere, or that lacks
+  ``a=end-of-candidates``, would otherwise hold a viewer slot forever).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from streamer.sinks import Sink
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_OFFER_BYTES = 64 * 1024
 CLOCK_RATE = 90_000
+CONNECT_TIMEOUT_S = 30.0
 
 
 def is_loopback(host: str) -> bool:
@@ -173,13 +176,13 @@ class WebRTCSink(Sink):
             if len(raw) > MAX_OFFER_BYTES:
                 return None
             body = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
             return None
         return body if isinstance(body, dict) else None
 
     async def _offer(self, request):
         from aiohttp import web
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
         body = await self._json_body(request)
         if (body is None or set(body) - {"sdp", "type"} or body.get("type") != "offer"
@@ -187,7 +190,9 @@ class WebRTCSink(Sink):
             return web.json_response({"error": 'expected JSON {"sdp": "v=0…", "type": "offer"}'}, status=400)
         if len(self.peers) >= self.max_viewers:
             return web.json_response({"error": f"too many viewers (max {self.max_viewers})"}, status=503)
-        pc = RTCPeerConnection()
+        # No STUN server: aiortc's default would ask Google's for every viewer; host candidates reach the
+        # loopback and the LAN, which is where this server is meant to be watched from.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.peers.add(pc)
 
         @pc.on("connectionstatechange")
@@ -196,6 +201,12 @@ class WebRTCSink(Sink):
                 await pc.close()
                 self.peers.discard(pc)
 
+        def give_up():  # ICE waits forever for candidates that nobody trickles: not connected by now, never
+            if pc.connectionState != "connected":
+                self.peers.discard(pc)
+                asyncio.ensure_future(pc.close())
+
+        asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, give_up)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
             pc.addTrack(_make_track(self.board, self.stats)())
@@ -222,7 +233,8 @@ class WebRTCSink(Sink):
             self.controls.recalibrate = True
         elif isinstance(body.get("pose_lock"), bool):
             self.controls.pose_lock = body["pose_lock"]
-        elif isinstance(body.get("gain"), (int, float)) and 0.0 <= body["gain"] <= 3.0:
+        elif (isinstance(body.get("gain"), (int, float)) and not isinstance(body["gain"], bool)
+              and 0.0 <= body["gain"] <= 3.0):  # (True is an int to Python, not a gain)
             self.controls.gain = float(body["gain"])
         else:
             return web.json_response({"error": 'expected {"action": "recalibrate"}, {"pose_lock": bool} or '

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from avatar.bundle import load_bundle
@@ -27,8 +28,10 @@ def smoke_bundle(dataset64, tmp_path_factory):
 def test_smoke_training_learns_and_is_evaluated(smoke_bundle):
     metrics = json.loads((smoke_bundle / "metrics.json").read_text())
     avatar, baseline = metrics["test"]["avatar"], metrics["test"]["nearest_training_frame"]
-    assert avatar["frames"] == baseline["frames"] == 3  # real renders of held-out frames, both rows
-    assert avatar["psnr"] > metrics["untrained"]["psnr"] + 1.0  # training helped
+    plate = metrics["test"]["background_only"]
+    assert avatar["frames"] == baseline["frames"] == plate["frames"] == 3  # the same held-out frames, every row
+    assert avatar["psnr"] > metrics["untrained"]["psnr"] + 1.0  # training helped …
+    assert avatar["psnr"] > plate["psnr"] + 1.0  # … and drew a head: a field that is only transparent scores `plate`
     assert metrics["training"]["loss_last_100_mean"] < metrics["training"]["loss_first"]
     assert "unavailable" in avatar["lpips"]
     assert "novel_poses" in metrics  # the synthetic subject's unseen head poses are scored too
@@ -70,18 +73,78 @@ def test_bundle_with_wrong_version_or_missing_tensor_is_refused(smoke_bundle, tm
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "lacks tensor" in r.stderr
 
 
+def _panels(path, count):
+    from avatar.video import iter_frames
+
+    frames = np.stack(list(iter_frames(path))).astype(np.float32)  # [t, h, w * count, 3]
+    return np.split(frames, count, axis=2)
+
+
 def test_render_offline_video(smoke_bundle, tmp_path):
-    out = tmp_path / "sweep.mp4"
+    out, plain = tmp_path / "sweep.mp4", tmp_path / "plain.mp4"
     r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(out), "--frames", "4", "--yaw=-20:20",
                    "--set", "jawOpen=+0.4", "--normals", "--mask")
+    assert r.returncode == 0, r.stderr
+    r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(plain), "--frames", "4")
     assert r.returncode == 0, r.stderr
     from avatar.video import probe_video
 
     info = probe_video(out)
     assert (info.width, info.height) == (64 * 3, 64)
+    rgb, normals, mask = _panels(out, 3)
+    (still,) = _panels(plain, 1)
+    assert np.abs(rgb[0] - rgb[-1]).mean() > 2  # the yaw sweep turns the head: first and last frames differ
+    assert np.abs(still[0] - still[-1]).max() < 4  # without a sweep nothing moves (video coding noise only)
+    # The expression edit alone, at the poses of the plain run:
+    edit = tmp_path / "edit.mp4"
+    r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(edit), "--frames", "4", "--set", "jawOpen=+0.4")
+    assert r.returncode == 0, r.stderr
+    (edited,) = _panels(edit, 1)
+    assert np.abs(still[-1] - still[0]).max() < 1  # a still clip: identical frames …
+    assert np.abs(edited[-1] - edited[0]).mean() > 0.05  # … the edit ramps in and changes the picture (this small
+    # avatar barely opens its mouth: 0.17 mean, 5/255 max here; a render.py that dropped the edit gives 0)
+    from trainer.render import build_parser, conditioning
+
+    loaded = load_bundle(smoke_bundle)
+    frames = conditioning(loaded, build_parser().parse_args([str(smoke_bundle), "--out", "x.mp4", "--frames", "3",
+                                                             "--yaw=-20:20", "--set", "jawOpen=+0.4"]))
+    jaw = loaded.meta["expression_names"].index("jawOpen")
+    neutral = np.asarray(loaded.meta["expression_stats"]["neutral"])
+    assert frames[0][1][jaw] == pytest.approx(neutral[jaw]) and frames[-1][1][jaw] == pytest.approx(min(1, neutral[jaw] + 0.4))
+    from avatar.camera import matrix_to_euler
+
+    ref = np.asarray(loaded.meta["reference_head_pose"])
+    yaws = [matrix_to_euler((np.linalg.inv(ref) @ pose)[:3, :3])[0] for pose, _ in frames]
+    assert yaws == pytest.approx([-20, 0, 20], abs=0.5)
+    # The mask panel is grey (alpha repeated), with foreground and background; normals are not the colour.
+    assert np.abs(mask[..., 0] - mask[..., 1]).max() < 4 and mask.max() > 128 and mask.min() < 64
+    assert np.abs(normals - rgb).mean() > 10
 
 
-def test_interrupted_training_resumes_to_the_same_step(dataset64, tmp_path):
+def test_render_driven_by_another_video(smoke_bundle, subject, tmp_path):
+    """--drive: the other video's tracked head motion (relative to its first frame) turns the avatar's head."""
+    from trainer.render import build_parser, conditioning
+
+    loaded = load_bundle(smoke_bundle)
+    frames = conditioning(loaded, build_parser().parse_args([str(smoke_bundle), "--out", "x.mp4", "--drive",
+                                                             str(subject / "video.mp4")]))
+    truth = json.loads((subject / "truth.json").read_text())["frames"]
+    assert len(frames) == len(truth)
+    from avatar.camera import matrix_to_euler
+
+    ref = np.asarray(loaded.meta["reference_head_pose"])
+    yaw = np.array([matrix_to_euler((np.linalg.inv(ref) @ pose)[:3, :3])[0] for pose, _ in frames])
+    true_yaw = np.array([f["yaw_pitch_roll_deg"][0] for f in truth])
+    assert np.corrcoef(yaw, true_yaw)[0, 1] > 0.8
+    out = tmp_path / "driven.mp4"
+    r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(out), "--drive", str(subject / "video.mp4"),
+                   "--frames", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rgb,) = _panels(out, 1)
+    assert len(rgb) == 5
+
+
+def test_interrupted_training_resumes_from_the_checkpoints_weights(dataset64, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
             "--max-steps", "60", "--checkpoint-every", "5", "--no-eval", *TINY_FIT]
@@ -95,6 +158,16 @@ def test_interrupted_training_resumes_to_the_same_step(dataset64, tmp_path):
     saved = checkpoint_step(ckpt)
     assert saved is not None and 15 <= saved < 60
     assert not (out / "avatar.json").exists()
+    checkpoint = {k[len("model."):]: v for k, v in load_file(ckpt).items() if k.startswith("model.")}
+    # Resumed with nothing left to train, the bundle holds exactly the checkpoint's weights (stored as fp16):
+    # a resume that ignored the checkpoint would train from scratch up to the same step and differ.
+    r = run_script("trainer/fit.py", "--out", str(out), "--resume", "--max-steps", str(saved), "--no-eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "avatar.json").read_text())["step"] == saved
+    weights = load_file(out / "weights.safetensors")
+    assert set(weights) == set(checkpoint)
+    for name, value in checkpoint.items():
+        assert torch.equal(weights[name], value.half() if value.is_floating_point() else value), name
     r = run_script("trainer/fit.py", "--out", str(out), "--resume", "--no-eval")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "avatar.json").read_text())["step"] == 60
@@ -123,6 +196,23 @@ def test_existing_run_needs_resume_or_overwrite(smoke_bundle):
     assert r.returncode != 0 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_fit_from_a_video_within_minutes_then_overwrite(subject, dataset64, tmp_path):
+    """--video prepares the dataset inside the run; --max-minutes ends it by time; --overwrite starts over."""
+    out = tmp_path / "run"
+    r = run_script("trainer/fit.py", "--video", str(subject / "video.mp4"), "--background", str(subject / "background.png"),
+                   "--size", "64", "--out", str(out), "--preset", "smoke", "--max-steps", "100000",
+                   "--max-minutes", "0.05", "--no-eval", *TINY_FIT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "avatar.json").read_text())
+    assert (out / "dataset" / "transforms_train.json").is_file() and meta["dataset"] == str(out / "dataset")
+    assert 0 < meta["step"] < 100000 and meta["training"]["seconds_this_session"] < 30
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
+                   "--max-steps", "7", "--no-eval", "--overwrite", *TINY_FIT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "avatar.json").read_text())
+    assert meta["step"] == 7 and meta["dataset"] == str(dataset64) and checkpoint_step(out / CHECKPOINT_FILE) == 7
+
+
 def test_missing_dataset_is_one_line(tmp_path):
     r = run_script("trainer/fit.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0
@@ -148,6 +238,7 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
     out = fast_bundle
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["avatar"]["psnr"] > metrics["untrained"]["psnr"] + 3.0
+    assert metrics["test"]["avatar"]["psnr"] > metrics["test"]["background_only"]["psnr"] + 1.0  # not transparent
     loaded = load_bundle(out)
     assert loaded.meta["field"] == "fast" and 0.0 < loaded.meta["occupied_fraction"]["after_carving"] <= loaded.meta["occupied_fraction"]["density"] < 1.0
     # Pose refinement: per-frame corrections learned with the field, and held-out poses refined before scoring
@@ -166,6 +257,32 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
     test = load_split(dataset64, "test")
     w, h = loaded.image_size
     dense = dataclasses.replace(loaded.sampling, culling=False)
+    # Every sample the culled marcher hands to the field lies in an occupied cell, and there are far fewer of
+    # them than the dense reference's (every step of every ray through the head box).
+    from avatar import rays as ray_utils
+    from avatar.occupancy import march_culled, march_dense
+
+    expr = torch.as_tensor(test.expressions[0], dtype=torch.float32)
+    cond = torch.cat([expr, loaded.latent(0)])
+    planes, bias = loaded.model.field.blend(cond), loaded.model.field.latent_bias(cond)
+    seen = []
+
+    def query(points, dirs):
+        seen.append(points)
+        return loaded.model.field.decode(planes, bias, points, dirs)
+
+    rays = ray_utils.frame_rays(ray_utils.pixel_grid(w, h, "cpu"), torch.as_tensor(loaded.intrinsics, dtype=torch.float32),
+                                torch.as_tensor(test.poses[0], dtype=torch.float32), loaded.model.box_min, loaded.model.box_max)
+    bg = loaded.background.reshape(-1, 3)
+    with torch.no_grad():
+        culled = march_culled(query, loaded.model.occupancy, rays["origins"], rays["dirs"], rays["near"], rays["far"],
+                              bg, loaded.sampling.step, blocks_per_round=0)
+        points = torch.cat(seen)
+        assert culled["samples"] == points.shape[0] > 0 and bool(loaded.model.occupancy.occupied(points).all())
+        seen.clear()
+        march_dense(query, rays["origins"], rays["dirs"], rays["near"], rays["far"], bg, loaded.sampling.step)
+    dense_samples = sum(int(((p >= loaded.model.box_min) & (p <= loaded.model.box_max)).all(-1).sum()) for p in seen)
+    assert culled["samples"] < 0.8 * dense_samples, (culled["samples"], dense_samples)  # 0.61 on this tiny avatar
     for i in range(min(3, len(test))):
         args = (loaded.model, test.poses[i], test.expressions[i], loaded.latent(0), loaded.intrinsics, w, h,
                 loaded.background)

@@ -84,7 +84,12 @@ def test_relative_retargeting_calibrates_clamps_holds_and_eases():
     held, _ = rt(None, t + 0.3)
     np.testing.assert_allclose(held, expr)  # no face: hold …
     assert rt.state == "no face: holding"
-    eased, _ = rt(None, t + 0.5 + 2.0)  # … then back to neutral
+    halfway, half_pose = rt(None, t + 0.5 + 0.5)  # … then ease linearly: half way after half the ease time …
+    np.testing.assert_allclose(halfway, expr + 0.5 * (0.1 - expr), atol=1e-6)
+    assert rt.state == "no face: easing to neutral"
+    half_yaw = matrix_to_euler((np.linalg.inv(np.asarray(_meta()["reference_head_pose"])) @ half_pose)[:3, :3])[0]
+    assert abs(half_yaw - yaw / 2) < 0.5
+    eased, _ = rt(None, t + 0.5 + 2.0)  # … and back to neutral
     np.testing.assert_allclose(eased, 0.1, atol=1e-6)
     controls.pose_lock = True
     t += 3
@@ -120,27 +125,92 @@ def test_filter_removes_jitter_of_a_still_face(subject):
 
 # -- the whole command -----------------------------------------------------------------------------------------
 
-def test_file_sink_holds_the_avatar_as_rendered_offline(fast_bundle, subject, tmp_path):
+def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fast_bundle, subject, tmp_path):
     out, cond, stats = tmp_path / "out.mp4", tmp_path / "cond.json", tmp_path / "stats.json"
+    # --every-frame: each source frame in order on the clip's clock, so what is logged does not depend on how
+    # fast this machine is; --smoothing 0: no filter lag between the truth and the log.
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop",
-                   "--sink", f"file:{out}", "--max-frames", "20", "--size", "128", "--fps", "0", "--engine", "torch",
-                   "--conditioning-log", str(cond), "--stats", str(stats), "--quiet", timeout=300)
+                   "--every-frame", "--smoothing", "0", "--sink", f"file:{out}", "--max-frames", "60", "--size", "64",
+                   "--fps", "0", "--engine", "torch", "--conditioning-log", str(cond), "--stats", str(stats), "--quiet",
+                   timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    from avatar.camera import matrix_to_euler
     from avatar.video import iter_frames
 
     frames = list(iter_frames(out))
     log = json.loads(cond.read_text())["frames"]
-    assert len(frames) == len(log) == 20
+    assert len(frames) == len(log) == 60
     loaded = load_bundle(fast_bundle)
     engine = TorchEngine(loaded)
     scores = []
     for frame, c in zip(frames, log):
         offline = compose(engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]),
-                                        c["render_size"])["rgb"], 128)
+                                        c["render_size"])["rgb"], 64)
         scores.append(psnr(frame / 255.0, offline / 255.0))
-    assert min(scores) >= 35, scores
+    # H.264 at crf 10 costs small frames most: 38.3 dB typical, 34.5 the worst of 60 here; a frame rendered from
+    # other conditioning scores far lower
+    assert np.median(scores) >= 36 and min(scores) >= 32, scores
+    # What was rendered follows the synthetic subject's true performance: a tracker or retargeter stuck at
+    # neutral (or reading the wrong blendshape) fails here, although the offline comparison above would pass.
+    truth = json.loads((subject / "truth.json").read_text())
+    names = [n.replace("_", "") for n in truth["expression_names"]]
+    assert [c["source_index"] for c in log] == list(range(60))  # every frame, in order
+    tracked = [c for c in log if c["state"].startswith("tracking")]
+    assert len(tracked) >= 50
+    frame_of = [c["source_index"] % len(truth["frames"]) for c in tracked]
+    jaw = loaded.meta["expression_names"].index("jawOpen")
+    ref_inv = np.linalg.inv(np.asarray(loaded.meta["reference_head_pose"]))
+    yaw = [matrix_to_euler((ref_inv @ np.asarray(c["head_pose"]))[:3, :3])[0] for c in tracked]
+    true_jaw = [truth["frames"][i]["expression"][names.index("jawopen")] for i in frame_of]
+    true_yaw = [truth["frames"][i]["yaw_pitch_roll_deg"][0] for i in frame_of]
+    jaw_corr = float(np.corrcoef([c["expression"][jaw] for c in tracked], true_jaw)[0, 1])
+    yaw_corr = float(np.corrcoef(yaw, true_yaw)[0, 1])
+    print(f"logged vs true: jawOpen r={jaw_corr:.2f}, yaw r={yaw_corr:.2f}")
+    # Measured: jawOpen 0.82, yaw 0.99 (MediaPipe's jawOpen on this small synthetic face is itself imperfect, and the
+    # avatar's trained range clamps wide openings); frozen at neutral, the correlation is undefined (NaN) and fails.
+    assert jaw_corr > 0.7 and yaw_corr > 0.9, (jaw_corr, yaw_corr)
     s = json.loads(stats.read_text())
-    assert s["frames"] == 20 and s["latency_ms_median"] > 0 and "render" in s["stages_ms_median"]
+    assert s["frames"] == 60 and s["latency_ms_median"] > 0 and "render" in s["stages_ms_median"]
+
+
+def test_command_line_controls_reach_the_loop(fast_bundle, subject, tmp_path):
+    """--mode absolute, --pose-lock, --gain and --background, each seen in what the loop rendered."""
+    import cv2
+
+    bg_path = tmp_path / "bg.png"
+    cv2.imwrite(str(bg_path), np.full((64, 64, 3), (40, 200, 90), np.uint8))  # BGR: a green the plate never has
+    runs = {}
+    for name, extra in (("relative", []), ("absolute", ["--mode", "absolute", "--gain", "2", "--pose-lock",
+                                                         "--background", str(bg_path)])):
+        out, cond = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--sink",
+                       f"file:{out}", "--max-frames", "12", "--size", "64", "--fps", "0", "--engine", "torch", "--loop",
+                       "--every-frame",
+                       "--conditioning-log", str(cond), "--quiet", *extra, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        from avatar.video import iter_frames
+
+        runs[name] = (json.loads(cond.read_text())["frames"], np.stack(list(iter_frames(out))).astype(np.float32))
+    loaded = load_bundle(fast_bundle)
+    neutral = np.asarray(loaded.meta["expression_stats"]["neutral"])
+    reference = np.asarray(loaded.meta["reference_head_pose"])
+    rel_log, rel_frames = runs["relative"]
+    abs_log, abs_frames = runs["absolute"]
+    # relative: the first frames calibrate (the avatar holds its neutral); absolute: no calibration
+    assert rel_log[0]["state"].startswith("calibrating") and np.allclose(rel_log[0]["expression"], neutral)
+    assert all(c["state"] == "tracking (pose locked)" for c in abs_log)
+    # pose lock: the head stays at the reference pose, while the relative run's head moves
+    assert all(np.allclose(c["head_pose"], reference) for c in abs_log)
+    assert max(np.abs(np.subtract(c["head_pose"], reference)).max() for c in rel_log) > 1e-3
+    # absolute with gain 2: the source's own blendshapes doubled (clipped to the trained range): far from neutral
+    lo, hi = (np.asarray(loaded.meta["expression_stats"][k]) for k in ("min", "max"))
+    first = np.asarray(abs_log[0]["expression"])
+    assert np.all(first >= lo - 1e-6) and np.all(first <= hi + 1e-6)
+    assert np.abs(first - neutral).max() > 0.05
+    # --background: the corners show the given image instead of the avatar's plate
+    corner = abs_frames[:, :4, :4].reshape(-1, 3).mean(0)
+    assert np.abs(corner - np.array([90, 200, 40])).max() < 12, corner
+    assert np.abs(rel_frames[:, :4, :4].reshape(-1, 3).mean(0) - np.array([90, 200, 40])).max() > 40
 
 
 def test_source_that_ends_stops_cleanly_and_bad_inputs_are_one_line(fast_bundle, subject, tmp_path):
@@ -194,7 +264,61 @@ def _post(url: str, data: bytes, content_type: str = "application/json") -> int:
         return exc.code
 
 
-def test_webrtc_client_receives_frames_and_junk_gets_400(live_server):
+async def receive(base: str, n: int, query: str = "") -> list:
+    """Connect an aiortc viewer to ``base``, take ``n`` frames (RGB arrays) and hang up."""
+    from aiohttp import ClientSession
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    got = asyncio.get_running_loop().create_future()
+
+    @pc.on("track")
+    def on_track(track):
+        async def pull():
+            frames = []
+            while len(frames) < n:
+                frames.append((await track.recv()).to_ndarray(format="rgb24"))
+            got.set_result(frames)
+        asyncio.ensure_future(pull())
+
+    await pc.setLocalDescription(await pc.createOffer())
+    async with ClientSession() as session:
+        async with session.post(base + "/offer" + query, json={"sdp": pc.localDescription.sdp,
+                                                               "type": pc.localDescription.type}) as resp:
+            answer = await resp.json()
+    await pc.setRemoteDescription(RTCSessionDescription(**answer))
+    try:
+        return await asyncio.wait_for(got, 120)
+    finally:
+        await pc.close()
+
+
+async def offer_status(base: str, query: str = "") -> int:
+    """POST a real aiortc offer and return the HTTP status (the peer is closed again right after)."""
+    from aiohttp import ClientSession
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        async with ClientSession() as session:
+            async with session.post(base + "/offer" + query, json={"sdp": pc.localDescription.sdp,
+                                                                   "type": "offer"}) as resp:
+                return resp.status
+    finally:
+        await pc.close()
+
+
+def _stats(base: str) -> dict:
+    with urllib.request.urlopen(base + "/stats", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_webrtc_client_receives_frames_and_junk_gets_400(live_server, fast_bundle):
+    import cv2
+
     proc, url, port = live_server
     base = f"http://127.0.0.1:{port}"
     assert _post(base + "/offer", b"junk") == 400
@@ -203,55 +327,85 @@ def test_webrtc_client_receives_frames_and_junk_gets_400(live_server):
     assert _post(base + "/offer", b"x" * 200_000) in (400, 413)
     assert _post(base + "/offer", b"{}", "text/plain") == 400
     assert _post(base + "/control", b'{"gain": 99}') == 400
+    assert _post(base + "/control", b'{"gain": true}') == 400 and _post(base + "/control", b'{"gain": "2"}') == 400
     assert _post(base + "/control", b'{"action": "recalibrate"}') == 200
+    # controls take effect: the server reports them back, and a recalibration restarts the calibration
+    assert _post(base + "/control", b'{"gain": 2}') == 200 and _stats(base)["gain"] == 2.0
+    assert _post(base + "/control", b'{"pose_lock": true}') == 200 and _stats(base)["pose_lock"] is True
+    assert _post(base + "/control", b'{"pose_lock": false}') == 200 and _stats(base)["pose_lock"] is False
+    assert _post(base + "/control", b'{"gain": 1}') == 200 and _stats(base)["gain"] == 1.0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _stats(base).get("state", "").startswith("calibrating"):
+        assert _post(base + "/control", b'{"action": "recalibrate"}') == 200
+        time.sleep(0.05)
+    assert _stats(base)["state"].startswith("calibrating")
 
-    async def receive(n: int) -> list:
-        from aiohttp import ClientSession
-        from aiortc import RTCPeerConnection, RTCSessionDescription
-
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="recvonly")
-        got = asyncio.get_running_loop().create_future()
-
-        @pc.on("track")
-        def on_track(track):
-            async def pull():
-                frames = []
-                while len(frames) < n:
-                    frames.append((await track.recv()).to_ndarray(format="rgb24"))
-                got.set_result(frames)
-            asyncio.ensure_future(pull())
-
-        await pc.setLocalDescription(await pc.createOffer())
-        async with ClientSession() as session:
-            async with session.post(base + "/offer", json={"sdp": pc.localDescription.sdp,
-                                                           "type": pc.localDescription.type}) as resp:
-                answer = await resp.json()
-        await pc.setRemoteDescription(RTCSessionDescription(**answer))
-        try:
-            return await asyncio.wait_for(got, 120)
-        finally:
-            await pc.close()
-
-    frames = asyncio.run(receive(50))
+    frames = asyncio.run(receive(base, 50))
     assert len(frames) == 50 and frames[-1].shape == (64, 64, 3)
-    assert float(np.std(frames[-1])) > 5  # a picture, not a blank
-    with urllib.request.urlopen(base + "/stats", timeout=10) as resp:
-        stats = json.loads(resp.read())
+    # the avatar, not a blank and not the background plate alone (VP8 at 64²: a few levels of coding noise)
+    plate = cv2.resize((load_bundle(fast_bundle).background.numpy() * 255).astype(np.uint8), (64, 64),
+                       interpolation=cv2.INTER_AREA).astype(np.float32)
+    last = frames[-1].astype(np.float32)
+    assert float(np.std(last)) > 5
+    assert np.abs(last - plate).mean(-1)[16:48, 16:48].mean() > 15
+    stats = _stats(base)
     assert stats["frames"] > 0 and "state" in stats
 
 
-def test_a_second_server_on_a_busy_port_is_one_line(live_server, fast_bundle, subject):
+def test_a_second_server_on_a_busy_port_is_one_line_and_leaves_no_file(live_server, fast_bundle, subject, tmp_path):
+    """The file sink opens first, then the WebRTC server fails: the file must not be left behind, half or whole."""
     _, _, port = live_server
+    out = tmp_path / "out.mp4"
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--sink",
-                   "webrtc", "--port", str(port), "--quiet")
+                   f"file:{out}", "--sink", "webrtc", "--port", str(port), "--quiet")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and str(port) in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_off_loopback_every_request_needs_the_token_and_viewers_are_capped():
+    from streamer.pipeline import Controls
+    from streamer.webrtc import WebRTCSink
+
+    port = free_port()
+    sink = WebRTCSink(Controls(), host="0.0.0.0", port=port, max_viewers=1)
+    try:
+        assert sink.token and f"token={sink.token}" in sink.url
+        sink.send(np.full((64, 64, 3), 128, np.uint8))
+        base = f"http://127.0.0.1:{port}"
+
+        def get(path, headers=None):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers or {}), timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        for path in ("/", "/stats", "/?token=wrong", "/stats?token=" + sink.token[:-1]):
+            assert get(path) == 403, path
+        assert get("/", {"X-Token": "nope"}) == 403
+        assert _post(base + "/control", b'{"gain": 2}') == 403 and sink.controls.gain == 1.0
+        assert get("/?token=" + sink.token) == 200 and get("/stats", {"X-Token": sink.token}) == 200
+        assert asyncio.run(offer_status(base)) == 403
+        good = "?token=" + sink.token
+
+        async def two_viewers():
+            first = await offer_status(base, good)  # closed on our side right after, but the server keeps the
+            second = await offer_status(base, good)  # peer until its connection fails: the cap still holds
+            return first, second
+
+        assert asyncio.run(two_viewers()) == (200, 503)
+    finally:
+        sink.close()
+    with pytest.raises(ConnectionRefusedError):  # nothing listens any more (binding again would trip over the
+        socket.create_connection(("127.0.0.1", port), timeout=5)  # server side's TIME_WAIT connections)
 
 
 def test_browser_plays_the_stream(live_server, tmp_path):
     """Headless Chromium (Debian's chromium + chromium-driver) loads the page; its screenshot shows the avatar."""
     if not os.path.exists("/usr/bin/chromium") or not os.path.exists("/usr/bin/chromedriver"):
+        if os.environ.get("REQUIRE_BROWSER") == "1":  # set by .ci/run: CI must not go green without a browser
+            pytest.fail("chromium / chromium-driver are missing but REQUIRE_BROWSER=1")
         pytest.skip("chromium / chromium-driver are not installed (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -317,3 +471,66 @@ def test_projection_onto_training_components_and_missing_components():
     del meta["expression_components"]
     with pytest.raises(UserError):
         Retargeter(meta, RetargetConfig(components=2), Controls())
+
+
+# -- sources ---------------------------------------------------------------------------------------------------
+
+def test_a_slow_consumer_gets_the_newest_frame_not_a_backlog(subject):
+    from streamer.sources import VideoFileSource
+
+    source = VideoFileSource(subject / "video.mp4", loop=True).start()
+    try:
+        first = source.latest(5)
+        assert first is not None
+        time.sleep(0.5)  # 25 fps: ~12 frames arrive meanwhile; only the newest is handed out
+        newest = source.latest(5)
+        assert newest.index - first.index >= 8
+        assert time.monotonic() - newest.captured < 0.1  # fresh, not queued
+        again = source.latest(0.01)
+        assert again is None or again.index > newest.index  # each frame is handed out at most once
+    finally:
+        source.close()
+
+
+def test_a_camera_that_disappears_is_reopened(monkeypatch):
+    import cv2
+
+    from streamer.sources import CameraSource
+
+    opened = []
+
+    class FakeCapture:  # the first camera delivers 3 frames and then nothing (unplugged); the next one works
+        def __init__(self, device):
+            opened.append(device)
+            self.reads, self.generation = 0, len(opened)
+
+        def isOpened(self):
+            return True
+
+        def set(self, *args):
+            return True
+
+        def read(self):
+            self.reads += 1
+            time.sleep(0.01)
+            if self.generation == 1 and self.reads > 3:
+                return False, None
+            return True, np.full((8, 8, 3), self.generation, np.uint8)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
+    source = CameraSource(0).start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not source.lost:
+            time.sleep(0.01)
+        assert source.lost and source.frames_read == 3
+        while time.monotonic() < deadline and (source.lost or source.frames_read < 10):
+            time.sleep(0.01)
+        assert not source.lost and source.frames_read >= 10 and len(opened) == 2
+        frame = source.latest(1)
+        assert frame is not None and frame.rgb[0, 0, 0] == 2  # from the reopened camera (BGR→RGB of a grey)
+    finally:
+        source.close()

@@ -85,3 +85,24 @@ def test_mediapipe_tracks_the_subject_and_its_poses(subject):
                                       true_poses[i, :3, :3] @ true_poses[0, :3, :3].T)
             for i in range(len(true_poses))]
     assert np.median(errs) < 6.0
+
+
+def test_command_line_writes_a_subject_and_refuses_bad_input(tmp_path):
+    from tests.conftest import run_script
+
+    out = tmp_path / "s"
+    r = run_script("trainer/synth.py", "--out", str(out), "--frames", "4", "--size", "64", "--novel", "2", "--seed", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote 4 frames + 2 novel-pose frames" in r.stdout
+    info = probe_video(out / "video.mp4")
+    assert (info.width, info.height) == (64, 64)
+    truth = json.loads((out / "truth.json").read_text())
+    assert len(truth["frames"]) == 4 and truth["config"]["seed"] == 5
+    assert len(json.loads((out / "novel" / "truth.json").read_text())["frames"]) == 2
+    for args, words in ((["--out", str(out), "--frames", "4", "--size", "64"], "already exists"),
+                        (["--out", str(tmp_path / "t"), "--size", "63"], "even number"),
+                        (["--out", str(tmp_path / "u"), "--photo", str(tmp_path / "none.jpg")], "no such file")):
+        r = run_script("trainer/synth.py", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing half-written

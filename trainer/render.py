@@ -86,7 +86,7 @@ def conditioning(loaded: LoadedAvatar, args: argparse.Namespace) -> list[tuple[n
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="avatar bundle directory")
     p.add_argument("--out", required=True, help="output video (.mp4)")
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="output height in pixels (default: the avatar's)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--landmarker", help="face_landmarker.task for --drive")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     device = pick_device(args.device)

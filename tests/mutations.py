@@ -1,0 +1,205 @@
+"""Mutation check: break the code on purpose, one break at a time, and see whether the test suite notices.
+
+    python tests/mutations.py                 # every break (each in a fresh copy of the working tree), a table
+    python tests/mutations.py --list          # what each break does and which tests should catch it
+    python tests/mutations.py --only token_any --only stale_frames_kept
+
+Each break is a text substitution in one source file of a temporary copy of this checkout (the checkout itself
+is never touched), followed by ``python -m pytest -q -x`` on the tests that should catch it. First the same
+tests run on the unbroken copy: a break only counts as caught when those tests pass without it. The script
+exits 1 when any break goes unnoticed (or the baseline fails). It takes a while (~15-25 min on 2 CPU cores:
+several breaks need the small test avatars trained again), so CI does not run it; run it after changing tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = (
+    Mutation("resume_ignores_checkpoint", "fit.py --resume starts from scratch instead of the checkpoint",
+             "trainer/fit.py", "    if resuming and ckpt_path.is_file():", "    if False:",
+             ("tests/test_fit.py::test_interrupted_training_resumes_from_the_checkpoints_weights",)),
+    Mutation("latent_dropped", "the per-frame latent code never reaches the field",
+             "avatar/model.py", "    condition = torch.cat([expression, latent], -1)",
+             "    condition = torch.cat([expression, latent * 0], -1)",
+             ("tests/test_fast_field.py::test_the_latent_code_conditions_the_field",)),
+    Mutation("retarget_frozen_neutral", "the retargeter always outputs the avatar's neutral expression",
+             "streamer/pipeline.py", "            target_expr = relative_expression(",
+             "            target_expr = self.neutral + 0 * relative_expression(",
+             ("tests/test_live.py::test_relative_retargeting_calibrates_clamps_holds_and_eases",
+              "tests/test_live.py::test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face")),
+    Mutation("occupancy_test_skipped", "the culled marcher samples every step of an occupied block (no fine test)",
+             "avatar/occupancy.py", "                valid = valid & grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)",
+             "                valid = valid",
+             ("tests/test_fit.py::test_fast_field_trains_and_culls_like_the_dense_reference",)),
+    Mutation("blendshape_names_swapped", "the dataset labels jawOpen's column eyeBlinkLeft and vice versa",
+             "avatar/dataset.py", '            "expression_names": list(BLENDSHAPE_NAMES),',
+             '            "expression_names": [{"jawOpen": "eyeBlinkLeft", "eyeBlinkLeft": "jawOpen"}.get(n, n) '
+             'for n in BLENDSHAPE_NAMES],',
+             ("tests/test_prepare.py::test_dataset_expressions_follow_the_true_performance",)),
+    Mutation("token_any", "the WebRTC server accepts any token off the loopback interface",
+             "streamer/webrtc.py", "        return hmac.compare_digest(given.encode(), self.token.encode())",
+             "        return True",
+             ("tests/test_live.py::test_off_loopback_every_request_needs_the_token_and_viewers_are_capped",)),
+    Mutation("stale_frames_kept", "a source never drops a frame: the reader waits for the consumer (a backlog)",
+             "streamer/sources.py",
+             "    def _publish(self, rgb: np.ndarray, media_time: float | None = None) -> None:\n        with self._cond:",
+             "    def _publish(self, rgb: np.ndarray, media_time: float | None = None) -> None:\n"
+             "        self._wait_until_taken()\n        with self._cond:",
+             ("tests/test_live.py::test_a_slow_consumer_gets_the_newest_frame_not_a_backlog",)),
+    Mutation("bundle_not_atomic", "the bundle's weights are written in place (a failed write destroys the old ones)",
+             "avatar/bundle.py", "        write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))",
+             "        (directory / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors))",
+             ("tests/test_faults.py::test_a_bundle_write_that_fails_half_way_leaves_the_previous_bundle_whole",)),
+    # -- beyond the issue's list ---------------------------------------------------------------------------------
+    Mutation("checkpoint_not_atomic", "the checkpoint is written in place",
+             "avatar/training.py", "        write_bytes_atomic(path, safetensors_bytes(tensors, metadata=meta))",
+             "        Path(path).write_bytes(safetensors_bytes(tensors, metadata=meta))",
+             ("tests/test_faults.py::test_a_checkpoint_write_that_fails_half_way_is_one_line_and_keeps_the_previous_one",)),
+    Mutation("checksum_unchecked", "a safetensors file's checksum is never compared",
+             "avatar/fileio.py", "        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:",
+             "        if False:",
+             ("tests/test_faults.py::test_damaged_bundle_is_one_line_for_the_live_loop",)),
+    Mutation("auto_engine_hides_damage", "the torch engine never looks at the bundle's occupancy cache",
+             "avatar/engines.py", "        load_occupancy_cache(cache)  # the other engines read it themselves",
+             "        pass",
+             ("tests/test_faults.py::test_the_auto_engine_does_not_fall_back_past_a_damaged_cache",)),
+    Mutation("render_ignores_set", "render.py ignores --set",
+             "trainer/render.py", '    edited = parse_edits(args.set or [], meta["expression_names"], neutral)',
+             '    edited = neutral.copy()', ("tests/test_fit.py::test_render_offline_video",)),
+    Mutation("render_ignores_yaw", "render.py ignores --yaw",
+             "trainer/render.py", '    yaw0, yaw1 = parse_range(args.yaw, "yaw")', "    yaw0, yaw1 = 0.0, 0.0",
+             ("tests/test_fit.py::test_render_offline_video",)),
+    Mutation("transparent_field", "the fast field renders the background plate only",
+             "avatar/occupancy.py", "    color = color + trans[:, None] * background",
+             "    color = background", ("tests/test_fit.py::test_fast_field_trains_and_culls_like_the_dense_reference",)),
+    Mutation("gain_control_ignored", "POST /control {\"gain\": …} answers 200 and changes nothing",
+             "streamer/webrtc.py", '            self.controls.gain = float(body["gain"])', "            pass",
+             ("tests/test_live.py::test_webrtc_client_receives_frames_and_junk_gets_400",)),
+    Mutation("viewers_uncapped", "--max-viewers is never enforced",
+             "streamer/webrtc.py", "        if len(self.peers) >= self.max_viewers:", "        if False:",
+             ("tests/test_live.py::test_off_loopback_every_request_needs_the_token_and_viewers_are_capped",)),
+    Mutation("no_easing", "a lost face snaps to neutral instead of easing",
+             "streamer/pipeline.py",
+             "        s = min(1.0, (gone - self.cfg.hold_seconds) / max(self.cfg.ease_seconds, 1e-6))", "        s = 1.0",
+             ("tests/test_live.py::test_relative_retargeting_calibrates_clamps_holds_and_eases",)),
+    Mutation("failed_start_keeps_file", "a run that fails while opening its sinks leaves a finished output file",
+             "streamer/sinks.py", "    def abort(self) -> None:\n        self.writer.abort()",
+             "    def abort(self) -> None:\n        self.writer.close()",
+             ("tests/test_live.py::test_a_second_server_on_a_busy_port_is_one_line_and_leaves_no_file",)),
+    Mutation("pose_lock_ignored", "--pose-lock does not hold the head",
+             "streamer/pipeline.py", "        if self.controls.pose_lock:\n            target_pose = self.reference.copy()",
+             "        if False:\n            target_pose = self.reference.copy()",
+             ("tests/test_live.py::test_command_line_controls_reach_the_loop",)),
+)
+
+
+def copy_checkout(dest: Path) -> None:
+    """The working tree as git sees it (tracked and untracked-but-not-ignored files): no venvs, no outputs."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def apply(mutation: Mutation, tree: Path) -> None:
+    path = tree / mutation.path
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(f"error: break {mutation.name}: the text to replace occurs {count} times in {mutation.path} "
+                         "(the code changed: update tests/mutations.py)")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str, float]:
+    """(pytest exit code, first failing test or '', seconds)."""
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=tree,
+                           capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out", time.monotonic() - start
+    failed = next((line.split(" ", 2)[1] for line in r.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))), "")
+    return r.returncode, failed, time.monotonic() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this break (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the breaks and the tests meant to catch them")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per pytest run (default 1200)")
+    p.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unbroken copy first")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or []) - {m.name for m in MUTATIONS}
+    if unknown:
+        print(f"error: unknown break(s) {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.what}\n    {m.path}\n    caught by: {', '.join(t.split('::')[-1] for t in m.tests)}")
+        return 0
+
+    rows, missed = [], []
+    with tempfile.TemporaryDirectory(prefix="mutations.") as tmp:
+        clean = Path(tmp) / "clean"
+        copy_checkout(clean)
+        for m in chosen:  # fail early when a break no longer applies to the code
+            if (clean / m.path).read_text().count(m.old) != 1:
+                apply(m, clean)  # exits with the explanation
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            print(f"baseline: {len(tests)} tests on the unbroken copy …", flush=True)
+            code, failed, seconds = run_tests(clean, tests, args.timeout * 2)
+            if code != 0:
+                print(f"error: the tests fail without any break ({failed or f'exit {code}'}); fix them first",
+                      file=sys.stderr)
+                return 1
+            print(f"baseline passed in {seconds:.0f} s", flush=True)
+        for m in chosen:
+            tree = Path(tmp) / m.name
+            shutil.copytree(clean, tree)
+            apply(m, tree)
+            code, failed, seconds = run_tests(tree, m.tests, args.timeout)
+            caught = code == 1
+            verdict = f"caught by {failed.split('::')[-1]}" if caught else (
+                "MISSED" if code == 0 else f"MISSED (pytest exit {code}{', ' + failed if failed else ''})")
+            if not caught:
+                missed.append(m.name)
+            rows.append(f"| {m.name} | {m.what} | `{m.path}` | {verdict} | {seconds:.0f} |")
+            print(f"{m.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            shutil.rmtree(tree, ignore_errors=True)
+    print("\n| break | what it does | file | result | s |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\n{len(rows) - len(missed)} of {len(rows)} breaks caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
