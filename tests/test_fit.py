@@ -158,9 +158,16 @@ def test_interrupted_training_resumes_from_the_checkpoints_weights(dataset64, tm
     saved = checkpoint_step(ckpt)
     assert saved is not None and 15 <= saved < 60
     assert not (out / "avatar.json").exists()
+    # Mark the checkpoint's weights (training is deterministic: a resume that ignored the checkpoint and trained
+    # from scratch up to the same step would reproduce the same weights, so a plain comparison cannot tell).
+    from avatar.fileio import read_safetensors, safetensors_bytes, write_bytes_atomic
+
+    tensors, meta = read_safetensors(ckpt)
+    marked = next(k for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point() and v.dim() == 2)
+    tensors[marked] = tensors[marked] + 0.25
+    write_bytes_atomic(ckpt, safetensors_bytes(tensors, {k: v for k, v in meta.items() if k != "sha256"}))
     checkpoint = {k[len("model."):]: v for k, v in load_file(ckpt).items() if k.startswith("model.")}
-    # Resumed with nothing left to train, the bundle holds exactly the checkpoint's weights (stored as fp16):
-    # a resume that ignored the checkpoint would train from scratch up to the same step and differ.
+    # Resumed with nothing left to train, the bundle holds exactly the (marked) checkpoint's weights, in fp16.
     r = run_script("trainer/fit.py", "--out", str(out), "--resume", "--max-steps", str(saved), "--no-eval")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "avatar.json").read_text())["step"] == saved
