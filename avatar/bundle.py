@@ -126,7 +126,7 @@ def check_meta(meta: dict, meta_path: Path) -> None:
         raise UserError(f"{meta_path}: 'field_hparams' must be an object")
     dim = hp.get("expression_dim", 52)
     checks = {
-        "intrinsics": _is_matrix(meta["intrinsics"], 1, 4) or _is_matrix([meta["intrinsics"]], 1, 4),
+        "intrinsics": _is_matrix([meta["intrinsics"]], 1, 4),  # fx, fy, cx, cy
         "image_size": (isinstance(meta["image_size"], list) and len(meta["image_size"]) == 2
                        and all(isinstance(v, int) and 0 < v <= 8192 for v in meta["image_size"])),
         "expression_names": (isinstance(meta["expression_names"], list) and len(meta["expression_names"]) == dim

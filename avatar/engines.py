@@ -456,9 +456,6 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
     A damaged file in the bundle (:class:`DamagedFile`) is fatal whichever engine would run: falling back past
     it would hide a broken bundle."""
     device = torch.device(device)
-    cache = Path(directory) / OCCUPANCY_CACHE
-    if name in ("auto", "torch") and cache.is_file():
-        load_occupancy_cache(cache)  # the other engines read it themselves
     if name == "auto":
         record = engines_record(directory)
         ranked = sorted(record.get("fps", {}).items(), key=lambda kv: -kv[1])
@@ -471,8 +468,11 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
                 raise
             except Exception as exc:  # any failure to open (missing library, stale plan, no GPU): fall back
                 log(f"engine {candidate} unavailable here ({_reason(exc)}); trying the next")
-        return TorchEngine(loaded, device=device)
+        return open_engine(loaded, directory, "torch", device, log)
     if name == "torch":
+        cache = Path(directory) / OCCUPANCY_CACHE
+        if cache.is_file():  # it culls with the model's own grid, but a damaged bundle is refused all the same
+            load_occupancy_cache(cache)
         return TorchEngine(loaded, device=device)
     if name == "onnxruntime":
         return OnnxEngine(loaded, directory, device=device)

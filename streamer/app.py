@@ -124,6 +124,8 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
     if not 0 <= cfg.gain <= 3:
         raise UserError("--gain must be within 0–3")
+    if cfg.every_frame and (cfg.source.isdigit() or cfg.source.startswith("/dev/video")):
+        raise UserError("--every-frame is for a video file; a camera is always live")
     if not 0 <= cfg.smoothing <= 10:
         raise UserError("--smoothing must be within 0–10")
     if not cfg.sinks:

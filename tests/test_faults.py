@@ -95,6 +95,24 @@ def test_the_auto_engine_does_not_fall_back_past_a_damaged_cache(exported_copy, 
         open_engine(loaded, bad, "torch")
 
 
+class torch_zeroed:
+    """Temporarily zero a model's parameters (so a second save would write different bytes)."""
+
+    def __init__(self, model):
+        self.model, self.saved = model, None
+
+    def __enter__(self):
+        import torch
+
+        self.saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.zero_()
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved)
+
+
 def test_a_bundle_write_that_fails_half_way_leaves_the_previous_bundle_whole(fast_bundle, tmp_path):
     """RLIMIT_FSIZE stops the second save half way through its weights: the first bundle must still load."""
     out = tmp_path / "avatar"
@@ -115,24 +133,6 @@ def test_a_bundle_write_that_fails_half_way_leaves_the_previous_bundle_whole(fas
     assert after == before  # no temporary leftovers, every file as it was
     reloaded = load_bundle(out)
     assert any(float(p.detach().abs().sum()) > 0 for p in reloaded.model.parameters())
-
-
-class torch_zeroed:
-    """Temporarily zero a model's parameters (so a second save would write different bytes)."""
-
-    def __init__(self, model):
-        self.model, self.saved = model, None
-
-    def __enter__(self):
-        import torch
-
-        self.saved = {k: v.clone() for k, v in self.model.state_dict().items()}
-        with torch.no_grad():
-            for p in self.model.parameters():
-                p.zero_()
-
-    def __exit__(self, *exc):
-        self.model.load_state_dict(self.saved)
 
 
 def test_a_checkpoint_write_that_fails_half_way_is_one_line_and_keeps_the_previous_one(dataset64, tmp_path):

@@ -221,7 +221,8 @@ def test_source_that_ends_stops_cleanly_and_bad_inputs_are_one_line(fast_bundle,
     assert "source ended" in r.stdout and out.is_file()
     for args, words in ((["--target", str(tmp_path)], "not an avatar bundle"),
                         (["--target", str(fast_bundle), "--source", str(tmp_path / "none.mp4")], "no such"),
-                        (["--target", str(fast_bundle), "--sink", "nonsense"], "unknown sink")):
+                        (["--target", str(fast_bundle), "--sink", "nonsense"], "unknown sink"),
+                        (["--target", str(fast_bundle), "--source", "0", "--every-frame"], "a camera is always live")):
         r = run_script("run_live.py", *args, "--quiet")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
