@@ -28,12 +28,13 @@ from avatar import rays as ray_utils
 from avatar.bundle import LoadedAvatar
 from avatar.devices import GPU_CHUNK, TORCH_GPU_CHUNK, chunk_for
 from avatar.errors import DamagedFile, UserError
+from avatar.fields import spherical_harmonics_deg2
 from avatar.fileio import read_json
 from avatar.occupancy import OccupancyGrid, block_plan, march_culled, max_blocks
 
 ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE, ENGINES_FILE = "model.onnx", "blend.onnx", "occupancy.safetensors", "engines.json"
 TRT_MODEL = "model.plan"
-ENGINE_NAMES = ("torch", "onnxruntime", "tensorrt")
+ENGINE_NAMES = ("torch", "fused", "onnxruntime", "tensorrt")
 
 
 def save_occupancy_cache(path: str | Path, grid: OccupancyGrid, step: float) -> None:
@@ -140,17 +141,21 @@ class RenderEngine:
                     np.asarray(meta["reference_head_pose"], np.float32), self.loaded.latent(0), size)
         return time.perf_counter() - start
 
-    @torch.inference_mode()
-    def render(self, expression: np.ndarray | Tensor, head_pose: np.ndarray | Tensor, latent: np.ndarray | Tensor,
-               size: int, background: Tensor | None = None) -> dict[str, Tensor]:
-        """One frame: ``rgb [size, size, 3]`` and ``alpha [size, size]``, floats in [0, 1], on the CPU."""
+    def _inputs(self, expression, head_pose, latent, size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The frame's conditioning as float32 tensors on the engine's device; caches the pixel grid of ``size``."""
         dev = self.device
         as_t = lambda a: torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float32, device=dev)
-        expression, head_pose, latent = as_t(expression), as_t(head_pose), as_t(latent)
         if size not in self._pixels:
             w, h = self.loaded.image_size
             k = torch.as_tensor(self.loaded.intrinsics * (size / h), dtype=torch.float32, device=dev)
             self._pixels = {size: (ray_utils.pixel_grid(size, size, dev), k)}
+        return as_t(expression), as_t(head_pose), as_t(latent)
+
+    @torch.inference_mode()
+    def render(self, expression: np.ndarray | Tensor, head_pose: np.ndarray | Tensor, latent: np.ndarray | Tensor,
+               size: int, background: Tensor | None = None) -> dict[str, Tensor]:
+        """One frame: ``rgb [size, size, 3]`` and ``alpha [size, size]``, floats in [0, 1], on the CPU."""
+        expression, head_pose, latent = self._inputs(expression, head_pose, latent, size)
         rays, state, plan = self.front(size, expression, head_pose, latent)
         out = march_culled(lambda p, d: self.decode(state, p, d), self.grid, rays["origins"], rays["dirs"],
                            rays["near"], rays["far"], self.background(size, background), self.step,
@@ -250,6 +255,99 @@ class TorchEngine(RenderEngine):
         with torch.cuda.graph(graph):
             outputs = RenderEngine.front(self, size, *inputs)
         return inputs, outputs, graph, self._pixels[size]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16); elsewhere oneDNN emulates
+    them, slower than float32."""
+    cpu = getattr(torch._C, "_cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+class FusedEngine(RenderEngine):
+    """The fast field on the CPU through compiled per-ray kernels (:mod:`avatar.fused`): the same samples, the
+    same field, ~2–3× faster than the torch engine's marcher, whose per-sample bookkeeping dominates a CPU frame.
+
+    ``precision``: ``auto`` (bfloat16 matrix products on CPUs that have them natively, else float32), ``bf16`` or
+    ``fp32``. ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
+    """
+
+    name = "fused"
+
+    def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None,
+                 device: str | torch.device = "cpu", precision: str = "auto", threads: int = 0,
+                 min_transmittance: float = 1e-3):
+        if torch.device(device).type != "cpu":
+            raise UserError(f"the fused engine runs on the CPU, not {device}; use --engine torch or tensorrt there")
+        from avatar.fused import Workspace, distance_field  # (numba: imported only when this engine is used)
+
+        super().__init__(loaded, grid, step, "cpu")
+        if precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        self.precision = ("bf16" if cpu_has_bf16() else "fp32") if precision == "auto" else precision
+        self.threads = threads
+        mask = self.grid.mask.cpu().numpy().astype(bool)
+        self._occupied = np.ascontiguousarray(mask.astype(np.uint8))
+        self._distance = distance_field(mask)
+        self._box = (self.box_min.cpu().numpy().astype(np.float32), self.box_max.cpu().numpy().astype(np.float32))
+        field = self.model.field
+        self._center = field.center.cpu().numpy().astype(np.float32)
+        self._inv_half = (1.0 / field.half_extent).cpu().numpy().astype(np.float32)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        hidden = field.layer1.weight.shape[0]
+        with torch.no_grad():
+            self._w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype),
+                       torch.cat([field.density.weight, field.color.weight[:, :hidden]]).to(dtype)]
+            self._b2 = field.layer2.bias.to(dtype)
+            self._bh = torch.cat([field.density.bias, field.color.bias]).to(dtype)
+            self._view_weight = field.color.weight[:, hidden:].T.contiguous()  # [9, 3]: the SH view term
+        self._dtype = dtype
+        self._workspace = Workspace()
+        self.min_transmittance = min_transmittance
+
+    def frame_state(self, expression, latent):
+        return TorchEngine.frame_state(self, expression, latent)
+
+    def _mlp(self, latent_bias: Tensor):
+        """The decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's latent bias."""
+        w1, w2, wh = self._w
+        b1 = (self.model.field.layer1.bias + latent_bias).to(self._dtype)
+        linear, relu = torch.nn.functional.linear, torch.relu
+
+        def mlp(feats: np.ndarray, out: np.ndarray) -> None:
+            x = torch.from_numpy(feats).to(self._dtype)
+            h = relu(linear(relu(linear(x, w1, b1)), w2, self._b2))
+            torch.from_numpy(out).copy_(linear(h, wh, self._bh))
+
+        return mlp
+
+    def _rays(self, size: int, head_pose: Tensor) -> dict[str, np.ndarray]:
+        """This frame's rays at ``size`` as arrays, with each ray's view-dependent colour term."""
+        pixels, k = self._pixels[size]
+        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max)
+        rays["view_rgb"] = spherical_harmonics_deg2(rays["dirs"]) @ self._view_weight
+        return {key: value.numpy() for key, value in rays.items()}
+
+    @torch.inference_mode()
+    def render(self, expression, head_pose, latent, size, background=None):
+        import numba
+
+        from avatar.fused import march_fused
+
+        expression, head_pose, latent = self._inputs(expression, head_pose, latent, size)
+        planes, latent_bias = self.frame_state(expression, latent)
+        threads = self.threads or torch.get_num_threads()
+        if threads > 1:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        rays = self._rays(size, head_pose)
+        out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
+                          np.ascontiguousarray(planes.permute(0, 2, 3, 1).numpy()), self._center, self._inv_half,
+                          rays["view_rgb"], self.background(size, background).numpy(), self._occupied, self._distance,
+                          *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace)
+        self.last_samples = out["samples"]
+        rgb = torch.from_numpy(out["rgb"]).clamp_(0, 1).reshape(size, size, 3)
+        return {"rgb": rgb, "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}
 
 
 def onnx_providers(kind: str = "cpu", available: list[str] | None = None) -> list[str]:
@@ -474,6 +572,11 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
         if cache.is_file():  # it culls with the model's own grid, but a damaged bundle is refused all the same
             load_occupancy_cache(cache)
         return TorchEngine(loaded, device=device)
+    if name == "fused":
+        cache = Path(directory) / OCCUPANCY_CACHE
+        if cache.is_file():  # as the torch engine: the model's own grid, but a damaged bundle is refused
+            load_occupancy_cache(cache)
+        return FusedEngine(loaded, device=device)
     if name == "onnxruntime":
         return OnnxEngine(loaded, directory, device=device)
     if name == "tensorrt":
