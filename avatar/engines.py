@@ -258,11 +258,13 @@ class TorchEngine(RenderEngine):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16); elsewhere oneDNN emulates
-    them, slower than float32."""
-    cpu = getattr(torch._C, "_cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16, from /proc/cpuinfo); elsewhere
+    oneDNN emulates them, slower than float32 (and other systems get float32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class FusedEngine(RenderEngine):
@@ -550,13 +552,15 @@ def _stderr(line: str) -> None:
 def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto", device: str | torch.device = "cpu",
                 log: Callable[[str], None] = _stderr) -> RenderEngine:
     """The engine called ``name`` on ``device``; ``auto`` takes the fastest one measured by export/build.py that
-    opens here (torch when nothing was exported), saying in one line via ``log`` why each faster one did not.
+    opens here (when nothing was measured: fused on a CPU, else torch), saying in one line via ``log`` why each faster one did not.
     A damaged file in the bundle (:class:`DamagedFile`) is fatal whichever engine would run: falling back past
     it would hide a broken bundle."""
     device = torch.device(device)
     if name == "auto":
         record = engines_record(directory)
         ranked = sorted(record.get("fps", {}).items(), key=lambda kv: -kv[1])
+        if not ranked and device.type == "cpu":
+            ranked = [("fused", 1.0)]  # nothing measured: on a CPU the fused engine is the fast one (README table)
         for candidate, _ in ranked:
             if candidate == "torch":
                 break

@@ -126,7 +126,18 @@ def render_image(model: Avatar, head_pose: np.ndarray | Tensor, expression: np.n
     for start in range(0, pixels.shape[0], chunk):
         sl = slice(start, start + chunk)
         rays = ray_utils.frame_rays(pixels[sl], k, pose, model.box_min, model.box_max)
-        out = render_rays(model, rays, expr, latent.to(device), bg[sl], sampling, perturb=False)
+        hit = rays["hit"]
+        if model.field_name == "fast" or bool(hit.all()):
+            out = render_rays(model, rays, expr, latent.to(device), bg[sl], sampling, perturb=False)
+        else:
+            # Rays that miss the head box see only the background: the MLP field skips them (the fast field's
+            # marcher never samples them anyway), as the live engines do.
+            out = {"rgb": bg[sl].clone(), "depth": rays["far"].clone(), "alpha": torch.zeros_like(rays["far"])}
+            if bool(hit.any()):
+                inner = render_rays(model, {key: value[hit] for key, value in rays.items()}, expr, latent.to(device),
+                                    bg[sl][hit], sampling, perturb=False)
+                for key in out:
+                    out[key][hit] = inner[key]
         for key in outs:
             outs[key].append(out[key])
     return {

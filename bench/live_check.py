@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--fps", type=float, default=15.0, help="frame-rate target (the render size adapts); 0 = fixed")
     p.add_argument("--engine", default="auto")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="run_live.py --overlap")
     args = p.parse_args(argv)
 
     from avatar.bundle import load_bundle
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "run_live.py", "--target", args.target, "--source", args.source, "--loop", "--sink",
                f"file:{t / 'out.mp4'}", "--max-frames", str(args.frames), "--size", str(args.size), "--fps",
                str(args.fps), "--engine", args.engine, "--stats", str(t / "stats.json"), "--conditioning-log",
-               str(t / "cond.json"), "--quiet"]
+               str(t / "cond.json"), "--quiet", "--overlap", args.overlap]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                         c["render_size"])["rgb"], args.size)
         scores.append(psnr(frame / 255.0, offline / 255.0))
     print(f"Live loop, {date.today()}, {platform.processor() or platform.machine()}, engine {log['engine']}, "
-          f"{args.size}² output, --fps {args.fps}, source {Path(args.source).name}\n")
+          f"{args.size}² output, --fps {args.fps}, --overlap {args.overlap}, "
+          f"source {Path(args.source).name}\n")
     print("| frames in file | PSNR vs offline render (min / median) | frames / s | latency median (ms) | "
           "latency p95 (ms) | render size (median) | stage medians (ms) |")
     print("|---|---|---|---|---|---|---|")

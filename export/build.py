@@ -1,4 +1,5 @@
-"""Export a fast-field avatar for fast inference: ONNX graphs, a TensorRT engine, the occupancy cache.
+"""Export a fast-field avatar for fast inference: ONNX graphs, a TensorRT engine, the occupancy cache; time every
+engine that runs here (the CPU's fused engine included).
 
     python export/build.py avatars/me                       # ONNX (+ occupancy cache), parity and timing
     python export/build.py avatars/me --engine all          # also TensorRT where an NVIDIA GPU is present
@@ -27,8 +28,8 @@ from torch import nn
 
 from avatar.bundle import LoadedAvatar, load_bundle
 from avatar.devices import DEVICE_HELP, pick_device, prepare_device
-from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MAX_SAMPLES, TRT_MODEL, OnnxEngine,
-                            RenderEngine, TensorRTEngine, TorchEngine, sample_profile, save_occupancy_cache,
+from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MAX_SAMPLES, TRT_MODEL, FusedEngine,
+                            OnnxEngine, RenderEngine, TensorRTEngine, TorchEngine, sample_profile, save_occupancy_cache,
                             tensorrt_unavailable_reason, time_engine)
 from avatar.errors import UserError, run_cli
 from avatar.fileio import write_bytes_atomic, write_json_atomic
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         parity[f"torch_{device.type}_max_abs_255"] = max_pixel_difference(reference, torch_engine, frames, size)
         print(f"parity at {size}²: torch on {device} vs torch (CPU): {parity[f'torch_{device.type}_max_abs_255']:.0f}/255")
     engines: dict[str, RenderEngine] = {"torch": torch_engine, "onnxruntime": ort_engine}
+    if device.type == "cpu":  # the fused engine is the CPU's (numba kernels)
+        fused = FusedEngine(loaded)
+        key = f"fused_{fused.precision}_max_abs_255"
+        parity[key] = max_pixel_difference(reference, fused, frames, size)
+        print(f"parity at {size}²: fused ({fused.precision}) vs torch (CPU): {parity[key]:.0f}/255")
+        engines["fused"] = fused
     if args.engine in ("tensorrt", "all"):
         reason = tensorrt_unavailable_reason()
         if reason:

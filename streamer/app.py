@@ -52,6 +52,10 @@ class LiveConfig:
     max_viewers: int = 4
     landmarker: str | None = None
     quiet: bool = False
+    # Track frame N+1 on its own thread while frame N renders. auto: when rendering on a GPU. On a 2-core CPU it
+    # does not pay (README, "Live loop"): the render is most of a frame, and the tracker's threads beside it
+    # slow it by more than the tracking they hide.
+    overlap: str = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "real time (an offline render through the live path; slower than real time drops nothing)")
     p.add_argument("--sink", action="append", dest="sinks", metavar="SINK",
                    help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several; default webrtc)")
-    p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py) | torch | "
-                                                    "onnxruntime | tensorrt")
+    p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py; fused on a CPU "
+                                                    "when nothing was measured) | fused | torch | onnxruntime | tensorrt")
     p.add_argument("--device", default="auto", help="where to render: auto (CUDA when available), cpu, cuda, "
                                                    "cuda:N")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: 256² at 15 fps; gpu: 512² at 30")
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-viewers", type=int, default=4)
     p.add_argument("--landmarker", help="face_landmarker.task (default: found automatically)")
     p.add_argument("--quiet", action="store_true", help="no status line")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="track the next frame on its own thread while this one renders: on, off, or auto (default: "
+                        "on when rendering on a GPU; on a CPU the two compete for the same cores)")
     return p
 
 
@@ -119,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background, loop=cfg.loop or args.loop, every_frame=args.every_frame,
                   max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
                   pose_lock=args.pose_lock, gain=args.gain, smoothing=args.smoothing, components=args.components, host=args.host, port=args.port,
-                  token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet)
+                  token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet,
+                  overlap=args.overlap)
     if not 32 <= cfg.size <= 2048 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
     if not 0 <= cfg.gain <= 3:
@@ -179,10 +187,11 @@ def run(cfg: LiveConfig, log=print) -> dict:
     from avatar.engines import open_engine
     from avatar.tracking import FaceTracker
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig
-    from streamer.sources import open_source
+    from streamer.sources import TrackingStage, open_source
 
     device = pick_device(cfg.device)
     prepare_device(device)
+    overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and device.type != "cpu")
     loaded = load_bundle(cfg.target)  # on the CPU: the engine takes its own copy onto its device
     if loaded.model.field_name != "fast":
         raise UserError(f"{cfg.target} holds a {loaded.model.field_name!r} field, far too slow to run live; "
@@ -212,6 +221,8 @@ def run(cfg: LiveConfig, log=print) -> dict:
     try:
         source = open_source(cfg.source, cfg.loop, cfg.every_frame)
         tracker = FaceTracker("video", cfg.landmarker)
+        if overlap:
+            source = TrackingStage(source, tracker, cfg.every_frame)
         sinks = make_sinks(cfg, controls, lambda: latest)
         for s in sinks:
             if s.name == "webrtc":
@@ -242,7 +253,8 @@ def run(cfg: LiveConfig, log=print) -> dict:
                     last_status = time.monotonic()
                 continue
             waiting_since = None
-            out = pipeline.step(frame.rgb, frame.media_time)
+            out = pipeline.step(frame.rgb, frame.media_time,
+                                (frame.observation, frame.track_seconds) if frame.tracked else None)
             t_deliver = time.monotonic()
             for sink in sinks:
                 if sink.name == "webrtc":

@@ -181,9 +181,16 @@ class LivePipeline:
         self.background = background
         self.latent = loaded.latent(latent_index)
 
-    def step(self, rgb: np.ndarray, captured: float) -> LiveFrame:
+    def step(self, rgb: np.ndarray, captured: float, tracked: tuple[FaceObservation | None, float] | None = None
+             ) -> LiveFrame:
+        """One frame. ``tracked``: (observation, seconds) when the frame was tracked already (on another thread,
+        :class:`streamer.sources.TrackingStage`); then this frame's time budget is the render's alone."""
         t0 = time.monotonic()
-        obs = self.tracker.track(rgb, int(captured * 1000)) if rgb is not None else None
+        if tracked is None:
+            obs = self.tracker.track(rgb, int(captured * 1000)) if rgb is not None else None
+            track_seconds = time.monotonic() - t0
+        else:
+            obs, track_seconds = tracked
         t1 = time.monotonic()
         expr, pose = self.retargeter(obs, captured)
         t2 = time.monotonic()
@@ -191,6 +198,7 @@ class LivePipeline:
         out = self.engine.render(expr, pose, self.latent, render_size, self.background)
         frame = compose(out["rgb"], self.size)
         t3 = time.monotonic()
-        self.sizer.update(t3 - t0)
+        # overlapped: the frame rate is the slower stage's; in sequence: both together
+        self.sizer.update(max(t3 - t1, track_seconds) if tracked is not None else t3 - t0)
         return LiveFrame(frame, captured, expr, pose, render_size, self.retargeter.state,
-                         {"track": t1 - t0, "retarget": t2 - t1, "render": t3 - t2})
+                         {"track": track_seconds, "retarget": t2 - t1, "render": t3 - t2})

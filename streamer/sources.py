@@ -23,6 +23,9 @@ class Frame:
     captured: float  # time.monotonic() when it was read
     index: int  # frames read so far by the source (gaps = frames the consumer never took)
     media_time: float  # when the frame happens (s): the capture time, or a clip's own clock with every_frame
+    tracked: bool = False  # set by TrackingStage: ``observation`` holds the tracker's result (None = no face)
+    observation: object = None
+    track_seconds: float = 0.0
 
 
 class FrameSource:
@@ -176,6 +179,56 @@ class CameraSource(FrameSource):
     def close(self) -> None:
         super().close()
         self._cap.release()
+
+
+class TrackingStage(FrameSource):
+    """Tracks the frames of ``source`` on its own thread and hands them on tracked (newest first, as any source).
+
+    The live loop renders frame N while this thread tracks frame N+1, so on two cores a frame costs the slower
+    of the two stages instead of their sum. ``every_frame``: each tracked frame waits until it is taken (nothing
+    is dropped; the source itself must be in the same mode). The tracker is used from this thread only.
+    """
+
+    def __init__(self, source: FrameSource, tracker, every_frame: bool = False):
+        super().__init__()
+        self.source, self.tracker, self.every_frame = source, tracker, every_frame
+        self._thread.name = "TrackingStage"
+
+    @property
+    def lost(self) -> bool:
+        return self.source.lost  # the camera's own state (the base class's initial assignment is ignored)
+
+    @lost.setter
+    def lost(self, value: bool) -> None:
+        pass
+
+    def start(self) -> "TrackingStage":
+        self.source.start()
+        return super().start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self.source.latest(timeout=0.25)
+            if frame is None:
+                if self.source.error:
+                    raise RuntimeError(self.source.error)
+                if self.source.ended:
+                    return
+                continue
+            start = time.monotonic()
+            observation = self.tracker.track(frame.rgb, int(frame.media_time * 1000))
+            tracked = Frame(frame.rgb, frame.captured, frame.index, frame.media_time, True, observation,
+                            time.monotonic() - start)
+            with self._cond:
+                self._slot = tracked
+                self.frames_read = self.source.frames_read
+                self._cond.notify_all()
+            if self.every_frame:
+                self._wait_until_taken()
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
 
 
 def open_source(spec: str, loop: bool = False, every_frame: bool = False) -> FrameSource:

@@ -112,6 +112,15 @@ MUTATIONS = (
              "streamer/pipeline.py", "        if self.controls.pose_lock:\n            target_pose = self.reference.copy()",
              "        if False:\n            target_pose = self.reference.copy()",
              ("tests/test_live.py::test_command_line_controls_reach_the_loop",)),
+    Mutation("fused_skips_too_far", "the fused engine's empty-space jumps ignore the size of a cell (skip occupied samples)",
+             "avatar/fused.py", "(distance[ix, iy, iz] - SQRT3)", "(distance[ix, iy, iz] + 1.0)",
+             ("tests/test_fused.py::test_empty_space_skipping_never_skips_an_occupied_sample",)),
+    Mutation("fused_view_term_dropped", "the fused engine leaves out the view-dependent colour",
+             "avatar/fused.py", "(raw[row, 1 + c] + view_rgb[r, c])", "(raw[row, 1 + c])",
+             ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
+    Mutation("tracking_thread_loses_faces", "frames tracked on the tracking thread arrive without their observation",
+             "streamer/sources.py", "frame.media_time, True, observation,", "frame.media_time, True, None,",
+             ("tests/test_fused.py::test_tracking_on_its_own_thread_logs_what_tracking_in_turn_logs",)),
 )
 
 
