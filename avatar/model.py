@@ -61,14 +61,15 @@ class Avatar(nn.Module):
         return (self.field if self.field_name == "fast" else self.coarse).hparams
 
     def forward(self, rays: dict[str, Tensor], expression: Tensor, frame_index: int, background: Tensor,
-                sampling: "SamplingConfig", perturb: bool = True) -> dict[str, Tensor]:
+                sampling: "SamplingConfig", perturb: bool = True, distortion: bool = False) -> dict[str, Tensor]:
         """Training entry point (what DistributedDataParallel wraps): one frame's rays, its own latent code."""
-        return render_rays(self, rays, expression, self.latents[frame_index], background, sampling, perturb)
+        return render_rays(self, rays, expression, self.latents[frame_index], background, sampling, perturb,
+                           distortion=distortion)
 
 
 def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor, "e"],
                 latent: Float[Tensor, "l"], background: Float[Tensor, "n 3"], sampling: SamplingConfig,
-                perturb: bool = False, on_samples=None) -> dict[str, Tensor]:
+                perturb: bool = False, on_samples=None, distortion: bool = False) -> dict[str, Tensor]:
     """Render the rays of one frame (from :func:`avatar.rays.frame_rays`) through coarse then fine.
 
     Returns ``rgb [n, 3]``, ``depth [n]``, ``alpha [n]`` of the fine pass and ``rgb_coarse [n, 3]``.
@@ -86,7 +87,8 @@ def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor
 
         if sampling.culling:
             out = march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
-                               blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples)
+                               blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples,
+                               distortion=distortion)
         else:
             out = march_dense(query, origins, dirs, near, far, background, sampling.step)
         return {**out, "planes": planes}  # the frame's blended planes: the trainer's regularisers reuse them

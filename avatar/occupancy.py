@@ -226,7 +226,8 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
                  far: Float[Tensor, "n"], background: Float[Tensor, "n 3"], step: float, blocks_per_round: int = 2,
                  perturb: bool = False, min_transmittance: float = 1e-3,
                  on_samples: Callable[[Tensor, Tensor], None] | None = None,
-                 chunk_samples: int | None = None, plan: dict | None = None) -> dict[str, Tensor]:
+                 chunk_samples: int | None = None, plan: dict | None = None, distortion: bool = False
+                 ) -> dict[str, Tensor]:
     """Render rays with fixed steps, two-level occupancy culling, packed evaluation and early termination.
 
     Each ray's fixed steps are grouped in blocks; a block is skipped when the coarse grid says it is empty
@@ -241,7 +242,9 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     evaluated sample (for visibility carving). Returns ``rgb``, ``depth``, ``alpha`` per ray and the number
     of field samples evaluated (``samples``). ``chunk_samples``: samples per field call (default: per device,
     small on a CPU for its caches, large on a GPU for few launches). ``plan``: this frame's :func:`block_plan`
-    when the caller made it already (the engines make it inside a CUDA graph).
+    when the caller made it already (the engines make it inside a CUDA graph). ``distortion``: also return each
+    ray's distortion (:func:`distortion_terms`, mip-NeRF 360), a training loss that gathers a ray's weight into
+    as few samples as possible.
     """
     n = origins.shape[0]
     device = origins.device
@@ -250,6 +253,7 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     depth = torch.zeros(n, device=device)
     acc = torch.zeros(n, device=device)
     trans = torch.ones(n, device=device)
+    dist = weight_sum = weighted_t = torch.zeros(n, device=device)
     evaluated = 0
     if plan is None:
         plan = block_plan(grid, origins, dirs, near, far, step, perturb)
@@ -280,6 +284,8 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
                 if on_samples is not None:
                     on_samples(pts, out["weights"])
                 color, depth, acc, trans = out["rgb"], out["depth"], out["alpha"], out["transmittance"]
+                if distortion:
+                    dist, _, _ = distortion_terms(sample_rays, t, out["weights"], step, n, weight_sum, weighted_t)
         else:
             counts = torch.bincount(ray_of, minlength=n)
             rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
@@ -299,13 +305,38 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
                 out = composite_packed(local, t, sigma, rgb, step, active.numel(), trans[active])
                 if on_samples is not None:
                     on_samples(pts, out["weights"])
+                if distortion:
+                    d, w_sum, wt_sum = distortion_terms(local, t, out["weights"], step, active.numel(),
+                                                        weight_sum[active], weighted_t[active])
+                    dist = dist.index_add(0, active, d)
+                    weight_sum = weight_sum.index_copy(0, active, w_sum)
+                    weighted_t = weighted_t.index_copy(0, active, wt_sum)
                 color = color.index_add(0, active, out["rgb"])
                 depth = depth.index_add(0, active, out["depth"])
                 acc = acc.index_add(0, active, out["alpha"])
                 trans = trans.index_copy(0, active, out["transmittance"])
     color = color + trans[:, None] * background
     depth = depth + trans * far
-    return {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}
+    out = {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}
+    if distortion:
+        out["distortion"] = dist
+    return out
+
+
+def distortion_terms(ray_indices: Int[Tensor, "m"], t: Float[Tensor, "m"], weights: Float[Tensor, "m"], step: float,
+                     n_rays: int, weight_before: Float[Tensor, "n"], weighted_t_before: Float[Tensor, "n"]
+                     ) -> tuple[Float[Tensor, "n"], Float[Tensor, "n"], Float[Tensor, "n"]]:
+    """The distortion loss of mip-NeRF 360 for packed samples (sorted by ray, then depth) of fixed length ``step``:
+    per ray Σ_i,j w_i w_j |t_i − t_j| + ⅓ Σ_i w_i² step, the pair sum as 2 Σ_i w_i (t_i W_<i − S_<i) with W and S
+    the weight and weighted-depth sums before sample i — ``weight_before`` / ``weighted_t_before`` carry them from
+    samples composited earlier (the marcher's previous rounds). Returns this part's distortion per ray and the
+    carried sums after it."""
+    w_before = weight_before[ray_indices] + exclusive_ray_scan(ray_indices, weights, n_rays)
+    wt_before = weighted_t_before[ray_indices] + exclusive_ray_scan(ray_indices, weights * t, n_rays)
+    terms = 2 * weights * (t * w_before - wt_before) + weights.square() * (step / 3)
+    zeros = torch.zeros(n_rays, device=t.device, dtype=t.dtype)
+    return (zeros.index_add(0, ray_indices, terms), weight_before + zeros.index_add(0, ray_indices, weights),
+            weighted_t_before + zeros.index_add(0, ray_indices, weights * t))
 
 
 def _query_chunked(query, points: Float[Tensor, "m 3"], dirs: Float[Tensor, "m 3"], chunk: int) -> tuple[Tensor, Tensor]:

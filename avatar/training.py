@@ -79,6 +79,9 @@ class FitConfig:
     sparsity_weight: float = 5e-2
     sparsity_points: int = 4096
     opacity_entropy_weight: float = 1e-2
+    # mip-NeRF 360's distortion loss (per ray, in cm): gathers each ray's weight into few samples, so that a
+    # renderer stops soon after it meets the head (docs/NOTES.md, session 7). 0 = off.
+    distortion_weight: float = 0.0
     occupancy_resolution: int = 64
     occupancy_every: int = 16
     march_steps: int = 192  # marching steps across the head box diagonal (step = diagonal / march_steps)
