@@ -257,24 +257,14 @@ class TorchEngine(RenderEngine):
         return inputs, outputs, graph, self._pixels[size]
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16, from /proc/cpuinfo); elsewhere
-    oneDNN emulates them, slower than float32 (and other systems get float32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class FusedEngine(RenderEngine):
     """The fast field on the CPU through compiled per-ray kernels (:mod:`avatar.fused`): the same samples, the
     same field, ~2–3× faster than the torch engine's marcher, whose per-sample bookkeeping dominates a CPU frame.
 
-    ``precision``: ``fp32`` (default: 1/255 from the torch engine), ``bf16`` (bfloat16 matrix products: ~20 % faster
-    on one thread of a CPU with AMX / AVX-512 BF16, no faster on two here, and up to ~10/255 off at the edges of
-    the expression range) or ``auto`` (bf16 where the CPU has it natively). ``threads``: for its kernels and the
-    MLP (0 = torch's current setting, read at each frame).
+    ``precision``: ``fp32`` (default: 1/255 from the torch engine) or ``bf16`` (bfloat16 matrix products: ~20 %
+    faster on one thread of this CPU, which has AMX, no faster on two, and up to 11/255 off at the edges of the
+    expression range; slower than fp32 on CPUs without native bf16). ``threads``: for its kernels and the MLP
+    (0 = torch's current setting, read at each frame).
     """
 
     name = "fused"
@@ -284,12 +274,15 @@ class FusedEngine(RenderEngine):
                  min_transmittance: float = 1e-3):
         if torch.device(device).type != "cpu":
             raise UserError(f"the fused engine runs on the CPU, not {device}; use --engine torch or tensorrt there")
-        from avatar.fused import Workspace, distance_field  # (numba: imported only when this engine is used)
+        if precision not in ("bf16", "fp32"):
+            raise UserError(f"precision must be bf16 or fp32, not {precision!r}")
+        try:  # numba: imported only when this engine is used
+            from avatar.fused import Workspace, distance_field
+        except ImportError as exc:
+            raise UserError(f"the fused engine needs numba ({exc}); pip install -r requirements.txt") from None
 
         super().__init__(loaded, grid, step, "cpu")
-        if precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-        self.precision = ("bf16" if cpu_has_bf16() else "fp32") if precision == "auto" else precision
+        self.precision = precision
         self.threads = threads
         mask = self.grid.mask.cpu().numpy().astype(bool)
         self._occupied = np.ascontiguousarray(mask.astype(np.uint8))

@@ -4,7 +4,7 @@ The torch marcher (:func:`avatar.occupancy.march_culled`) spends most of a CPU f
 hundreds of thousands of samples: every step of it (sample points, cell indices, masks, gathers, scans) is a
 separate pass over memory. Here the per-ray work is a few compiled loops (numba, ``nogil``) that touch each
 sample once, and the only per-sample tensor work left is the field's MLP, which runs as dense matrix products
-(bfloat16 on CPUs with AMX / AVX-512 BF16, where oneDNN is ~2.5× faster than float32 here).
+(float32; bfloat16 is an option of the engine).
 
 Same samples as the torch marcher (fixed steps at ``near + (k + ½)·step``, only in occupied cells, the field
 evaluated exactly, composited front to back, the background closing every ray), so the pictures match it

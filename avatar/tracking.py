@@ -319,4 +319,3 @@ def region_boxes(landmarks_px: np.ndarray, pad: float = 0.25) -> dict[str, list[
         grow = (hi - lo) * pad
         out[name] = [round(float(v), 2) for v in (*(lo - grow), *(hi + grow))]
     return out
-

@@ -184,23 +184,16 @@ class CameraSource(FrameSource):
 class TrackingStage(FrameSource):
     """Tracks the frames of ``source`` on its own thread and hands them on tracked (newest first, as any source).
 
-    The live loop renders frame N while this thread tracks frame N+1, so on two cores a frame costs the slower
-    of the two stages instead of their sum. ``every_frame``: each tracked frame waits until it is taken (nothing
-    is dropped; the source itself must be in the same mode). The tracker is used from this thread only.
+    The live loop renders frame N while this thread tracks frame N+1: a frame costs the slower of the two stages
+    instead of their sum where they do not compete for the same cores (a GPU render; on a 2-core CPU they do, see
+    the README's live-loop table). ``every_frame``: each tracked frame waits until it is taken (nothing is
+    dropped; the source itself must be in the same mode). The tracker is used from this thread only.
     """
 
     def __init__(self, source: FrameSource, tracker, every_frame: bool = False):
         super().__init__()
         self.source, self.tracker, self.every_frame = source, tracker, every_frame
         self._thread.name = "TrackingStage"
-
-    @property
-    def lost(self) -> bool:
-        return self.source.lost  # the camera's own state (the base class's initial assignment is ignored)
-
-    @lost.setter
-    def lost(self, value: bool) -> None:
-        pass
 
     def start(self) -> "TrackingStage":
         self.source.start()
@@ -209,6 +202,7 @@ class TrackingStage(FrameSource):
     def _run(self) -> None:
         while not self._stop.is_set():
             frame = self.source.latest(timeout=0.25)
+            self.lost = self.source.lost  # a camera's reconnecting state, for the status line
             if frame is None:
                 if self.source.error:
                     raise RuntimeError(self.source.error)
