@@ -1,4 +1,10 @@
-"""The avatar bundle: ``avatar.json`` + ``weights.safetensors`` + ``background.png``. Never a pickle.
+"""The avatar bundle: ``avatar.json`` + ``weights.safetensors`` + ``background.png`` (+ ``plate.png``). Never a
+pickle.
+
+Version 2 adds ``full_frame`` to ``avatar.json`` — where the head crop sits in the recording (``crop`` = x0, y0,
+side and ``source_size``, in the recording's pixels) — and ``plate.png``, the empty scene at the recording's
+framing: the live loop composites the head into it and sends a camera-shaped picture. Version 1 bundles still
+load; they have neither, and their output stays the square crop they had.
 
 This module is the one way to write and read a bundle; the trainer, evaluator, renderer, exporter and
 live loop all go through it. A bundle from someone else is data only: JSON, raw tensors and an image.
@@ -19,8 +25,9 @@ from avatar.fileio import read_json, read_safetensors, safetensors_bytes, write_
 from avatar.model import Avatar, SamplingConfig
 
 BUNDLE_FORMAT = "nerface-avatar-bundle"
-BUNDLE_VERSION = 1
-META_FILE, WEIGHTS_FILE, BACKGROUND_FILE = "avatar.json", "weights.safetensors", "background.png"
+BUNDLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no full frame (square output)
+META_FILE, WEIGHTS_FILE, BACKGROUND_FILE, PLATE_FILE = "avatar.json", "weights.safetensors", "background.png", "plate.png"
 
 
 @dataclass
@@ -28,6 +35,12 @@ class LoadedAvatar:
     model: Avatar
     meta: dict
     background: torch.Tensor  # [h, w, 3] float in [0, 1]
+    plate: np.ndarray | None = None  # [H, W, 3] uint8: the empty scene at the recording's framing (version ≥ 2)
+
+    @property
+    def full_frame(self) -> dict | None:
+        """``{"crop": [x0, y0, side], "source_size": [w, h]}`` in the recording's pixels, or None (square output)."""
+        return self.meta.get("full_frame") if self.plate is not None else None
 
     @property
     def intrinsics(self) -> np.ndarray:
@@ -88,8 +101,10 @@ def reference_pose(poses: np.ndarray, expressions: np.ndarray | None = None, cal
     return poses[int(rows[angles.argmin()])]
 
 
-def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np.ndarray) -> None:
-    """Write the bundle files atomically; ``avatar.json`` goes last, so its presence means complete."""
+def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np.ndarray,
+                full_frame: tuple[dict, np.ndarray] | None = None) -> None:
+    """Write the bundle files atomically; ``avatar.json`` goes last, so its presence means complete.
+    ``full_frame``: ``(info, plate [H, W, 3] uint8)`` from :func:`avatar.dataset.load_full_frame`."""
     directory = Path(directory)
     # Weights are stored at half precision (half the size, no visible change); loading restores float32.
     tensors = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
@@ -100,11 +115,16 @@ def save_bundle(directory: str | Path, model: Avatar, meta: dict, background: np
             "num_latents": int(model.latents.shape[0]), "weights": WEIGHTS_FILE, "background": BACKGROUND_FILE,
             "weights_dtype": "float16",
             "occupancy_resolution": int(model.occupancy.resolution) if hasattr(model, "occupancy") else None,
-            **meta}
+            **{k: v for k, v in meta.items() if k not in ("format", "version", "full_frame")}}
+    if full_frame is not None:
+        full["full_frame"] = {**full_frame[0], "plate": PLATE_FILE}
+        ok_plate, plate_png = cv2.imencode(".png", np.ascontiguousarray(full_frame[1][..., ::-1]))
     try:
         directory.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
         write_bytes_atomic(directory / BACKGROUND_FILE, png.tobytes())
+        if full_frame is not None:
+            write_bytes_atomic(directory / PLATE_FILE, plate_png.tobytes())
         write_json_atomic(directory / META_FILE, full)
     except OSError as exc:  # disk full, a file-size limit: each file written so far is whole, none half-written
         raise UserError(f"cannot write the avatar bundle into {directory} ({exc.strerror or exc})") from None
@@ -137,6 +157,11 @@ def check_meta(meta: dict, meta_path: Path) -> None:
     }
     if "reference_head_pose" in meta:
         checks["reference_head_pose"] = _is_matrix(meta["reference_head_pose"], 4, 4)
+    if "full_frame" in meta:
+        ff = meta["full_frame"]
+        checks["full_frame"] = (isinstance(ff, dict) and _is_matrix([ff.get("crop")], 1, 3)
+                                and _is_matrix([ff.get("source_size")], 1, 2) and ff.get("plate") == PLATE_FILE
+                                and min(ff["crop"][2], *ff["source_size"]) > 0)
     if "expression_stats" in meta:
         stats = meta["expression_stats"]
         checks["expression_stats"] = isinstance(stats, dict) and all(
@@ -157,9 +182,10 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     if not meta_path.is_file():
         raise UserError(f"{directory} is not an avatar bundle (no {META_FILE}); make one with trainer/fit.py")
     meta = read_json(meta_path)
-    if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
+    if meta.get("format") != BUNDLE_FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{directory} is bundle format {meta.get('format')!r} version {meta.get('version')!r}; "
-                        f"this program reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION} — retrain or convert it")
+                        f"this program reads {BUNDLE_FORMAT!r} versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))} — retrain or convert it")
     for key in ("field", "field_hparams", "latent_dim", "num_latents", "intrinsics", "image_size",
                 "expression_names", "sampling"):
         if key not in meta:
@@ -191,4 +217,11 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     if bgr is None:
         raise UserError(f"{directory} lacks a readable background image {bg_path.name}")
     background = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
-    return LoadedAvatar(model, meta, background)
+    plate = None
+    if "full_frame" in meta:
+        plate_bgr = cv2.imread(str(directory / PLATE_FILE), cv2.IMREAD_COLOR)
+        if plate_bgr is None:
+            raise UserError(f"{directory} lacks a readable {PLATE_FILE} (its avatar.json says it has one): copy the "
+                            "whole bundle again")
+        plate = np.ascontiguousarray(plate_bgr[..., ::-1])
+    return LoadedAvatar(model, meta, background, plate)

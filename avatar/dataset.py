@@ -4,7 +4,10 @@ A dataset directory holds ``frames/*.png`` (square crops around the head, one fi
 video), ``background.png`` (the static background in the same crop), ``transforms_{train,val,test}.json``
 and ``report.json``. The transforms files follow the NerFace layout (``frames[*].file_path``,
 ``transform_matrix``, ``expression``, ``bbox``; top-level ``intrinsics``) with our fields added:
-``expression_names``, ``image_size``, ``head_bounds``, ``camera_convention``.
+``expression_names``, ``image_size``, ``head_bounds``, ``camera_convention``, and ``full_frame``: where the
+square crop sits in the recording (``crop`` = x0, y0, side in source pixels; ``source_size``) and
+``plate.png``, the empty scene at the recording's own framing (≤ :data:`MAX_PLATE_SIDE` px), which the live
+loop composites the rendered head into (a camera-shaped output instead of the square crop).
 
 ``transform_matrix`` is the head pose: canonical face space (cm) → camera, OpenGL camera looking down −z
 (see :mod:`avatar.camera`); the camera itself is fixed. ``bbox`` is the face box ``[x0, y0, x1, y1]``
@@ -31,6 +34,8 @@ from avatar.video import iter_frames, probe_video
 
 DATASET_FORMAT = "nerface-avatar-dataset/1"
 SPLITS = ("train", "val", "test")
+PLATE_FILE = "plate.png"
+MAX_PLATE_SIDE = 1920  # the full-frame plate's longer side at most (a 4K recording's plate is stored at 1080p)
 MAX_BACKGROUND_SAMPLES = 48  # frames kept in memory to estimate an automatic background plate
 MAX_SHAPE_FRAMES = 600  # frames used to fit the subject's face shape (all frames get a refined pose)
 MEDIAPIPE_ROTATION_WEIGHT = 0.5  # share of MediaPipe's own head rotation in the final one (0: rigid PnP only)
@@ -103,13 +108,14 @@ def fixed_crop(boxes: np.ndarray, width: int, height: int) -> tuple[int, int, in
     return x0, y0, side
 
 
-def head_mask(landmarks_px: np.ndarray, size: int) -> np.ndarray:
-    """``[size, size] bool``: where head, hair, neck and body may be (generous: for background estimation)."""
+def head_mask(landmarks_px: np.ndarray, size: int, height: int | None = None) -> np.ndarray:
+    """``[height, size] bool`` (square when ``height`` is None): where head, hair, neck and body may be
+    (generous: for background estimation)."""
     pts = landmarks_px[:NUM_FACE_VERTICES]
     centre = pts.mean(0)
     height = pts[:, 1].max() - pts[:, 1].min()
     hull = (pts - centre) * [1.8, 1.9] + centre - [0, 0.25 * height]  # hair: mostly above the face mesh
-    mask = np.zeros((size, size), np.uint8)
+    mask = np.zeros((size if height is None else height, size), np.uint8)
     cv2.fillConvexPoly(mask, cv2.convexHull(hull.astype(np.int32)), 1)
     width = pts[:, 0].max() - pts[:, 0].min()
     chin = pts[:, 1].max()
@@ -319,9 +325,12 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
     sample_rows = set(np.linspace(0, t - 1, min(t, MAX_BACKGROUND_SAMPLES)).astype(int).tolist())
     row_of_frame = {int(f): r for r, f in enumerate(track.frame_indices)}
 
+    plate_scale = min(1.0, MAX_PLATE_SIDE / max(track.width, track.height))
+    plate_wh = (int(round(track.width * plate_scale)), int(round(track.height * plate_scale)))
+
     with atomic_directory(cfg.out, cfg.overwrite) as tmp:
         (tmp / "frames").mkdir()
-        samples, masks = [], []
+        samples, masks, full_samples, full_masks = [], [], [], []
         bar = tqdm(iter_frames(cfg.video), total=track.total, desc="writing frames", unit="frame", leave=False,
                    disable=None if progress else True)
         for i, rgb in enumerate(bar):
@@ -333,6 +342,13 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             if plate_full is None and row in sample_rows:
                 samples.append(crop)
                 masks.append(head_mask(crop_px[row], cfg.size))
+                full = rgb if plate_scale == 1 else cv2.resize(rgb, plate_wh, interpolation=cv2.INTER_AREA)
+                full_samples.append(full)
+                full_masks.append(head_mask(track.landmarks_px[row] * plate_scale, *plate_wh))
+        # The empty scene at the recording's framing: what the live loop puts around the rendered head.
+        full_plate = (estimate_background(np.stack(full_samples), np.stack(full_masks)) if plate_full is None else
+                      cv2.resize(plate_full, plate_wh, interpolation=cv2.INTER_AREA) if plate_scale < 1 else plate_full)
+        cv2.imwrite(str(tmp / PLATE_FILE), np.ascontiguousarray(full_plate[..., ::-1]))
         if plate_full is not None:
             plate = resize_square(plate_full[y0:y0 + side, x0:x0 + side], cfg.size)
             background_source = str(cfg.background)
@@ -353,6 +369,8 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
             "background": "background.png",
             "head_bounds": {"min": bounds_lo, "max": bounds_hi},
             "fps": track.fps,
+            "full_frame": {"crop": [x0, y0, side], "source_size": [track.width, track.height],
+                           "plate": PLATE_FILE},
         }
         for name in SPLITS:
             frames = []
@@ -513,6 +531,24 @@ def _regions(frames: list[dict], path: Path) -> np.ndarray | None:
     if boxes is None or boxes.shape != (len(frames), len(REGION_NAMES), 4):
         raise UserError(f"{path}: malformed frame regions; prepare the dataset again with trainer/prepare.py")
     return boxes
+
+
+def load_full_frame(directory: str | Path) -> tuple[dict, np.ndarray] | None:
+    """The recording's framing: ``({"crop": [x0, y0, side], "source_size": [w, h]}, plate [H, W, 3] uint8)``,
+    or None for a dataset prepared before it was kept (its avatars output the square crop)."""
+    info = read_transforms(directory, "train").get("full_frame")
+    if not info:
+        return None
+    try:
+        x0, y0, side = (int(v) for v in info["crop"])
+        sw, sh = (int(v) for v in info["source_size"])
+        name = str(info.get("plate", PLATE_FILE))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{directory}: malformed 'full_frame' in its transforms; prepare it again") from None
+    if side <= 0 or sw <= 0 or sh <= 0 or Path(name).name != name:
+        raise UserError(f"{directory}: malformed 'full_frame' in its transforms; prepare it again")
+    plate = read_rgb(Path(directory) / name)
+    return {"crop": [x0, y0, side], "source_size": [sw, sh]}, plate
 
 
 def load_background(directory: str | Path) -> np.ndarray:

@@ -49,10 +49,11 @@ class SynthHead:
     blink_disp: np.ndarray  # [2, n, 3] displacement at blink = 1 (left, right eye; the subject's sides)
     brow_disp: np.ndarray  # [n, 3] displacement at brow raise = 1
     jaw_hinge: np.ndarray  # [3] canonical point the jaw rotates about (x axis through it)
-    background: np.ndarray  # [S, S, 3] uint8 room plate with the head removed
+    background: np.ndarray  # [H, W, 3] uint8 room plate with the head removed
     intrinsics: np.ndarray  # [4] camera of the output frames
     base_pose: np.ndarray  # [4, 4] pose at which the head sits where it was in the photo
-    size: int
+    width: int  # output frame size: square (tests) or camera-shaped (640×480, as a webcam sees a person)
+    height: int
     shape: np.ndarray = field(repr=False, default=None)  # [468, 3] subject landmarks in canonical cm
 
 
@@ -112,9 +113,11 @@ def _ellipsoid_depth(pixels: np.ndarray, pose: np.ndarray, intrinsics: np.ndarra
     return np.where(disc > 0, t_hit, t_miss)  # dirs have z = −1, so t is the distance along −z
 
 
-def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, size: int,
+def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, width: int, height: int | None = None,
                supersample: int = 3) -> SynthHead:
-    """Lift the tracked photo into a :class:`SynthHead` rendered into ``size``² frames."""
+    """Lift the tracked photo into a :class:`SynthHead` rendered into ``width``×``height`` frames (square when
+    ``height`` is None)."""
+    height = width if height is None else height
     from scipy.interpolate import LinearNDInterpolator
 
     h, w = photo.shape[:2]
@@ -201,23 +204,30 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, siz
         brow_disp=_brow_field(points, shape).astype(np.float32),
         jaw_hinge=np.array([0.0, shape[13, 1] + 1.5, -5.0]),
         background=None,  # set below
-        intrinsics=camera.mediapipe_intrinsics(size, size),
+        intrinsics=camera.mediapipe_intrinsics(width, height),
         base_pose=np.eye(4),
-        size=size,
+        width=width,
+        height=height,
         shape=shape + SMILE_REST * _smile_field(shape, shape),
     )
 
-    # Frame = a square crop of the photo around head and shoulders; the plate is that crop with the
-    # head inpainted out, and the base pose puts the rendered head where the photo had it.
-    side = int(min(h, w, round(3.3 * fw)))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 0.2 * fh
-    cx0 = int(np.clip(cx - side / 2, 0, w - side))
-    cy0 = int(np.clip(cy - side / 2, 0, h - side))
+    # Frame = a crop of the photo of the frame's shape around head and shoulders; the plate is that crop with
+    # the head inpainted out, and the base pose puts the rendered head where the photo had it. A square frame
+    # is ~3.3 face widths tall (a head crop); a camera-shaped one ~4 (a webcam's view of a person), at most
+    # the photo.
+    aspect = width / height
+    crop_h = min(h, 3.3 * fw if width == height else 4.0 * fw)
+    crop_h = int(round(min(crop_h, w / aspect)))
+    crop_w = int(round(min(w, crop_h * aspect)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + (0.2 if width == height else 0.45) * fh
+    cx0 = int(np.clip(cx - crop_w / 2, 0, w - crop_w))
+    cy0 = int(np.clip(cy - crop_h / 2, 0, h - crop_h))
     hole = cv2.dilate(head_mask.astype(np.uint8) * (rows < neck_cut), np.ones((9, 9), np.uint8))
     plate = cv2.inpaint(photo, hole, 9, cv2.INPAINT_TELEA)
-    crop = plate[cy0:cy0 + side, cx0:cx0 + side]
-    head.background = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-    scale = size / side
+    crop = plate[cy0:cy0 + crop_h, cx0:cx0 + crop_w]
+    head.background = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA if crop_w >= width
+                                 else cv2.INTER_CUBIC)
+    scale = width / crop_w
     target_px = (px - [cx0, cy0]) * scale
     head.base_pose = camera.solve_pose_pnp(shape, target_px, head.intrinsics, None)
     return head
@@ -349,31 +359,30 @@ def head_pose(head: SynthHead, yaw: float, pitch: float, roll: float, translatio
 
 
 def render(head: SynthHead, pose: np.ndarray, expression: np.ndarray, supersample: int = 2) -> np.ndarray:
-    """Render one RGB frame ``[S, S, 3] uint8``: z-buffered splats at ``supersample``× then area-downsampled."""
-    size = head.size
-    hi = size * supersample
+    """Render one RGB frame ``[H, W, 3] uint8``: z-buffered splats at ``supersample``× then area-downsampled."""
+    wide, high = head.width * supersample, head.height * supersample
     k = head.intrinsics * np.array([supersample, supersample, supersample, supersample])
     cam = camera.transform_points(pose, deform(head, expression))
     uv = camera.project(cam, k)
     depth = -cam[:, 2]
     ui, vi = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
-    valid = (ui >= 0) & (ui < hi) & (vi >= 0) & (vi < hi) & (depth > 1e-3)
+    valid = (ui >= 0) & (ui < wide) & (vi >= 0) & (vi < high) & (depth > 1e-3)
     idx = np.nonzero(valid)[0]
-    pix = torch.from_numpy(vi[idx] * hi + ui[idx])
+    pix = torch.from_numpy(vi[idx] * wide + ui[idx])
     # Nearest point per pixel: one scatter-min over (quantised depth, point index) packed into int64.
     key = torch.from_numpy((np.round(depth[idx] * 1000).astype(np.int64) << 24) | np.arange(len(idx)))
-    zbuf = torch.full((hi * hi,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    zbuf = torch.full((high * wide,), torch.iinfo(torch.int64).max, dtype=torch.int64)
     zbuf.scatter_reduce_(0, pix, key, reduce="amin")
     hit = zbuf != torch.iinfo(torch.int64).max
     winner = idx[(zbuf[hit] & ((1 << 24) - 1)).numpy()]
-    color = np.zeros((hi * hi, 3), np.float32)
-    cover = np.zeros(hi * hi, np.float32)
+    color = np.zeros((high * wide, 3), np.float32)
+    cover = np.zeros(high * wide, np.float32)
     hit_np = hit.numpy()
     color[hit_np] = head.colors[winner] * head.alpha[winner, None]
     cover[hit_np] = head.alpha[winner]
-    color, cover = color.reshape(hi, hi, 3), cover.reshape(hi, hi)
+    color, cover = color.reshape(high, wide, 3), cover.reshape(high, wide)
     # Fill pinholes (stretched skin) from their neighbours; leave the silhouette alone.
-    got = hit_np.reshape(hi, hi).astype(np.float32)
+    got = hit_np.reshape(high, wide).astype(np.float32)
     for _ in range(2):
         n = cv2.boxFilter(got, -1, (3, 3), normalize=False)
         hole = (got == 0) & (n >= 4)
@@ -384,8 +393,8 @@ def render(head: SynthHead, pose: np.ndarray, expression: np.ndarray, supersampl
         color[hole] = csum[hole] / n[hole, None]
         cover[hole] = asum[hole] / n[hole]
         got[hole] = 1
-    color = cv2.resize(color, (size, size), interpolation=cv2.INTER_AREA)
-    cover = cv2.resize(cover, (size, size), interpolation=cv2.INTER_AREA)
+    color = cv2.resize(color, (head.width, head.height), interpolation=cv2.INTER_AREA)
+    cover = cv2.resize(cover, (head.width, head.height), interpolation=cv2.INTER_AREA)
     bg = head.background.astype(np.float32) / 255.0
     out = color + (1 - cover[..., None]) * bg
     return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)

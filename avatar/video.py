@@ -119,3 +119,14 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def parse_frame_size(text: str, flag: str) -> tuple[int, int]:
+    """``"640x480"`` → ``(640, 480)``; both even and within 32–4096, or a :class:`UserError` naming ``flag``."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give WIDTHxHEIGHT, e.g. 640x480") from None
+    if not (32 <= w <= 4096 and 32 <= h <= 4096) or w % 2 or h % 2:
+        raise UserError(f"{flag} {text}: width and height must be even numbers from 32 to 4096")
+    return w, h

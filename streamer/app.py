@@ -32,9 +32,10 @@ class LiveConfig:
     engine: str = "auto"
     device: str = "auto"  # where the engine renders (auto: CUDA when available)
     preset: str = "cpu"
-    size: int = 256  # output frame side (pixels)
+    size: int = 256  # the head render's largest side (pixels); the head box in the output caps it
     fps: float = 15.0  # target frame rate: the render resolution adapts to hold it (0 = fixed resolution)
-    background: str | None = None
+    output: str | None = None  # "WxH" output frame (default: the recording's framing, at most 1280x720)
+    background: str | None = None  # an image, or "blur" (the plate, blurred); default: the recording's plate
     loop: bool = False
     every_frame: bool = False
     max_frames: int = 0
@@ -80,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where to render: auto (CUDA when available), cpu, cuda, "
                                                    "cuda:N")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: 256² at 15 fps; gpu: 512² at 30")
-    p.add_argument("--size", type=int, help="output frame side in pixels (preset's by default)")
+    p.add_argument("--size", type=int, help="largest side of the rendered head in pixels (preset's by default; "
+                                            "never more than the head's box in the output)")
+    p.add_argument("--output", metavar="WxH",
+                   help="output frame size, e.g. 1280x720 or 640x480 (default: the recording's own framing, at most "
+                        "1280x720; a bundle made before full frames were kept: --size² square)")
     p.add_argument("--fps", type=float, help="frame-rate target; the render resolution adapts to hold it "
                                              "(0: always render at --size)")
-    p.add_argument("--background", help="image to put behind the avatar instead of its own background")
+    p.add_argument("--background", help="IMAGE to put behind the avatar instead of the recorded room, or 'blur' "
+                                         "for the room blurred")
     p.add_argument("--mode", choices=["relative", "absolute"], default="relative",
                    help="relative (default): your changes from your neutral drive the avatar's neutral")
     p.add_argument("--pose-lock", action="store_true", help="drive the expression only; the head stays still")
@@ -123,13 +129,20 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     else:
         cfg.target = args.target
     overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
-    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background, loop=cfg.loop or args.loop, every_frame=args.every_frame,
+    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background,
+                  output=args.output, loop=cfg.loop or args.loop, every_frame=args.every_frame,
                   max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
                   pose_lock=args.pose_lock, gain=args.gain, smoothing=args.smoothing, components=args.components, host=args.host, port=args.port,
                   token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet,
                   overlap=args.overlap)
     if not 32 <= cfg.size <= 2048 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
+    if cfg.output is not None:
+        from avatar.video import parse_frame_size
+
+        parse_frame_size(cfg.output, "--output")
+    if cfg.background and cfg.background != "blur" and not Path(cfg.background).is_file():
+        raise UserError(f"--background {cfg.background}: no such image (or say 'blur')")
     if not 0 <= cfg.gain <= 3:
         raise UserError("--gain must be within 0–3")
     if cfg.every_frame and (cfg.source.isdigit() or cfg.source.startswith("/dev/video")):
@@ -144,16 +157,16 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     return cfg
 
 
-def make_sinks(cfg: LiveConfig, controls, status) -> list:
+def make_sinks(cfg: LiveConfig, controls, status, width: int, height: int) -> list:
     from streamer.sinks import FileSink, VirtualCameraSink, WindowSink
 
     sinks = []
     try:
         for spec in cfg.sinks:
             if spec.startswith("file:"):
-                sinks.append(FileSink(spec[5:], cfg.size, cfg.fps or 25.0))
+                sinks.append(FileSink(spec[5:], width, height, cfg.fps or 25.0))
             elif spec == "virtualcam":
-                sinks.append(VirtualCameraSink(cfg.size, cfg.fps or 30.0))
+                sinks.append(VirtualCameraSink(width, height, cfg.fps or 30.0))
             elif spec == "window":
                 sinks.append(WindowSink(controls))
             elif spec == "webrtc":
@@ -180,13 +193,12 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
 
 
 def run(cfg: LiveConfig, log=print) -> dict:
-    import torch
 
     from avatar.bundle import load_bundle
     from avatar.devices import pick_device, prepare_device
     from avatar.engines import open_engine
     from avatar.tracking import FaceTracker
-    from streamer.pipeline import Controls, LivePipeline, RetargetConfig
+    from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
     from streamer.sources import TrackingStage, open_source
 
     device = pick_device(cfg.device)
@@ -196,13 +208,20 @@ def run(cfg: LiveConfig, log=print) -> dict:
     if loaded.model.field_name != "fast":
         raise UserError(f"{cfg.target} holds a {loaded.model.field_name!r} field, far too slow to run live; "
                         "train a fast one: python trainer/fit.py --field fast …")
-    background = None
-    if cfg.background:
+    background = cfg.background
+    if background and background != "blur":
         from avatar.dataset import read_rgb
 
-        background = torch.from_numpy(read_rgb(cfg.background).astype(np.float32) / 255.0)
+        background = read_rgb(background)
+    output = None
+    if cfg.output:
+        from avatar.video import parse_frame_size
+
+        output = parse_frame_size(cfg.output, "--output")
+    compositor = make_compositor(loaded, output, cfg.size, background)
+    layout = compositor.layout
     engine = open_engine(loaded, cfg.target, cfg.engine, device, log=log)
-    seconds = engine.warm_up(cfg.size)  # graph capture / compiling now, not on the first live frame
+    seconds = engine.warm_up(render_cap(cfg.size, layout))  # graph capture / compiling now, not on the first live frame
     if seconds > 1.0:
         log(f"engine warmed up in {seconds:.1f} s")
     controls = Controls(pose_lock=cfg.pose_lock, gain=cfg.gain)
@@ -223,16 +242,18 @@ def run(cfg: LiveConfig, log=print) -> dict:
         tracker = FaceTracker("video", cfg.landmarker)
         if overlap:
             source = TrackingStage(source, tracker, cfg.every_frame)
-        sinks = make_sinks(cfg, controls, lambda: latest)
+        sinks = make_sinks(cfg, controls, lambda: latest, layout.width, layout.height)
         for s in sinks:
             if s.name == "webrtc":
                 log(f"WebRTC: open {s.url}")
             if s.name == "virtualcam":
                 log(f"virtual camera: {s.device}")
         pipeline = LivePipeline(loaded, engine, tracker, cfg.size, cfg.fps,
-                                RetargetConfig(mode=cfg.mode, components=cfg.components, smoothing=cfg.smoothing), controls, background,
-                                latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
-        log(f"live: {engine.name} engine, {cfg.size}² output at up to {cfg.fps or '∞'} fps, sinks "
+                                RetargetConfig(mode=cfg.mode, components=cfg.components, smoothing=cfg.smoothing), controls,
+                                compositor, latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
+        framing = "full frame" if loaded.full_frame is not None else "square crop (a bundle without a full frame)"
+        log(f"live: {engine.name} engine, {layout.width}x{layout.height} output ({framing}), head rendered at up to "
+            f"{pipeline.size}² at up to {cfg.fps or '∞'} fps, sinks "
             f"{', '.join(s.name for s in sinks)}; Ctrl-C to stop")
         source.start()
         started = time.monotonic()
@@ -294,11 +315,13 @@ def run(cfg: LiveConfig, log=print) -> dict:
     if cfg.stats:
         from avatar.fileio import write_json_atomic
 
-        write_json_atomic(cfg.stats, {**stats, "config": asdict(cfg), "engine": engine.name})
+        write_json_atomic(cfg.stats, {**stats, "config": asdict(cfg), "engine": engine.name,
+                                      "output": [layout.width, layout.height], "render_size_max": pipeline.size})
     if cfg.conditioning_log:
         from avatar.fileio import write_json_atomic
 
-        write_json_atomic(cfg.conditioning_log, {"frames": conditioning, "size": cfg.size, "engine": engine.name})
+        write_json_atomic(cfg.conditioning_log, {"frames": conditioning, "size": pipeline.size, "engine": engine.name,
+                                                 "output": [layout.width, layout.height]})
     log(f"{stats['frames']} frames, {stats['fps']:.1f} fps, capture-to-sink latency median "
         f"{stats['latency_ms_median']:.0f} ms (p95 {stats['latency_ms_p95']:.0f}), {stats['dropped_frames']} source "
         "frames dropped (newest frame wins)")

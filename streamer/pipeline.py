@@ -1,6 +1,11 @@
 """The live loop's core, ``step(frame) -> frame``: track → filter → retarget → render → compose.
 
 Threads and sinks live around it (see :mod:`streamer.app`); this module has no I/O of its own.
+
+Composition: the head crop is rendered over black (premultiplied colour + alpha), scaled to where the crop sits
+in the output frame (:class:`FrameLayout`) and laid over the base picture with a feathered edge
+(:class:`Compositor`). The base is the recording's full-frame plate for a bundle that has one (a camera-shaped
+picture, as a webcam sends), the bundle's square plate for an older one, or ``--background IMAGE`` / ``blur``.
 """
 
 from __future__ import annotations
@@ -149,8 +154,138 @@ class RenderSizeController:
         return self.size
 
 
+MAX_OUTPUT = (1280, 720)  # the default output fits in this (a video call's largest common size)
+FEATHER_FRACTION = 0.06  # of the head box's side: the blend ramp where the crop meets the plate
+
+
+def _even(v: float) -> int:
+    return max(2, int(round(v / 2)) * 2)
+
+
+def default_output(source_size: tuple[int, int], limit: tuple[int, int] = MAX_OUTPUT) -> tuple[int, int]:
+    """The recording's own size, scaled down (never up) to fit in ``limit``; even sides (video codecs need them)."""
+    sw, sh = source_size
+    s = min(1.0, limit[0] / sw, limit[1] / sh)
+    return _even(sw * s), _even(sh * s)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where the head crop lands in the output frame. Recording pixels map to output pixels as
+    ``p * scale - offset`` (the recording scaled to cover the output, centred: a 4:3 recording in a 16:9
+    output loses some of its top and bottom, never gets bars)."""
+
+    width: int
+    height: int
+    source_size: tuple[int, int]
+    scale: float
+    offset: tuple[float, float]
+    box: tuple[float, float, float]  # head crop x0, y0, side in output pixels (may reach past the edges)
+
+    @property
+    def head_side(self) -> int:
+        """The head crop's side in output pixels: rendering bigger than this is wasted."""
+        return int(round(self.box[2]))
+
+
+def frame_layout(full_frame: dict | None, output: tuple[int, int] | None, square: int) -> FrameLayout:
+    """The layout for a bundle's ``full_frame`` (None: a square-crop bundle, whose crop is the whole recording)
+    at ``output`` (None: :func:`default_output` of the recording, or ``square``² without a full frame)."""
+    if full_frame is None:
+        crop, source = (0, 0, 1), (1, 1)
+        output = output or (square, square)
+    else:
+        crop, source = full_frame["crop"], tuple(full_frame["source_size"])
+        output = output or default_output(source)
+    w, h = output
+    scale = max(w / source[0], h / source[1])
+    offset = ((source[0] * scale - w) / 2, (source[1] * scale - h) / 2)
+    box = (crop[0] * scale - offset[0], crop[1] * scale - offset[1], crop[2] * scale)
+    return FrameLayout(w, h, (int(source[0]), int(source[1])), scale, offset, box)
+
+
+def cover(image: np.ndarray, layout: FrameLayout) -> np.ndarray:
+    """``[h, w, 3] uint8`` picture of the recording's framing (any resolution) → ``[H, W, 3]`` as the layout
+    places the recording in the output."""
+    ih, iw = image.shape[:2]
+    k = layout.scale * layout.source_size[0] / iw  # image pixels → output pixels
+    big = (max(layout.width, int(np.ceil(iw * k))), max(layout.height, int(np.ceil(ih * k))))
+    resized = cv2.resize(image, big, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
+    x, y = int(round(layout.offset[0] * big[0] / (iw * k))), int(round(layout.offset[1] * big[1] / (ih * k)))
+    x, y = min(max(x, 0), big[0] - layout.width), min(max(y, 0), big[1] - layout.height)
+    return np.ascontiguousarray(resized[y:y + layout.height, x:x + layout.width])
+
+
+def feather_mask(side: int, width: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """``[side, side] float32``: 1 inside, easing to 0 over ``width`` px at each of the (left, top, right,
+    bottom) ``edges`` that is True (edges on the frame's border stay hard: nothing beyond them to blend with)."""
+    ramp = np.ones(side, np.float32)
+    if width > 0:
+        x = (np.arange(side, dtype=np.float32) + 0.5) / width
+        ramp = np.clip(x, 0, 1) ** 2 * (3 - 2 * np.clip(x, 0, 1))  # smoothstep
+    one = np.ones(side, np.float32)
+    left, top, right, bottom = edges
+    cols = (ramp if left else one) * (ramp[::-1] if right else one)
+    rows = (ramp if top else one) * (ramp[::-1] if bottom else one)
+    return rows[:, None] * cols[None, :]
+
+
+class Compositor:
+    """Premultiplied head render ``[s, s, 3]`` + alpha ``[s, s]`` → the output frame ``[H, W, 3] uint8``:
+    the render is scaled to the head box, feathered at the box's inner edges and laid over ``base``."""
+
+    def __init__(self, layout: FrameLayout, base: np.ndarray):
+        if base.shape[:2] != (layout.height, layout.width):
+            raise ValueError(f"base {base.shape} does not match the layout {layout.width}x{layout.height}")
+        self.layout, self.base = layout, np.ascontiguousarray(base, dtype=np.uint8)
+        x0, y0, side = layout.box
+        self.x0, self.y0, self.side = int(round(x0)), int(round(y0)), max(1, int(round(side)))
+        # the visible part of the box: output rows/cols [vy0, vy1) × [vx0, vx1), box-local from (bx, by)
+        self.vx0, self.vy0 = max(self.x0, 0), max(self.y0, 0)
+        self.vx1, self.vy1 = min(self.x0 + self.side, layout.width), min(self.y0 + self.side, layout.height)
+        self.bx, self.by = self.vx0 - self.x0, self.vy0 - self.y0
+        edges = (self.x0 > 0, self.y0 > 0, self.x0 + self.side < layout.width, self.y0 + self.side < layout.height)
+        self.feather = feather_mask(self.side, int(round(FEATHER_FRACTION * self.side)), edges)
+
+    def __call__(self, rgb: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
+        rgba = torch.cat([rgb.clamp(0, 1), alpha.clamp(0, 1)[..., None]], -1).float().cpu().numpy()
+        if rgba.shape[0] != self.side:
+            rgba = cv2.resize(rgba, (self.side, self.side), interpolation=cv2.INTER_LINEAR)
+        frame = self.base.copy()
+        if self.vx1 <= self.vx0 or self.vy1 <= self.vy0:
+            return frame
+        sl = (slice(self.by, self.by + self.vy1 - self.vy0), slice(self.bx, self.bx + self.vx1 - self.vx0))
+        a = (rgba[..., 3] * self.feather)[sl][..., None]
+        color = rgba[..., :3][sl] * self.feather[sl][..., None]
+        region = frame[self.vy0:self.vy1, self.vx0:self.vx1].astype(np.float32)
+        frame[self.vy0:self.vy1, self.vx0:self.vx1] = np.clip(color * 255 + (1 - a) * region + 0.5, 0, 255
+                                                              ).astype(np.uint8)
+        return frame
+
+
+def make_compositor(loaded: LoadedAvatar, output: tuple[int, int] | None, size: int,
+                    background: np.ndarray | str | None = None) -> Compositor:
+    """The live loop's compositor for ``loaded``: its full-frame plate (or square plate) as the base, or
+    ``background``: an image ``[h, w, 3] uint8`` (covering the output), or ``"blur"`` (the plate, blurred)."""
+    layout = frame_layout(loaded.full_frame, output, size)
+    plate = loaded.plate if loaded.full_frame is not None else (
+        loaded.background.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    if isinstance(background, np.ndarray):
+        ih, iw = background.shape[:2]
+        # the image covers the output as is (its own framing, not the recording's)
+        s = max(layout.width / iw, layout.height / ih)
+        own = FrameLayout(layout.width, layout.height, (iw, ih), s,
+                          ((iw * s - layout.width) / 2, (ih * s - layout.height) / 2), (0, 0, 0))
+        base = cover(background, own)
+    else:
+        base = cover(plate, layout)
+        if background == "blur":
+            base = cv2.GaussianBlur(base, (0, 0), max(2.0, 0.015 * max(layout.width, layout.height)))
+    return Compositor(layout, base)
+
+
 def compose(rgb: torch.Tensor, out_size: int) -> np.ndarray:
-    """Rendered ``[s, s, 3]`` float → the output frame ``[out, out, 3]`` uint8 RGB (bilinear when sizes differ)."""
+    """Rendered ``[s, s, 3]`` float → ``[out, out, 3]`` uint8 RGB (bilinear when sizes differ): offline renders."""
     frame = (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
     if frame.shape[0] != out_size:
         frame = cv2.resize(frame, (out_size, out_size), interpolation=cv2.INTER_LINEAR)
@@ -159,7 +294,7 @@ def compose(rgb: torch.Tensor, out_size: int) -> np.ndarray:
 
 @dataclass
 class LiveFrame:
-    rgb: np.ndarray  # [size, size, 3] uint8
+    rgb: np.ndarray  # [H, W, 3] uint8: the output frame
     captured: float
     expression: np.ndarray
     head_pose: np.ndarray
@@ -168,17 +303,26 @@ class LiveFrame:
     timings: dict = field(default_factory=dict)  # seconds per stage
 
 
+BLACK = torch.zeros(1, 1, 3)  # one instance: engines cache the background they scale by its identity
+
+
+def render_cap(size: int, layout: FrameLayout) -> int:
+    """The head render's largest side: ``size``, but no bigger than the head box in the output (even, ≥ 32)."""
+    return max(32, min(size, _even(layout.head_side) if layout.head_side >= 32 else 32))
+
+
 class LivePipeline:
     """``step(rgb, captured) -> LiveFrame``. Owns the tracker, the retargeter and the render engine."""
 
     def __init__(self, loaded: LoadedAvatar, engine: RenderEngine, tracker, size: int, fps: float,
-                 retarget: RetargetConfig, controls: Controls, background: torch.Tensor | None = None,
+                 retarget: RetargetConfig, controls: Controls, compositor: Compositor | None = None,
                  latent_index: int = 0):
+        """``size``: the largest head render (pixels a side); never more than the head box in the output."""
         self.loaded, self.engine, self.tracker = loaded, engine, tracker
-        self.size, self.controls = size, controls
+        self.compositor = compositor or make_compositor(loaded, None, size)
+        self.size, self.controls = render_cap(size, self.compositor.layout), controls
         self.retargeter = Retargeter(loaded.meta, retarget, controls)
-        self.sizer = RenderSizeController(size, fps)
-        self.background = background
+        self.sizer = RenderSizeController(self.size, fps)
         self.latent = loaded.latent(latent_index)
 
     def step(self, rgb: np.ndarray, captured: float, tracked: tuple[FaceObservation | None, float] | None = None
@@ -195,8 +339,8 @@ class LivePipeline:
         expr, pose = self.retargeter(obs, captured)
         t2 = time.monotonic()
         render_size = self.sizer.size
-        out = self.engine.render(expr, pose, self.latent, render_size, self.background)
-        frame = compose(out["rgb"], self.size)
+        out = self.engine.render(expr, pose, self.latent, render_size, BLACK)  # premultiplied: over black
+        frame = self.compositor(out["rgb"], out["alpha"])
         t3 = time.monotonic()
         # overlapped: the frame rate is the slower stage's; in sequence: both together
         self.sizer.update(max(t3 - t1, track_seconds) if tracked is not None else t3 - t0)

@@ -32,14 +32,14 @@ class FileSink(Sink):
 
     name = "file"
 
-    def __init__(self, path: str, size: int, fps: float):
+    def __init__(self, path: str, width: int, height: int, fps: float):
         from avatar.video import VideoWriter
 
         if not path.lower().endswith((".mp4", ".m4v", ".mov")):
             raise UserError(f"--sink file:{path}: give an .mp4 path")
         self.path = Path(path)
         # Near-lossless (crf 10): recordings are compared with offline renders, and small frames suffer most.
-        self.writer = VideoWriter(self.path, size, size, fps=fps or 25.0, crf=10)
+        self.writer = VideoWriter(self.path, width, height, fps=fps or 25.0, crf=10)
 
     def send(self, rgb: np.ndarray) -> None:
         self.writer.write(rgb)
@@ -56,13 +56,13 @@ class VirtualCameraSink(Sink):
 
     name = "virtualcam"
 
-    def __init__(self, size: int, fps: float, device: str | None = None):
+    def __init__(self, width: int, height: int, fps: float, device: str | None = None):
         try:
             import pyvirtualcam
         except ImportError:
             raise UserError("the virtual camera needs pyvirtualcam: pip install pyvirtualcam") from None
         try:
-            self.cam = pyvirtualcam.Camera(width=size, height=size, fps=fps or 30.0, fmt=pyvirtualcam.PixelFormat.RGB,
+            self.cam = pyvirtualcam.Camera(width=width, height=height, fps=fps or 30.0, fmt=pyvirtualcam.PixelFormat.RGB,
                                            device=device)
         except Exception as exc:  # pyvirtualcam raises RuntimeError with backend-specific texts
             raise UserError(f"no virtual camera device ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "

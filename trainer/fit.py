@@ -34,7 +34,7 @@ from avatar import bundle as bundle_io
 from avatar import posefit
 from avatar import rays as ray_utils
 from avatar.devices import DEVICE_HELP, prepare_device
-from avatar.dataset import (PrepareConfig, load_background, load_split, pose_error_vs_truth, prepare_dataset,
+from avatar.dataset import (PrepareConfig, load_background, load_full_frame, load_split, pose_error_vs_truth, prepare_dataset,
                             read_transforms)
 from avatar.errors import UserError, run_cli
 from avatar.expressions import disentangled_map, weight_limits
@@ -406,7 +406,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                                         intrinsics * s, round(w * s), round(h * s), sampling)
         meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
         meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
-    bundle_io.save_bundle(out, model, meta, background_np)
+    bundle_io.save_bundle(out, model, meta, background_np, full_frame=load_full_frame(cfg.data))
     print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
     if evaluate_at_end:
         loaded_bundle = bundle_io.load_bundle(out, device)

@@ -1,7 +1,10 @@
 """Render the synthetic talking head: a real face photo as a textured 3-D head that talks, smiles, blinks
 and turns over a static room, with its true poses and expressions and frames at novel head poses.
 
-    python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--size 256] [--seed 0]
+    python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--size 256 | --frame 640x480] [--seed 0]
+
+--size N renders square head crops (what tests use); --frame WxH a camera-shaped picture with the head and
+shoulders in it, as a webcam sees a person (the demo's recording).
 
 Writes S/video.mp4, S/background.png, S/truth.json, S/novel/*.png (+ novel/truth.json) and S/preview.png.
 truth.json holds per frame the true head pose and expression values, and under "performance" the segments of
@@ -27,7 +30,7 @@ from avatar.dataset import read_rgb
 from avatar.errors import UserError, run_cli
 from avatar.fileio import atomic_directory, write_json_atomic
 from avatar.tracking import FaceTracker, load_canonical_face
-from avatar.video import VideoWriter
+from avatar.video import VideoWriter, parse_frame_size
 
 
 @dataclass
@@ -35,7 +38,8 @@ class SynthConfig:
     out: str
     photo: str | None = None  # default: scikit-image's astronaut
     frames: int = 300
-    size: int = 256
+    size: int = 256  # square frames of this side, unless `frame` is given
+    frame: str | None = None  # "WxH": camera-shaped frames (e.g. 640x480)
     fps: float = 25.0
     seed: int = 0
     novel: int = 24  # frames at head poses the video never shows
@@ -57,23 +61,33 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
     cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
 
 
+def frame_shape(cfg: SynthConfig) -> tuple[int, int]:
+    """(width, height) of the subject's frames."""
+    if cfg.frame:
+        return parse_frame_size(cfg.frame, "--frame")
+    if cfg.size < 32 or cfg.size % 2:
+        raise UserError("--size must be an even number ≥ 32")
+    return cfg.size, cfg.size
+
+
 def make_subject(cfg: SynthConfig) -> dict:
     """Render the whole subject into ``cfg.out`` (atomically); returns a summary."""
-    if cfg.frames < 2 or cfg.size < 32 or cfg.size % 2:
-        raise UserError("--frames must be ≥ 2 and --size an even number ≥ 32")
+    if cfg.frames < 2:
+        raise UserError("--frames must be ≥ 2")
+    width, height = frame_shape(cfg)
     start = time.perf_counter()
     photo = load_photo(cfg.photo)
     with FaceTracker("image", cfg.landmarker) as tracker:
         obs = tracker.track(photo)
     if obs is None:
         raise UserError(f"no face found in {cfg.photo or 'the astronaut photo'}")
-    head = synth.build_head(photo, obs, load_canonical_face(cfg.landmarker), cfg.size)
+    head = synth.build_head(photo, obs, load_canonical_face(cfg.landmarker), width, height)
     motion = synth.make_motion(cfg.frames, cfg.fps, cfg.seed)
 
     with atomic_directory(cfg.out, cfg.overwrite) as tmp:
         frames_meta = []
         preview = []
-        with VideoWriter(tmp / "video.mp4", cfg.size, cfg.size, cfg.fps) as writer:
+        with VideoWriter(tmp / "video.mp4", width, height, cfg.fps) as writer:
             for i in tqdm(range(cfg.frames), desc="rendering", unit="frame", leave=False,
                                   disable=None):
                 pose = synth.head_pose(head, *motion.angles_deg[i], motion.translation_cm[i])
@@ -92,7 +106,7 @@ def make_subject(cfg: SynthConfig) -> dict:
         _save_png(tmp / "background.png", head.background)
         common = {
             "intrinsics": head.intrinsics,
-            "image_size": [cfg.size, cfg.size],
+            "image_size": [width, height],
             "expression_names": list(synth.EXPRESSION_NAMES),
             "camera_convention": "opengl: head_pose maps canonical face space (cm) to camera; camera looks down -z",
         }
@@ -124,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--photo", help="portrait photo to animate (default: scikit-image's astronaut)")
     parser.add_argument("--frames", type=int, default=SynthConfig.frames, help="number of video frames")
-    parser.add_argument("--size", type=int, default=SynthConfig.size, help="frame width and height in pixels")
+    parser.add_argument("--size", type=int, default=SynthConfig.size,
+                        help="side of square frames in pixels (default 256)")
+    parser.add_argument("--frame", help="WIDTHxHEIGHT: camera-shaped frames instead (e.g. 640x480)")
     parser.add_argument("--fps", type=float, default=SynthConfig.fps)
     parser.add_argument("--seed", type=int, default=SynthConfig.seed, help="seed of the performance")
     parser.add_argument("--novel", type=int, default=SynthConfig.novel, help="frames at unseen head poses")
