@@ -108,14 +108,14 @@ def fixed_crop(boxes: np.ndarray, width: int, height: int) -> tuple[int, int, in
     return x0, y0, side
 
 
-def head_mask(landmarks_px: np.ndarray, size: int, height: int | None = None) -> np.ndarray:
-    """``[height, size] bool`` (square when ``height`` is None): where head, hair, neck and body may be
+def head_mask(landmarks_px: np.ndarray, size: int, rows: int | None = None) -> np.ndarray:
+    """``[rows, size] bool`` (square when ``rows`` is None): where head, hair, neck and body may be
     (generous: for background estimation)."""
     pts = landmarks_px[:NUM_FACE_VERTICES]
     centre = pts.mean(0)
     height = pts[:, 1].max() - pts[:, 1].min()
     hull = (pts - centre) * [1.8, 1.9] + centre - [0, 0.25 * height]  # hair: mostly above the face mesh
-    mask = np.zeros((size if height is None else height, size), np.uint8)
+    mask = np.zeros((size if rows is None else rows, size), np.uint8)
     cv2.fillConvexPoly(mask, cv2.convexHull(hull.astype(np.int32)), 1)
     width = pts[:, 0].max() - pts[:, 0].min()
     chin = pts[:, 1].max()
@@ -198,6 +198,66 @@ def expression_coverage(expressions: np.ndarray) -> tuple[dict, list[str]]:
             warnings.append(f"the video never {action} (max {peak:.2f}, {above} frames above half): "
                             "the avatar will not be able to")
     return coverage, warnings
+
+
+# What a recording should show besides the expression groups: the head turning and nodding (spread between the
+# 5th and 95th percentile of the rotation about the recording's mean pose), and talking (jaw openings).
+HEAD_MOTION_GROUPS: dict[str, tuple[int, float, str]] = {
+    "headTurn": (0, 25.0, "turns the head left and right"),  # (Euler axis: 0 yaw, 1 pitch; degrees; action)
+    "headNod": (1, 15.0, "nods (looks up and down)"),
+}
+TALK_MIN_OPENINGS = 5  # jawOpen rising past 0.15 from below 0.05 this often: the mouth moved as in speech
+COVERAGE_ORDER = ("talk", "jawOpen", "mouthSmile", "eyeBlinkLeft", "eyeBlinkRight", "browRaise", "mouthPucker",
+                  "mouthFunnel", "headTurn", "headNod")  # the order a guided recording asks for them
+
+
+def jaw_openings(jaw: np.ndarray, low: float = 0.05, high: float = 0.15) -> int:
+    """How many times ``jaw [t]`` rises past ``high`` after being below ``low`` (a hysteresis count)."""
+    count, closed = 0, True
+    for v in jaw:
+        if closed and v > high:
+            count, closed = count + 1, False
+        elif v < low:
+            closed = True
+    return count
+
+
+def head_motion_spread(poses: np.ndarray) -> np.ndarray:
+    """``[3]`` yaw, pitch, roll spread (5th–95th percentile, degrees) of ``poses [t, 4, 4]`` about their mean."""
+    if len(poses) < 2:
+        return np.zeros(3)
+    rot = poses[:, :3, :3]
+    mean = camera.align_canonical_rotations(rot, np.broadcast_to(np.eye(3), rot.shape))  # chordal mean
+    angles = np.array([camera.matrix_to_euler(mean.T @ r) for r in rot])  # [t, 3]
+    return np.percentile(angles, 95, 0) - np.percentile(angles, 5, 0)
+
+
+def recording_coverage(expressions: np.ndarray, poses: np.ndarray) -> dict:
+    """What a recording performs, per group of :data:`COVERAGE_ORDER`: expressions ``[t, 52]`` and head poses
+    ``[t, 4, 4]`` → ``{"groups": {name: {..., "performed", "action", "progress"}}, "performed": [...],
+    "missing": [...], "warnings": [...]}``. ``progress`` in [0, 1] fills the guided recorder's bars."""
+    expr_cov, _ = expression_coverage(expressions)
+    groups = {}
+    jaw = expressions[:, BLENDSHAPE_NAMES.index("jawOpen")] if len(expressions) else np.zeros(0)
+    openings = jaw_openings(jaw)
+    groups["talk"] = {"jaw_openings": openings, "performed": openings >= TALK_MIN_OPENINGS,
+                      "action": "talks (the mouth opens and closes as in speech)",
+                      "progress": min(1.0, openings / TALK_MIN_OPENINGS)}
+    for name, (names, action) in COVERAGE_GROUPS.items():
+        c = expr_cov[name]
+        progress = min(1.0, c["max"] / (2 * COVERAGE_MIN_MAX)) * min(1.0, c["frames_above_half_max"] / COVERAGE_MIN_FRAMES)
+        groups[name] = {**c, "performed": not c["missing"], "action": action, "progress": round(progress, 3)}
+        del groups[name]["missing"]
+    spread = head_motion_spread(poses)
+    for name, (axis, needed, action) in HEAD_MOTION_GROUPS.items():
+        groups[name] = {"spread_deg": round(float(spread[axis]), 2), "needed_deg": needed,
+                        "performed": bool(spread[axis] >= needed), "action": action,
+                        "progress": round(min(1.0, float(spread[axis]) / needed), 3)}
+    groups = {k: groups[k] for k in COVERAGE_ORDER}
+    missing = [k for k, g in groups.items() if not g["performed"]]
+    return {"frames": int(len(expressions)), "groups": groups,
+            "performed": [k for k in groups if k not in missing], "missing": missing,
+            "warnings": [f"the recording never {groups[k]['action']}: the avatar will not be able to" for k in missing]}
 
 
 def pose_error_vs_truth(poses: np.ndarray, frame_indices: np.ndarray, truth: dict,

@@ -65,13 +65,16 @@ def iter_frames(path: str | Path) -> Iterator[np.ndarray]:
 
 
 class VideoWriter:
-    """H.264 MP4 writer (yuv420p, plays in browsers). Frames are RGB ``[H, W, 3] uint8``.
+    """H.264 MP4 writer. Frames are RGB ``[H, W, 3] uint8``. ``pix_fmt`` yuv420p (default) plays everywhere;
+    yuv444p keeps full colour resolution (fine stripes and edges of saturated colour survive), and plays in
+    VLC, mpv, ffmpeg and Chromium but not in QuickTime or Firefox.
 
     Writes to a temporary name and renames on :meth:`close`, so an interrupted recording never
     leaves a truncated file under the final name.
     """
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: float = 25.0, crf: int = 17):
+    def __init__(self, path: str | Path, width: int, height: int, fps: float = 25.0, crf: int = 17,
+                 pix_fmt: str = "yuv420p"):
         import av
 
         if width % 2 or height % 2:
@@ -82,7 +85,7 @@ class VideoWriter:
         self._container = av.open(str(self._tmp), mode="w")
         self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
+        self._stream.pix_fmt = pix_fmt
         self._stream.options = {"crf": str(crf), "preset": "veryfast"}
         self.frames_written = 0
 

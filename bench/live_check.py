@@ -2,6 +2,10 @@
 frame with an offline render of the conditioning the loop logged, and print the loop's latency statistics.
 
     python bench/live_check.py --target avatars/me --source clip.mp4 [--frames 100] [--size 256] [--fps 15]
+        [--output WxH]
+
+--size is the head render's largest side (run_live.py --size); the output frame is the bundle's full frame
+(or --output); a bundle without a full frame outputs --size² as before.
 
 Prints a Markdown table: frames recorded, PSNR of recorded vs offline frames (min / median), frames/s,
 median and 95th-percentile capture-to-sink latency, the median render size and per-stage medians.
@@ -33,20 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=15.0, help="frame-rate target (the render size adapts); 0 = fixed")
     p.add_argument("--engine", default="auto")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="run_live.py --overlap")
+    p.add_argument("--output", help="run_live.py --output WxH (default: the bundle's framing)")
     args = p.parse_args(argv)
 
     from avatar.bundle import load_bundle
     from avatar.engines import open_engine
     from avatar.metrics import psnr
     from avatar.video import iter_frames
-    from streamer.pipeline import compose
+    from avatar.video import parse_frame_size
+    from streamer.pipeline import BLACK, make_compositor
 
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         cmd = [sys.executable, "run_live.py", "--target", args.target, "--source", args.source, "--loop", "--sink",
                f"file:{t / 'out.mp4'}", "--max-frames", str(args.frames), "--size", str(args.size), "--fps",
                str(args.fps), "--engine", args.engine, "--stats", str(t / "stats.json"), "--conditioning-log",
-               str(t / "cond.json"), "--quiet", "--overlap", args.overlap]
+               str(t / "cond.json"), "--quiet", "--overlap", args.overlap,
+               *(["--output", args.output] if args.output else [])]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
@@ -56,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         frames = list(iter_frames(t / "out.mp4"))
     loaded = load_bundle(args.target)
     engine = open_engine(loaded, args.target, log["engine"])
+    compositor = make_compositor(loaded, parse_frame_size(args.output, "--output") if args.output else None,
+                                 args.size)
     scores = []
     for frame, c in zip(frames, log["frames"]):
-        offline = compose(engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]),
-                                        c["render_size"])["rgb"], args.size)
-        scores.append(psnr(frame / 255.0, offline / 255.0))
+        out = engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]), c["render_size"], BLACK)
+        scores.append(psnr(frame / 255.0, compositor(out["rgb"], out["alpha"]) / 255.0))
+    w, h = log["output"]
     print(f"Live loop, {date.today()}, {platform.processor() or platform.machine()}, engine {log['engine']}, "
-          f"{args.size}² output, --fps {args.fps}, --overlap {args.overlap}, "
+          f"{w}x{h} output, head rendered at up to {log['size']}², --fps {args.fps}, --overlap {args.overlap}, "
           f"source {Path(args.source).name}\n")
     print("| frames in file | PSNR vs offline render (min / median) | frames / s | latency median (ms) | "
           "latency p95 (ms) | render size (median) | stage medians (ms) |")

@@ -193,13 +193,12 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
 
 
 def run(cfg: LiveConfig, log=print) -> dict:
-
     from avatar.bundle import load_bundle
     from avatar.devices import pick_device, prepare_device
     from avatar.engines import open_engine
     from avatar.tracking import FaceTracker
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
-    from streamer.sources import TrackingStage, open_source
+    from avatar.sources import TrackingStage, open_source
 
     device = pick_device(cfg.device)
     prepare_device(device)

@@ -284,14 +284,6 @@ def make_compositor(loaded: LoadedAvatar, output: tuple[int, int] | None, size: 
     return Compositor(layout, base)
 
 
-def compose(rgb: torch.Tensor, out_size: int) -> np.ndarray:
-    """Rendered ``[s, s, 3]`` float → ``[out, out, 3]`` uint8 RGB (bilinear when sizes differ): offline renders."""
-    frame = (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-    if frame.shape[0] != out_size:
-        frame = cv2.resize(frame, (out_size, out_size), interpolation=cv2.INTER_LINEAR)
-    return frame
-
-
 @dataclass
 class LiveFrame:
     rgb: np.ndarray  # [H, W, 3] uint8: the output frame
@@ -328,7 +320,7 @@ class LivePipeline:
     def step(self, rgb: np.ndarray, captured: float, tracked: tuple[FaceObservation | None, float] | None = None
              ) -> LiveFrame:
         """One frame. ``tracked``: (observation, seconds) when the frame was tracked already (on another thread,
-        :class:`streamer.sources.TrackingStage`); then this frame's time budget is the render's alone."""
+        :class:`avatar.sources.TrackingStage`); then this frame's time budget is the render's alone."""
         t0 = time.monotonic()
         if tracked is None:
             obs = self.tracker.track(rgb, int(captured * 1000)) if rgb is not None else None

@@ -63,7 +63,7 @@ MUTATIONS = (
              "        return True",
              ("tests/test_live.py::test_off_loopback_every_request_needs_the_token_and_viewers_are_capped",)),
     Mutation("stale_frames_kept", "a source never drops a frame: the reader waits for the consumer (a backlog)",
-             "streamer/sources.py",
+             "avatar/sources.py",
              "    def _publish(self, rgb: np.ndarray, media_time: float | None = None) -> None:\n        with self._cond:",
              "    def _publish(self, rgb: np.ndarray, media_time: float | None = None) -> None:\n"
              "        self._wait_until_taken()\n        with self._cond:",
@@ -119,7 +119,7 @@ MUTATIONS = (
              "avatar/fused.py", "(raw[row, 1 + c] + view_rgb[r, c])", "(raw[row, 1 + c])",
              ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
     Mutation("tracking_thread_loses_faces", "frames tracked on the tracking thread arrive without their observation",
-             "streamer/sources.py", "frame.media_time, True, observation,", "frame.media_time, True, None,",
+             "avatar/sources.py", "frame.media_time, True, observation,", "frame.media_time, True, None,",
              ("tests/test_fused.py::test_tracking_on_its_own_thread_logs_what_tracking_in_turn_logs",)),
 )
 

@@ -15,7 +15,7 @@ import pytest
 from avatar.bundle import load_bundle
 from avatar.engines import TorchEngine
 from avatar.metrics import psnr
-from streamer.pipeline import Controls, RetargetConfig, Retargeter, compose
+from streamer.pipeline import BLACK, Controls, RetargetConfig, Retargeter, make_compositor
 from tests.conftest import ROOT, run_script
 
 
@@ -131,6 +131,7 @@ def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fas
     # fast this machine is; --smoothing 0: no filter lag between the truth and the log.
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop",
                    "--every-frame", "--smoothing", "0", "--sink", f"file:{out}", "--max-frames", "60", "--size", "64",
+                   "--output", "64x64",
                    "--fps", "0", "--engine", "torch", "--conditioning-log", str(cond), "--stats", str(stats), "--quiet",
                    timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -142,10 +143,11 @@ def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fas
     assert len(frames) == len(log) == 60
     loaded = load_bundle(fast_bundle)
     engine = TorchEngine(loaded)
+    compositor = make_compositor(loaded, (64, 64), 64)  # the loop's own composition, offline
     scores = []
     for frame, c in zip(frames, log):
-        offline = compose(engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]),
-                                        c["render_size"])["rgb"], 64)
+        out = engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]), c["render_size"], BLACK)
+        offline = compositor(out["rgb"], out["alpha"])
         scores.append(psnr(frame / 255.0, offline / 255.0))
     # H.264 at crf 10 costs small frames most: 38.3 dB typical, 34.5 the worst of 60 here; a frame rendered from
     # other conditioning scores far lower
@@ -248,7 +250,7 @@ def test_virtual_camera_without_a_device_says_how_to_make_one(fast_bundle, subje
 def live_server(fast_bundle, subject):
     port = free_port()
     proc = start_live("--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop", "--sink",
-                      "webrtc", "--port", str(port), "--size", "64", "--quiet")
+                      "webrtc", "--port", str(port), "--size", "64", "--output", "64x64", "--quiet")
     url = wait_for_url(proc)
     yield proc, url, port
     if proc.poll() is None:
@@ -477,7 +479,7 @@ def test_projection_onto_training_components_and_missing_components():
 # -- sources ---------------------------------------------------------------------------------------------------
 
 def test_a_slow_consumer_gets_the_newest_frame_not_a_backlog(subject):
-    from streamer.sources import VideoFileSource
+    from avatar.sources import VideoFileSource
 
     source = VideoFileSource(subject / "video.mp4", loop=True).start()
     try:
@@ -496,7 +498,7 @@ def test_a_slow_consumer_gets_the_newest_frame_not_a_backlog(subject):
 def test_a_camera_that_disappears_is_reopened(monkeypatch):
     import cv2
 
-    from streamer.sources import CameraSource
+    from avatar.sources import CameraSource
 
     opened = []
 

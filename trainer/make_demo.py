@@ -2,7 +2,7 @@
 
     python trainer/make_demo.py [--minutes 10] [--out assets/demo]
 
-Runs the same commands a user runs — trainer/synth.py, trainer/fit.py --field fast, export/build.py — with a
+Runs the same commands a user runs on a camera-shaped (640×480) synthetic recording — trainer/synth.py, trainer/fit.py --field fast, export/build.py — with a
 small field (64² planes, 8 channels) so that everything stays ≤ 20 MB, then writes a driving clip: the same
 synthetic face in another performance (another seed), which `run_live.py --demo` tracks and retargets.
 Takes ~12 minutes on a 2-core CPU. The result replaces OUT atomically.
@@ -24,9 +24,10 @@ from avatar.errors import UserError, run_cli
 from avatar.fileio import atomic_directory
 
 # The bundle keeps what the live loop needs; training leftovers stay out of the repository.
-KEEP = ("avatar.json", "weights.safetensors", "background.png", "blend.onnx", "model.onnx", "occupancy.safetensors",
+KEEP = ("avatar.json", "weights.safetensors", "background.png", "plate.png", "blend.onnx", "model.onnx", "occupancy.safetensors",
         "engines.json", "metrics.json")
 SIZE_LIMIT = 20 * 2**20
+FRAME = "640x480"  # camera-shaped, as a webcam sees a person: the live demo sends the full frame
 
 
 def run(*args: str) -> None:
@@ -44,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         w = Path(work)
-        run("trainer/synth.py", "--out", str(w / "subject"), "--frames", "300", "--size", "256", "--seed", "0")
+        run("trainer/synth.py", "--out", str(w / "subject"), "--frames", "300", "--frame", FRAME, "--seed", "0")
         run("trainer/prepare.py", str(w / "subject" / "video.mp4"), "--out", str(w / "data"), "--background",
             str(w / "subject" / "background.png"), "--size", str(args.size))
         run("trainer/fit.py", "--data", str(w / "data"), "--field", "fast", "--preset", "cpu", "--out",
             str(w / "avatar"), "--max-minutes", str(args.minutes), "--plane-resolution", "64", "--plane-channels", "8")
         run("export/build.py", str(w / "avatar"), "--frames", "20")
-        run("trainer/synth.py", "--out", str(w / "driver"), "--frames", "250", "--size", "256", "--seed", "7",
+        run("trainer/synth.py", "--out", str(w / "driver"), "--frames", "250", "--frame", FRAME, "--seed", "7",
             "--novel", "1")
         with atomic_directory(args.out, overwrite=True) as tmp:
             (tmp / "avatar").mkdir()

@@ -1,4 +1,4 @@
-"""Frame sources for the live loop: a webcam (index or /dev/videoN) or a video file, each read on its own thread.
+"""Frame sources for the live loop and the guided recorder: a webcam (index or /dev/videoN) or a video file, each read on its own thread.
 
 The newest frame wins: the reader overwrites a one-frame slot, so a slow consumer never sees stale frames
 pile up (latency cannot grow). A video file is paced at its own frame rate (as a camera would deliver it)

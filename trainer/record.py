@@ -1,0 +1,269 @@
+"""Record the video an avatar is made from, guided: prompts for what to perform and live coverage bars.
+
+    python trainer/record.py --out me/                              # webcam 0, a preview window with prompts
+    python trainer/record.py --out me/ --source 1 --seconds 150     # another camera, a longer take
+    python trainer/record.py --source clip.mp4 --no-window --out R  # only measure what a video covers
+
+An avatar can only do what its video shows: a recording that never opens the mouth wide makes an avatar that
+cannot. The recorder asks for each group in turn — talk, open the mouth wide, smile, blink each eye, raise the
+brows, pucker, round the lips ('oo'), turn and nod the head — and fills a bar per group from MediaPipe's reading
+of your face as you perform it (the same measure `trainer/prepare.py` reports). When every bar is full (or at
+--seconds, or on Space) it asks you to step out of the picture for a few seconds: those frames become
+background.png, the empty room the live loop puts around your avatar.
+
+Writes into --out: video.mp4 (what the camera saw while you performed), background.png (the empty scene) and
+coverage.json (per group: performed or not, with its figures; the missing groups named). With --source FILE the
+video is not copied: only coverage.json is written (and with a window, the file plays with its bars).
+
+Keys in the window: Space = done performing (go to the empty-scene step), n = skip this prompt, q / Esc = stop.
+Recording tips: a static camera at eye level, the head and shoulders in the frame, even light on the face, no
+one else in the picture; 1–2 minutes; come back to a calm neutral face between the prompts.
+Then: python run_live.py --record me (fits, exports and goes live) or python trainer/fit.py --video me/video.mp4
+--background me/background.png --out avatars/me.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/record.py`
+
+import cv2
+import numpy as np
+
+from avatar.dataset import COVERAGE_ORDER, recording_coverage, track_video
+from avatar.errors import UserError, run_cli
+from avatar.fileio import write_bytes_atomic, write_json_atomic
+
+COVERAGE_FILE, VIDEO_FILE, BACKGROUND_FILE = "coverage.json", "video.mp4", "background.png"
+
+PROMPTS = {  # what the window asks for, group by group (COVERAGE_ORDER)
+    "talk": "Talk for a while (count to twenty, read something aloud)",
+    "jawOpen": "Open your mouth wide, as far as it goes, then close it",
+    "mouthSmile": "Smile broadly, then relax",
+    "eyeBlinkLeft": "Close your LEFT eye alone (wink), then open it",
+    "eyeBlinkRight": "Close your RIGHT eye alone (wink), then open it",
+    "browRaise": "Raise your eyebrows high, then relax",
+    "mouthPucker": "Pucker your lips, as for a kiss",
+    "mouthFunnel": "Round your lips as in 'oo'",
+    "headTurn": "Turn your head slowly left and right",
+    "headNod": "Nod slowly: look up, then down",
+}
+LABELS = {"talk": "talk", "jawOpen": "mouth wide", "mouthSmile": "smile", "eyeBlinkLeft": "left eye",
+          "eyeBlinkRight": "right eye", "browRaise": "brows", "mouthPucker": "pucker", "mouthFunnel": "'oo'",
+          "headTurn": "turn", "headNod": "nod"}
+
+
+@dataclass
+class RecordConfig:
+    out: str
+    source: str = "0"  # camera index, /dev/videoN, or a video file (then coverage only)
+    window: bool = True
+    seconds: float = 180.0  # the performance ends at this length at the latest
+    background_seconds: float = 4.0  # of face-free frames for the empty-scene plate
+    landmarker: str | None = None
+    overwrite: bool = False
+
+
+def summary_lines(coverage: dict) -> list[str]:
+    """One line per group: ✓/✗, the action and its figure."""
+    lines = []
+    for name, g in coverage["groups"].items():
+        figure = (f"{g['jaw_openings']} openings" if "jaw_openings" in g else
+                  f"spread {g['spread_deg']:.0f}° of {g['needed_deg']:.0f}°" if "spread_deg" in g else
+                  f"max {g['max']:.2f}, {g['frames_above_half_max']} frames")
+        lines.append(f"  {'✓' if g['performed'] else '✗'} {name:<14} {figure}")
+    return lines
+
+
+def draw_overlay(rgb: np.ndarray, coverage: dict | None, prompt: str, status: str = "") -> np.ndarray:
+    """The recorder's window: the (mirrored) camera picture ``[h, w, 3] uint8`` with the prompt on top and one
+    coverage bar per group (green when performed). Pure: returns a new image."""
+    frame = np.ascontiguousarray(rgb[:, ::-1])  # a mirror, as people expect to see themselves
+    h, w = frame.shape[:2]
+    scale = max(0.4, w / 1280)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.rectangle(frame, (0, 0), (w, int(44 * scale) + 8), (0, 0, 0), -1)
+    cv2.putText(frame, prompt, (10, int(32 * scale) + 4), font, 0.9 * scale, (255, 255, 255), max(1, int(2 * scale)),
+                cv2.LINE_AA)
+    if status:
+        cv2.putText(frame, status, (10, h - 10), font, 0.6 * scale, (255, 255, 0), 1, cv2.LINE_AA)
+    if coverage is not None:
+        bar_w, bar_h, x = int(180 * scale), int(18 * scale), w - int(190 * scale) - 10
+        y = int(60 * scale) + 8
+        for name in COVERAGE_ORDER:
+            g = coverage["groups"][name]
+            done = g["performed"]
+            cv2.rectangle(frame, (x, y), (x + bar_w, y + bar_h), (60, 60, 60), -1)
+            cv2.rectangle(frame, (x, y), (x + int(bar_w * g["progress"]), y + bar_h),
+                          (60, 200, 60) if done else (230, 170, 40), -1)
+            cv2.putText(frame, LABELS[name], (x + 4, y + bar_h - int(4 * scale)), font, 0.5 * scale,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+            y += bar_h + int(6 * scale)
+    return frame
+
+
+def measure_file(cfg: RecordConfig, log=print) -> dict:
+    """Coverage of an existing video (``--source FILE``): writes ``coverage.json`` into ``cfg.out``."""
+    track = track_video(cfg.source, cfg.landmarker)
+    coverage = {"source": str(cfg.source), **recording_coverage(track.expressions, track.poses),
+                "frames_total": track.total, "frames_without_face": len(track.skipped)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / COVERAGE_FILE, coverage)
+    return coverage
+
+
+def empty_scene(frames: list[np.ndarray]) -> np.ndarray:
+    """Median of ``[k][h, w, 3] uint8`` face-free frames: the room without you (people passing are outvoted)."""
+    return np.median(np.stack(frames), axis=0).round().astype(np.uint8)
+
+
+def record_camera(cfg: RecordConfig, log=print) -> dict:
+    """The guided take from a camera (see the top of this file)."""
+    from avatar.sources import open_source
+    from avatar.tracking import FaceTracker
+    from avatar.video import VideoWriter
+
+    out = Path(cfg.out)
+    if (out / VIDEO_FILE).exists() and not cfg.overwrite:
+        raise UserError(f"{out / VIDEO_FILE} exists (pass --overwrite to record again)")
+    source = open_source(cfg.source)
+    window = "record (Space: done, n: skip, q: stop)"
+    if cfg.window:
+        try:
+            cv2.namedWindow(window, cv2.WINDOW_AUTOSIZE)
+        except cv2.error:
+            source.close()
+            raise UserError("cannot open a window here (no display); record where you can see yourself, or "
+                            "measure an existing video with --source FILE --no-window") from None
+    out.mkdir(parents=True, exist_ok=True)
+    writer = None
+    expressions, poses, skipped, empty = [], [], [], []
+    phase, started, face_free_since = "perform", None, None
+    coverage = recording_coverage(np.zeros((0, 52), np.float32), np.zeros((0, 4, 4)))
+    skipped_prompts: set[str] = set()
+    try:
+        with FaceTracker("video", cfg.landmarker) as tracker:
+            source.start()
+            while True:
+                frame = source.latest(timeout=1.0)
+                if frame is None:
+                    if source.error:
+                        raise UserError(f"camera {cfg.source}: {source.error}")
+                    continue
+                now = time.monotonic()
+                started = started or now
+                obs = tracker.track(frame.rgb, int((now - started) * 1000))
+                if phase == "perform":
+                    if writer is None:
+                        h, w = frame.rgb.shape[:2]
+                        writer = VideoWriter(out / VIDEO_FILE, w - w % 2, h - h % 2, fps=source.fps, crf=17)
+                    writer.write(frame.rgb[: frame.rgb.shape[0] // 2 * 2, : frame.rgb.shape[1] // 2 * 2])
+                    if obs is None:
+                        skipped.append(frame.index)
+                    else:
+                        expressions.append(obs.blendshapes)
+                        poses.append(obs.head_pose)
+                        if len(expressions) % 5 == 0:
+                            coverage = recording_coverage(np.stack(expressions), np.stack(poses))
+                    todo = [k for k in coverage["missing"] if k not in skipped_prompts]
+                    prompt = PROMPTS[todo[0]] if todo else "All done! Press Space to finish"
+                    status = f"{now - started:4.0f} s  {'no face!' if obs is None else ''}"
+                    if now - started >= cfg.seconds or (not todo and not cfg.window):
+                        phase = "leave"
+                else:  # the empty scene: only frames without a face count
+                    prompt = f"Step out of the picture ({len(empty) / source.fps:.0f}/{cfg.background_seconds:.0f} s)"
+                    status = "face seen: waiting" if obs is not None else "recording the empty room"
+                    if obs is None:
+                        face_free_since = face_free_since or now
+                        if now - face_free_since > 0.5:  # you have left, not just turned away
+                            empty.append(frame.rgb)
+                    else:
+                        face_free_since = None
+                    if len(empty) >= cfg.background_seconds * source.fps:
+                        break
+                if cfg.window:
+                    cv2.imshow(window, draw_overlay(frame.rgb, coverage, prompt, status)[..., ::-1])
+                    key = cv2.waitKey(1) & 0xFF
+                    if key in (ord("q"), 27):
+                        raise KeyboardInterrupt
+                    if key == ord(" ") and phase == "perform":
+                        phase = "leave"
+                    if key == ord("n") and phase == "perform" and todo:
+                        skipped_prompts.add(todo[0])
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.abort()
+        raise UserError("recording stopped; nothing written") from None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        source.close()
+        if cfg.window:
+            cv2.destroyAllWindows()
+    if not expressions:
+        writer.abort()
+        raise UserError("no face was seen while recording: sit in front of the camera, in good light")
+    writer.close()
+    ok, png = cv2.imencode(".png", empty_scene(empty)[..., ::-1])
+    write_bytes_atomic(out / BACKGROUND_FILE, png.tobytes())
+    coverage = {"source": f"camera {cfg.source}", **recording_coverage(np.stack(expressions), np.stack(poses)),
+                "frames_total": len(expressions) + len(skipped), "frames_without_face": len(skipped)}
+    write_json_atomic(out / COVERAGE_FILE, coverage)
+    return coverage
+
+
+def is_file_source(source: str) -> bool:
+    return not (source.isdigit() or source.startswith("/dev/video"))
+
+
+def record(cfg: RecordConfig, log=print) -> dict:
+    if is_file_source(cfg.source):
+        if not Path(cfg.source).is_file():
+            raise UserError(f"--source {cfg.source}: no such camera index or video file")
+        coverage = measure_file(cfg, log)
+    else:
+        coverage = record_camera(cfg, log)
+    log(f"coverage of {coverage['source']} ({coverage['frames']} frames with a face):")
+    for line in summary_lines(coverage):
+        log(line)
+    if coverage["missing"]:
+        log(f"missing: {', '.join(coverage['missing'])} — record again and perform them, or the avatar will not "
+            "be able to")
+    log(f"wrote {Path(cfg.out) / COVERAGE_FILE}")
+    return coverage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for video.mp4, background.png and coverage.json")
+    p.add_argument("--source", default="0", help="camera index (0), /dev/videoN, or a video FILE to measure")
+    p.add_argument("--no-window", dest="window", action="store_false",
+                   help="no preview window (with a FILE: only measure its coverage)")
+    p.add_argument("--seconds", type=float, default=RecordConfig.seconds,
+                   help="longest performance in seconds (default 180)")
+    p.add_argument("--background-seconds", type=float, default=RecordConfig.background_seconds,
+                   help="seconds of the empty scene to record after the performance (default 4)")
+    p.add_argument("--landmarker", help="path to face_landmarker.task (default: found automatically)")
+    p.add_argument("--overwrite", action="store_true", help="record again over an existing video.mp4")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = RecordConfig(**vars(args))
+    if cfg.seconds <= 0 or cfg.background_seconds <= 0:
+        raise UserError("--seconds and --background-seconds must be positive")
+    record(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
