@@ -1,6 +1,7 @@
 """The live command: source thread → ``LivePipeline.step`` → sinks, with stage timings, a status line and stats.
 
     python run_live.py --target avatars/me [--source 0] [--sink virtualcam --sink webrtc] [--engine auto]
+    python run_live.py --record me          # record (guided) → prepare → fit → export → live, steps already done skipped
 """
 
 from __future__ import annotations
@@ -63,10 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_live.py", description=__doc__.split("\n\n")[0] + "\n\n" + "Examples:\n"
         "  python run_live.py --demo                                   # no webcam, no training: the bundled demo\n"
+        "  python run_live.py --record me --sink virtualcam            # from nothing: record, train, export, go live\n"
         "  python run_live.py --target avatars/me --sink virtualcam    # join a call as your avatar\n"
         "  python run_live.py --target avatars/me --source clip.mp4 --sink file:out.mp4 --max-frames 100\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="avatar bundle (trainer/fit.py --field fast; export/build.py makes it faster)")
+    p.add_argument("--record", metavar="DIR",
+                   help="make the avatar in DIR first: a guided recording from the camera (trainer/record.py; skipped "
+                        "when DIR/video.mp4 exists), then prepare, fit and export into DIR/avatar — each step skipped "
+                        "when its output is current — then go live with it. --target DIR on a folder holding only a "
+                        "recording does the same")
+    p.add_argument("--make-preset", choices=["cpu", "smoke"], default="cpu",
+                   help="with --record: cpu (default; ~15 minutes on a 2-core CPU) or smoke (a one-minute check)")
     p.add_argument("--demo", action="store_true", help="the bundled demo avatar driven by the bundled clip "
                                                        "(implies --source demo clip --loop, --sink webrtc)")
     p.add_argument("--source", help="camera index (0), /dev/videoN, or a video file (default 0)")
@@ -124,10 +133,12 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         if not (DEMO_DIR / "avatar" / "avatar.json").is_file():
             raise UserError(f"the demo avatar is missing from {DEMO_DIR}; rebuild it with: python trainer/make_demo.py")
         cfg = replace(cfg, target=str(DEMO_DIR / "avatar"), source=str(DEMO_DIR / "driver.mp4"), loop=True)
-    elif not args.target:
-        raise UserError("give --target AVATAR_BUNDLE (or --demo)")
+    elif not (args.target or args.record):
+        raise UserError("give --target AVATAR_BUNDLE, --record DIR (or --demo)")
+    elif args.target and args.record:
+        raise UserError("give --target or --record, not both")
     else:
-        cfg.target = args.target
+        cfg.target = args.target or args.record
     overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background,
                   output=args.output, loop=cfg.loop or args.loop, every_frame=args.every_frame,
@@ -359,5 +370,12 @@ def _status(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from streamer.workflow import is_recording_folder, make_avatar
+
+    if args.record or is_recording_folder(cfg.target):
+        if args.record and Path(args.record).is_file():
+            raise UserError(f"--record {args.record}: give a folder (it will hold video.mp4, the dataset and the "
+                            "avatar)")
+        cfg = replace(cfg, target=str(make_avatar(cfg.target, cfg.source, args.make_preset)))
     run(cfg)
     return 0

@@ -205,3 +205,34 @@ def test_output_and_background_flags_are_checked(fast_bundle, subject, tmp_path)
                        "--sink", f"file:{tmp_path / 'x.mp4'}", "--quiet", *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_one_command_from_a_recording_to_live(camera_subject, tmp_path):
+    """`run_live.py --target DIR` on a folder holding only a recording prepares, fits, exports and goes live;
+    run again, every step is found up to date and skipped."""
+    from avatar.video import iter_frames
+
+    folder = tmp_path / "me"
+    folder.mkdir()
+    shutil.copy2(camera_subject / "s" / "video.mp4", folder / "video.mp4")
+    shutil.copy2(camera_subject / "s" / "background.png", folder / "background.png")
+    args = ("run_live.py", "--target", str(folder), "--make-preset", "smoke", "--source", str(folder / "video.mp4"),
+            "--every-frame", "--sink", f"file:{tmp_path / 'out.mp4'}", "--max-frames", "5", "--size", "48",
+            "--fps", "0", "--quiet")
+    r = run_script(*args, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for made in ("dataset/report.json", "dataset/plate.png", "avatar/avatar.json", "avatar/plate.png",
+                 "avatar/engines.json"):
+        assert (folder / made).is_file(), made
+    assert np.stack(list(iter_frames(tmp_path / "out.mp4"))).shape == (5, 240, 320, 3)
+    assert "2/4 preparing the dataset" in r.stdout and "4/4 exporting the fast engines" in r.stdout
+    r = run_script(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(f"{k}/4" in r.stdout and "up to date" in line for k, line in
+               zip((2, 3, 4), [ln for ln in r.stdout.splitlines() if ln[:3] in ("2/4", "3/4", "4/4")])), r.stdout
+    # a folder without a video and a file source: one line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_script("run_live.py", "--record", str(empty), "--source", str(folder / "video.mp4"), "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "no video.mp4" in lines[0], r.stderr
