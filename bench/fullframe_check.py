@@ -1,0 +1,69 @@
+"""Check a live recording's full frame: its shape, the room outside the head's box, the avatar inside it.
+
+    python run_live.py --demo --sink file:out.mp4 --max-frames 30
+    python bench/fullframe_check.py --video out.mp4 [--target BUNDLE] [--output WxH] [--size 256]
+
+Rebuilds the live loop's layout and base picture for BUNDLE (the demo avatar by default; --output as given to
+run_live.py) and prints one Markdown table: the frames' size and aspect, the PSNR of the pixels outside the
+head's box against the room's plate (the same everywhere but for coding noise: high), and of the pixels inside
+it (the avatar's head, not the empty room: low).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", required=True, help="run_live.py's file sink output")
+    p.add_argument("--target", default=str(ROOT / "assets" / "demo" / "avatar"), help="the bundle it ran")
+    p.add_argument("--output", help="run_live.py --output, if it was given")
+    p.add_argument("--size", type=int, default=256, help="run_live.py --size")
+    args = p.parse_args(argv)
+
+    from avatar.bundle import load_bundle
+    from avatar.errors import UserError
+    from avatar.video import iter_frames, parse_frame_size
+    from streamer.pipeline import make_compositor
+
+    loaded = load_bundle(args.target)
+    comp = make_compositor(loaded, parse_frame_size(args.output, "--output") if args.output else None, args.size)
+    frames = np.stack(list(iter_frames(args.video)))
+    n, h, w = frames.shape[:3]
+    if (w, h) != (comp.layout.width, comp.layout.height):
+        raise UserError(f"{args.video} is {w}x{h}, but {args.target} at --output {args.output or 'default'} makes "
+                        f"{comp.layout.width}x{comp.layout.height}")
+    inside = np.zeros((h, w), bool)
+    x0, y0, side = (int(round(v)) for v in comp.layout.box)
+    inside[max(y0, 0):max(y0 + side, 0), max(x0, 0):max(x0 + side, 0)] = True
+    base = comp.base
+    out_psnr = np.median([psnr(f[~inside], base[~inside]) for f in frames]) if (~inside).any() else None
+    in_psnr = np.median([psnr(f[inside], base[inside]) for f in frames])
+    aspect = Fraction(w, h)
+    framing = "full frame" if loaded.full_frame is not None else "square crop (version-1 bundle)"
+    print(f"| frames | size | aspect | framing | head box (x0, y0, side) | outside the box vs plate (median) | "
+          f"inside the box vs plate (median) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {n} | {w}×{h} | {aspect.numerator}:{aspect.denominator} | {framing} | {x0}, {y0}, {side} | "
+          f"{'— (the box is the whole frame)' if out_psnr is None else f'{out_psnr:.1f} dB'} | {in_psnr:.1f} dB |")
+    return 0
+
+
+if __name__ == "__main__":
+    from avatar.errors import run_cli
+
+    run_cli(main)
