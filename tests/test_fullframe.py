@@ -236,3 +236,34 @@ def test_one_command_from_a_recording_to_live(camera_subject, tmp_path):
     r = run_script("run_live.py", "--record", str(empty), "--source", str(folder / "video.mp4"), "--quiet")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "no video.mp4" in lines[0], r.stderr
+
+
+def test_the_virtual_camera_opens_at_the_output_size(camera_subject, monkeypatch):
+    """No v4l2loopback device exists here: pyvirtualcam's Camera is replaced by a recorder of what it is asked
+    to open and sent, and the live loop runs in this process."""
+    import pyvirtualcam
+
+    from streamer.app import build_parser, config_from_args, run
+
+    opened, sent = [], []
+
+    class FakeCamera:
+        def __init__(self, width, height, fps, fmt=None, device=None, **kw):
+            opened.append((width, height))
+            self.device = "/dev/video-fake"
+
+        def send(self, frame):
+            sent.append(frame.shape)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pyvirtualcam, "Camera", FakeCamera)
+    for output, size in ((None, (320, 240)), ("1280x720", (1280, 720))):
+        args = build_parser().parse_args(["--target", str(camera_subject / "a"), "--source",
+                                          str(camera_subject / "s" / "video.mp4"), "--every-frame", "--sink",
+                                          "virtualcam", "--max-frames", "3", "--size", "48", "--fps", "0", "--quiet",
+                                          *(["--output", output] if output else [])])
+        opened.clear(), sent.clear()
+        run(config_from_args(args), log=lambda *a: None)
+        assert opened == [size] and sent == [(size[1], size[0], 3)] * 3
