@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs" / "webrtc_page.png"))
     p.add_argument("--seconds", type=float, default=6.0, help="how long the video plays before the picture")
-    p.add_argument("--window", default="900x1000", help="browser window size WxH")
+    p.add_argument("--window", default="900x730", help="browser window size WxH")
     args = p.parse_args(argv)
     if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
         print("needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)", file=sys.stderr)

@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     edited = np.clip(parse_edits(args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"],
                                  meta["expression_names"], expr), lo, hi)
     s = args.size
+    full = loaded.full_frame
+    if full is not None and tuple(full["source_size"]) == (frame.shape[1], frame.shape[0]):
+        x0, y0, side = full["crop"]  # the driver has the recording's framing: show the same head crop
+        frame = frame[y0:y0 + side, x0:x0 + side]
+    else:  # the middle square of another framing
+        h, w = frame.shape[:2]
+        frame = frame[(h - min(h, w)) // 2:(h + min(h, w)) // 2, (w - min(h, w)) // 2:(w + min(h, w)) // 2]
     render = lambda e, ps: (engine.render(e, ps, loaded.latent(0), s)["rgb"].numpy() * 255).round().astype(np.uint8)
     panels = [
         label(cv2.resize(frame, (s, s), interpolation=cv2.INTER_AREA), "input frame (MediaPipe)"),
