@@ -101,8 +101,17 @@ def test_command_line_writes_a_subject_and_refuses_bad_input(tmp_path):
     assert len(json.loads((out / "novel" / "truth.json").read_text())["frames"]) == 2
     for args, words in ((["--out", str(out), "--frames", "4", "--size", "64"], "already exists"),
                         (["--out", str(tmp_path / "t"), "--size", "63"], "even number"),
-                        (["--out", str(tmp_path / "u"), "--photo", str(tmp_path / "none.jpg")], "no such file")):
+                        (["--out", str(tmp_path / "u"), "--photo", str(tmp_path / "none.jpg")], "no such file"),
+                        (["--out", str(tmp_path / "v"), "--frame", "641x480"], "even numbers"),
+                        (["--out", str(tmp_path / "w"), "--frame", "wide"], "WIDTHxHEIGHT")):
         r = run_script("trainer/synth.py", *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing half-written
+    # camera-shaped: the default of the command (640×480), any WxH with --frame
+    r = run_script("trainer/synth.py", "--out", str(tmp_path / "cam"), "--frames", "2", "--frame", "96x72",
+                   "--novel", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = probe_video(tmp_path / "cam" / "video.mp4")
+    assert (info.width, info.height) == (96, 72)
+    assert json.loads((tmp_path / "cam" / "truth.json").read_text())["image_size"] == [96, 72]

@@ -1,10 +1,10 @@
 """Render the synthetic talking head: a real face photo as a textured 3-D head that talks, smiles, blinks
 and turns over a static room, with its true poses and expressions and frames at novel head poses.
 
-    python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--size 256 | --frame 640x480] [--seed 0]
+    python trainer/synth.py --out S [--photo IMAGE] [--frames 300] [--frame 640x480 | --size 256] [--seed 0]
 
---size N renders square head crops (what tests use); --frame WxH a camera-shaped picture with the head and
-shoulders in it, as a webcam sees a person (the demo's recording).
+By default (or --frame WxH) a camera-shaped picture with the head and shoulders in it, as a webcam sees a
+person (the demo's recording: 640×480); --size N renders square head crops instead (what tests use).
 
 Writes S/video.mp4, S/background.png, S/truth.json, S/novel/*.png (+ novel/truth.json) and S/preview.png.
 truth.json holds per frame the true head pose and expression values, and under "performance" the segments of
@@ -31,6 +31,9 @@ from avatar.errors import UserError, run_cli
 from avatar.fileio import atomic_directory, write_json_atomic
 from avatar.tracking import FaceTracker, load_canonical_face
 from avatar.video import VideoWriter, parse_frame_size
+
+
+DEFAULT_FRAME = "640x480"  # the command line's default: a webcam's 4:3 view of a person
 
 
 @dataclass
@@ -138,15 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--photo", help="portrait photo to animate (default: scikit-image's astronaut)")
     parser.add_argument("--frames", type=int, default=SynthConfig.frames, help="number of video frames")
-    parser.add_argument("--size", type=int, default=SynthConfig.size,
-                        help="side of square frames in pixels (default 256)")
-    parser.add_argument("--frame", help="WIDTHxHEIGHT: camera-shaped frames instead (e.g. 640x480)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--frame", help=f"WIDTHxHEIGHT of camera-shaped frames (default {DEFAULT_FRAME})")
+    shape.add_argument("--size", type=int, help="square head-crop frames of this side instead (e.g. 256)")
     parser.add_argument("--fps", type=float, default=SynthConfig.fps)
     parser.add_argument("--seed", type=int, default=SynthConfig.seed, help="seed of the performance")
     parser.add_argument("--novel", type=int, default=SynthConfig.novel, help="frames at unseen head poses")
     parser.add_argument("--landmarker", help="path to face_landmarker.task (default: found automatically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    cfg = SynthConfig(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    if args["size"] is None:
+        args["size"] = SynthConfig.size
+        args["frame"] = args["frame"] or DEFAULT_FRAME
+    cfg = SynthConfig(**args)
     summary = make_subject(cfg)
     print(f"wrote {summary['frames']} frames + {summary['novel']} novel-pose frames to {summary['out']} "
           f"in {summary['seconds']:.1f} s")
