@@ -113,11 +113,33 @@ def _ellipsoid_depth(pixels: np.ndarray, pose: np.ndarray, intrinsics: np.ndarra
     return np.where(disc > 0, t_hit, t_miss)  # dirs have z = −1, so t is the distance along −z
 
 
+def _frame_crop(photo_wh: tuple[int, int], bbox: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """The photo region ``(x0, y0, w, h)`` a ``width``×``height`` frame shows. A square frame is ~3.3 face widths
+    tall (a head crop); a camera-shaped one ~4 (a webcam's view of a person), at most the photo."""
+    w, h = photo_wh
+    x0, y0, x1, y1 = bbox
+    fw, fh = x1 - x0, y1 - y0
+    aspect = width / height
+    crop_h = min(h, 3.3 * fw if width == height else 4.0 * fw)
+    crop_h = int(round(min(crop_h, w / aspect)))
+    crop_w = int(round(min(w, crop_h * aspect)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + (0.2 if width == height else 0.45) * fh
+    return (int(np.clip(cx - crop_w / 2, 0, w - crop_w)), int(np.clip(cy - crop_h / 2, 0, h - crop_h)),
+            crop_w, crop_h)
+
+
 def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, width: int, height: int | None = None,
-               supersample: int = 3) -> SynthHead:
+               supersample: int | None = None) -> SynthHead:
     """Lift the tracked photo into a :class:`SynthHead` rendered into ``width``×``height`` frames (square when
-    ``height`` is None)."""
+    ``height`` is None). ``supersample``: points per photo pixel along each axis (default: enough for the
+    frame's magnification of the photo)."""
     height = width if height is None else height
+    crop = _frame_crop((photo.shape[1], photo.shape[0]), obs.bbox, width, height)
+    if supersample is None:
+        # ~2 points per pixel of render()'s 2× buffer where the skin is not stretched: 3 for the 256² head crop
+        # (the photo shown at 0.78×); a 640×480 frame shows it at 1.25× and 3 left holes where the skin stretches
+        # (a closed eyelid came out as a dotted veil and MediaPipe read the blink at 0.16 instead of ~0.6).
+        supersample = max(3, int(round(3.85 * width / crop[2])))
     from scipy.interpolate import LinearNDInterpolator
 
     h, w = photo.shape[:2]
@@ -211,17 +233,9 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
         shape=shape + SMILE_REST * _smile_field(shape, shape),
     )
 
-    # Frame = a crop of the photo of the frame's shape around head and shoulders; the plate is that crop with
-    # the head inpainted out, and the base pose puts the rendered head where the photo had it. A square frame
-    # is ~3.3 face widths tall (a head crop); a camera-shaped one ~4 (a webcam's view of a person), at most
-    # the photo.
-    aspect = width / height
-    crop_h = min(h, 3.3 * fw if width == height else 4.0 * fw)
-    crop_h = int(round(min(crop_h, w / aspect)))
-    crop_w = int(round(min(w, crop_h * aspect)))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + (0.2 if width == height else 0.45) * fh
-    cx0 = int(np.clip(cx - crop_w / 2, 0, w - crop_w))
-    cy0 = int(np.clip(cy - crop_h / 2, 0, h - crop_h))
+    # Frame = a crop of the photo of the frame's shape around head and shoulders (_frame_crop); the plate is
+    # that crop with the head inpainted out, and the base pose puts the rendered head where the photo had it.
+    cx0, cy0, crop_w, crop_h = crop
     hole = cv2.dilate(head_mask.astype(np.uint8) * (rows < neck_cut), np.ones((9, 9), np.uint8))
     plate = cv2.inpaint(photo, hole, 9, cv2.INPAINT_TELEA)
     crop = plate[cy0:cy0 + crop_h, cx0:cx0 + crop_w]
