@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs" / "webrtc_page.png"))
     p.add_argument("--seconds", type=float, default=6.0, help="how long the video plays before the picture")
-    p.add_argument("--window", default="900x730", help="browser window size WxH")
+    p.add_argument("--window", default="900x900", help="browser window size WxH")
     args = p.parse_args(argv)
     if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
         print("needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)", file=sys.stderr)
@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         size = driver.execute_script("const v = document.getElementById('video'); return [v.videoWidth, v.videoHeight];")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(args.out)
+        import cv2
+        import numpy as np
+
+        shot = cv2.imread(args.out)  # trim the page's empty bottom
+        rows = np.nonzero((np.abs(shot.astype(int) - shot[-1, 0].astype(int)).sum(-1) > 30).any(1))[0]
+        if len(rows):
+            cv2.imwrite(args.out, shot[: min(len(shot), rows[-1] + 16)], [cv2.IMWRITE_PNG_COMPRESSION, 9])
         fps = driver.execute_script("return document.getElementById('fps').textContent;")
         print(f"| video in the page | {size[0]}×{size[1]} | page FPS {fps} | {args.out} |")
     finally:
