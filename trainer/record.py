@@ -209,7 +209,8 @@ def record_camera(cfg: RecordConfig, log=print) -> dict:
         if cfg.window:
             cv2.destroyAllWindows()
     if not expressions:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise UserError("no face was seen while recording: sit in front of the camera, in good light")
     writer.close()
     ok, png = cv2.imencode(".png", empty_scene(empty)[..., ::-1])
