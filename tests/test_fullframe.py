@@ -267,3 +267,33 @@ def test_the_virtual_camera_opens_at_the_output_size(camera_subject, monkeypatch
         opened.clear(), sent.clear()
         run(config_from_args(args), log=lambda *a: None)
         assert opened == [size] and sent == [(size[1], size[0], 3)] * 3
+
+
+def test_guided_recording_from_a_camera(camera_subject, tmp_path, monkeypatch):
+    """The camera path of trainer/record.py, with a clip standing in for the webcam (no camera here): the
+    performance is recorded until --seconds, then only face-free frames after the person has left become
+    background.png."""
+    import avatar.sources
+    from avatar.sources import VideoFileSource
+    from avatar.video import VideoWriter, iter_frames, probe_video
+    from trainer.record import RecordConfig, record
+
+    clip = tmp_path / "webcam.mp4"  # the subject performs 150 frames (6 s), then leaves: 30 frames of the room
+    room = cv2.imread(str(camera_subject / "s" / "background.png"))[..., ::-1]
+    with VideoWriter(clip, 320, 240, fps=25, crf=12) as w:
+        for rgb in iter_frames(camera_subject / "s" / "video.mp4"):
+            w.write(rgb)
+        for _ in range(30):
+            w.write(room)
+    monkeypatch.setattr(avatar.sources, "open_source", lambda spec, *a, **k: VideoFileSource(clip, every_frame=True))
+    out = tmp_path / "me"
+    cov = record(RecordConfig(out=str(out), source="0", window=False, seconds=5.0, background_seconds=0.4),
+                 log=lambda *a: None)
+    assert probe_video(out / "video.mp4").frame_count == 126  # frames at 0 … 5 s of the performance (25 fps)
+    plate = cv2.imread(str(out / "background.png"))[..., ::-1]
+    assert _psnr(plate, room) > 35  # the empty room, not a frame with the subject in it
+    saved = json.loads((out / "coverage.json").read_text())
+    assert saved["missing"] == cov["missing"] and "mouthPucker" in saved["missing"]
+    assert saved["groups"]["mouthSmile"]["performed"] and saved["frames"] > 100
+    with pytest.raises(Exception, match="exists"):  # a second take needs --overwrite
+        record(RecordConfig(out=str(out), source="0", window=False), log=lambda *a: None)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,9 +154,11 @@ def record_camera(cfg: RecordConfig, log=print) -> dict:
                 if frame is None:
                     if source.error:
                         raise UserError(f"camera {cfg.source}: {source.error}")
+                    if source.ended:  # a camera does not end; a clip standing in for one does
+                        break
                     continue
-                now = time.monotonic()
-                started = started or now
+                now = frame.media_time  # the capture clock (a clip's own clock when one stands in for a camera)
+                started = now if started is None else started
                 obs = tracker.track(frame.rgb, int((now - started) * 1000))
                 if phase == "perform":
                     if writer is None:
@@ -213,8 +214,12 @@ def record_camera(cfg: RecordConfig, log=print) -> dict:
             writer.abort()
         raise UserError("no face was seen while recording: sit in front of the camera, in good light")
     writer.close()
-    ok, png = cv2.imencode(".png", empty_scene(empty)[..., ::-1])
-    write_bytes_atomic(out / BACKGROUND_FILE, png.tobytes())
+    if empty:
+        ok, png = cv2.imencode(".png", empty_scene(empty)[..., ::-1])
+        write_bytes_atomic(out / BACKGROUND_FILE, png.tobytes())
+    else:
+        log("warning: no frames of the empty room were recorded, so no background.png: trainer/prepare.py will "
+            "estimate the room from the pixels your head leaves uncovered (--background auto)")
     coverage = {"source": f"camera {cfg.source}", **recording_coverage(np.stack(expressions), np.stack(poses)),
                 "frames_total": len(expressions) + len(skipped), "frames_without_face": len(skipped)}
     write_json_atomic(out / COVERAGE_FILE, coverage)
