@@ -22,11 +22,6 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True, help="run_live.py's file sink output")
@@ -37,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from avatar.bundle import load_bundle
     from avatar.errors import UserError
+    from avatar.metrics import psnr
     from avatar.video import iter_frames, parse_frame_size
     from streamer.pipeline import make_compositor
 
@@ -51,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     x0, y0, side = (int(round(v)) for v in comp.layout.box)
     inside[max(y0, 0):max(y0 + side, 0), max(x0, 0):max(x0 + side, 0)] = True
     base = comp.base
+    frames, base = frames / 255.0, base / 255.0
     out_psnr = np.median([psnr(f[~inside], base[~inside]) for f in frames]) if (~inside).any() else None
     in_psnr = np.median([psnr(f[inside], base[inside]) for f in frames])
     aspect = Fraction(w, h)

@@ -207,9 +207,9 @@ def run(cfg: LiveConfig, log=print) -> dict:
     from avatar.bundle import load_bundle
     from avatar.devices import pick_device, prepare_device
     from avatar.engines import open_engine
+    from avatar.sources import TrackingStage, open_source
     from avatar.tracking import FaceTracker
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
-    from avatar.sources import TrackingStage, open_source
 
     device = pick_device(cfg.device)
     prepare_device(device)

@@ -246,6 +246,8 @@ class Compositor:
         self.bx, self.by = self.vx0 - self.x0, self.vy0 - self.y0
         edges = (self.x0 > 0, self.y0 > 0, self.x0 + self.side < layout.width, self.y0 + self.side < layout.height)
         self.feather = feather_mask(self.side, int(round(FEATHER_FRACTION * self.side)), edges)
+        self._visible = (slice(self.by, self.by + self.vy1 - self.vy0), slice(self.bx, self.bx + self.vx1 - self.vx0))
+        self._feather_visible = self.feather[self._visible][..., None]  # [vh, vw, 1], once, not per frame
 
     def __call__(self, rgb: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
         rgba = torch.cat([rgb.clamp(0, 1), alpha.clamp(0, 1)[..., None]], -1).float().cpu().numpy()
@@ -254,9 +256,9 @@ class Compositor:
         frame = self.base.copy()
         if self.vx1 <= self.vx0 or self.vy1 <= self.vy0:
             return frame
-        sl = (slice(self.by, self.by + self.vy1 - self.vy0), slice(self.bx, self.bx + self.vx1 - self.vx0))
-        a = (rgba[..., 3] * self.feather)[sl][..., None]
-        color = rgba[..., :3][sl] * self.feather[sl][..., None]
+        visible = rgba[self._visible]
+        a = visible[..., 3:] * self._feather_visible
+        color = visible[..., :3] * self._feather_visible
         region = frame[self.vy0:self.vy1, self.vx0:self.vx1].astype(np.float32)
         frame[self.vy0:self.vy1, self.vx0:self.vx1] = np.clip(color * 255 + (1 - a) * region + 0.5, 0, 255
                                                               ).astype(np.uint8)
@@ -271,11 +273,9 @@ def make_compositor(loaded: LoadedAvatar, output: tuple[int, int] | None, size: 
     plate = loaded.plate if loaded.full_frame is not None else (
         loaded.background.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
     if isinstance(background, np.ndarray):
-        ih, iw = background.shape[:2]
-        # the image covers the output as is (its own framing, not the recording's)
-        s = max(layout.width / iw, layout.height / ih)
-        own = FrameLayout(layout.width, layout.height, (iw, ih), s,
-                          ((iw * s - layout.width) / 2, (ih * s - layout.height) / 2), (0, 0, 0))
+        # the image covers the output in its own framing, not the recording's
+        own = frame_layout({"crop": [0, 0, 1], "source_size": [background.shape[1], background.shape[0]]},
+                           (layout.width, layout.height), size)
         base = cover(background, own)
     else:
         base = cover(plate, layout)
@@ -300,7 +300,7 @@ BLACK = torch.zeros(1, 1, 3)  # one instance: engines cache the background they 
 
 def render_cap(size: int, layout: FrameLayout) -> int:
     """The head render's largest side: ``size``, but no bigger than the head box in the output (even, ≥ 32)."""
-    return max(32, min(size, _even(layout.head_side) if layout.head_side >= 32 else 32))
+    return max(32, min(size, _even(layout.head_side)))
 
 
 class LivePipeline:
