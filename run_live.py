@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from avatar.errors import run_cli
+from avatar.base.errors import run_cli
 from streamer.app import main
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="run_live.py --size")
     args = p.parse_args(argv)
 
-    from avatar.bundle import load_bundle
-    from avatar.errors import UserError
-    from avatar.metrics import psnr
-    from avatar.video import iter_frames, parse_frame_size
+    from avatar.bundle.bundle import load_bundle
+    from avatar.base.errors import UserError
+    from avatar.base.metrics import psnr
+    from avatar.capture.video import iter_frames, parse_frame_size
     from streamer.pipeline import make_compositor
 
     loaded = load_bundle(args.target)
@@ -61,6 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from avatar.errors import run_cli
+    from avatar.base.errors import run_cli
 
     run_cli(main)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 import torch
 
-from avatar.devices import pick_device, prepare_device
+from avatar.base.devices import pick_device, prepare_device
 
 
 def say(*parts) -> None:
@@ -144,8 +144,8 @@ def timed_fps(engine, frames, size: int, count: int, seconds: float, device: tor
 
 def render_check(args, device: torch.device, bundle: Path, budget: Budget, fraction: float,
                  results: dict) -> list[dict]:
-    from avatar.bundle import load_bundle
-    from avatar.engines import TorchEngine
+    from avatar.bundle.bundle import load_bundle
+    from avatar.engines.torch_engine import TorchEngine
     from export.build import parity_frames
 
     stage_end = time.perf_counter() + budget.share(fraction)
@@ -186,7 +186,7 @@ def render_check(args, device: torch.device, bundle: Path, budget: Budget, fract
 
 
 def _tf32_engine_class():
-    from avatar.engines import TorchEngine
+    from avatar.engines.torch_engine import TorchEngine
 
     class Tf32DecoderEngine(TorchEngine):
         """TF32 only for the decoder's matmuls (rays and compositing stay fp32)."""
@@ -207,7 +207,7 @@ def render_variants(args, loaded, engine, frames, size: int, stage_end: float, r
     """At the largest size, beside the default engine: the CPU's marching plan (rounds of 2 blocks with early
     termination), the front without CUDA graphs, the decoder eager, in fp16 and with TF32 matmuls; then a profile
     of the default engine (top ops by CUDA time, into $OUT)."""
-    from avatar.engines import TorchEngine
+    from avatar.engines.torch_engine import TorchEngine
     from export.build import HalfTorchEngine
 
     Tf32DecoderEngine = _tf32_engine_class()
@@ -256,8 +256,9 @@ def render_variants(args, loaded, engine, frames, size: int, stage_end: float, r
 
 # -- c) ONNX -----------------------------------------------------------------------------------------------------
 def onnx_check(args, device: torch.device, bundle: Path, budget: Budget, fraction: float) -> dict:
-    from avatar.bundle import load_bundle
-    from avatar.engines import OnnxEngine, TorchEngine
+    from avatar.bundle.bundle import load_bundle
+    from avatar.engines.onnx import OnnxEngine
+    from avatar.engines.torch_engine import TorchEngine
     from export.build import export_onnx, parity_frames
 
     stage_end = time.perf_counter() + budget.share(fraction)

@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="run_live.py --output WxH (default: the bundle's framing)")
     args = p.parse_args(argv)
 
-    from avatar.bundle import load_bundle
-    from avatar.engines import open_engine
-    from avatar.metrics import psnr
-    from avatar.video import iter_frames
-    from avatar.video import parse_frame_size
+    from avatar.bundle.bundle import load_bundle
+    from avatar.engines.choice import open_engine
+    from avatar.base.metrics import psnr
+    from avatar.capture.video import iter_frames
+    from avatar.capture.video import parse_frame_size
     from streamer.pipeline import BLACK, make_compositor
 
     with tempfile.TemporaryDirectory() as tmp:

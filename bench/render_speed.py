@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from avatar.bundle import LoadedAvatar, load_bundle
-from avatar.dataset import load_split
-from avatar.metrics import psnr
-from avatar.model import Avatar, SamplingConfig, render_image
+from avatar.bundle.bundle import LoadedAvatar, load_bundle
+from avatar.data.reader import load_split
+from avatar.base.metrics import psnr
+from avatar.field.model import Avatar, SamplingConfig, render_image
 
 
 def scaled(loaded: LoadedAvatar, size: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -84,7 +84,10 @@ def time_engine_frames(engine, loaded: LoadedAvatar, frames, size: int, truth=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from avatar.engines import FusedEngine, OnnxEngine, TensorRTEngine, TorchEngine, tensorrt_unavailable_reason
+    from avatar.engines.fused import FusedEngine
+    from avatar.engines.onnx import OnnxEngine
+    from avatar.engines.tensorrt import TensorRTEngine, tensorrt_unavailable_reason
+    from avatar.engines.torch_engine import TorchEngine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fast", required=True, help="bundle of a fast-field avatar (export/build.py adds the engine rows)")

@@ -72,7 +72,7 @@ def make_subject(work: Path) -> Path:
 
 def make_avatar(subject: Path, work: Path) -> Path:
     """The subject prepared at 64² and a fast-field avatar fitted on it briefly (as tests/conftest.py does)."""
-    from avatar.dataset import PrepareConfig, prepare_dataset
+    from avatar.data.prepare import PrepareConfig, prepare_dataset
 
     data, out = work / "d64", work / "avatar"
     prepare_dataset(PrepareConfig(video=str(subject / "video.mp4"), out=str(data), size=64,

@@ -46,8 +46,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def track_subject(subject: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
     """MediaPipe blendshapes ``[t, 52]`` (NaN where no face), their names, and the true expressions ``[t, c]``."""
-    from avatar.tracking import FaceTracker
-    from avatar.video import iter_frames
+    from avatar.capture.tracking import FaceTracker
+    from avatar.capture.video import iter_frames
 
     truth = json.loads((subject / "truth.json").read_text())
     expression = np.array([f["expression"] for f in truth["frames"]], float)

@@ -26,14 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from avatar.bundle import LoadedAvatar, load_bundle
-from avatar.devices import DEVICE_HELP, pick_device, prepare_device
-from avatar.engines import (ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MAX_SAMPLES, TRT_MODEL, FusedEngine,
-                            OnnxEngine, RenderEngine, TensorRTEngine, TorchEngine, sample_profile, save_occupancy_cache,
-                            tensorrt_unavailable_reason, time_engine)
-from avatar.errors import UserError, run_cli
-from avatar.fileio import write_bytes_atomic, write_json_atomic
-from avatar.retarget import rotate_about
+from avatar.bundle.bundle import LoadedAvatar, load_bundle
+from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.bundle.files import ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MODEL, save_occupancy_cache
+from avatar.engines.tensorrt import TRT_MAX_SAMPLES, TensorRTEngine, sample_profile, tensorrt_unavailable_reason
+from avatar.engines.fused import FusedEngine
+from avatar.engines.onnx import OnnxEngine
+from avatar.engines.base import RenderEngine
+from avatar.engines.torch_engine import TorchEngine
+from avatar.engines.choice import time_engine
+from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import write_bytes_atomic, write_json_atomic
+from avatar.capture.retarget import rotate_about
 
 OPSET = 17
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatar.errors import UserError
+from avatar.base.errors import UserError
 
 PRESETS: dict[str, dict] = {
     "cpu": dict(size=256, fps=15.0),  # a laptop without a GPU
@@ -149,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
     if not 32 <= cfg.size <= 2048 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
     if cfg.output is not None:
-        from avatar.video import parse_frame_size
+        from avatar.capture.video import parse_frame_size
 
         parse_frame_size(cfg.output, "--output")
     if cfg.background and cfg.background != "blur" and not Path(cfg.background).is_file():
@@ -204,11 +203,11 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
 
 
 def run(cfg: LiveConfig, log=print) -> dict:
-    from avatar.bundle import load_bundle
-    from avatar.devices import pick_device, prepare_device
-    from avatar.engines import open_engine
-    from avatar.sources import TrackingStage, open_source
-    from avatar.tracking import FaceTracker
+    from avatar.bundle.bundle import load_bundle
+    from avatar.base.devices import pick_device, prepare_device
+    from avatar.engines.choice import open_engine
+    from avatar.capture.sources import TrackingStage, open_source
+    from avatar.capture.tracking import FaceTracker
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
 
     device = pick_device(cfg.device)
@@ -220,12 +219,12 @@ def run(cfg: LiveConfig, log=print) -> dict:
                         "train a fast one: python trainer/fit.py --field fast …")
     background = cfg.background
     if background and background != "blur":
-        from avatar.dataset import read_rgb
+        from avatar.data.reader import read_rgb
 
         background = read_rgb(background)
     output = None
     if cfg.output:
-        from avatar.video import parse_frame_size
+        from avatar.capture.video import parse_frame_size
 
         output = parse_frame_size(cfg.output, "--output")
     compositor = make_compositor(loaded, output, cfg.size, background)
@@ -323,12 +322,12 @@ def run(cfg: LiveConfig, log=print) -> dict:
             print(file=sys.stderr)
     stats = summarize(records, source.frames_read if source else 0)
     if cfg.stats:
-        from avatar.fileio import write_json_atomic
+        from avatar.base.fileio import write_json_atomic
 
         write_json_atomic(cfg.stats, {**stats, "config": asdict(cfg), "engine": engine.name,
                                       "output": [layout.width, layout.height], "render_size_max": pipeline.size})
     if cfg.conditioning_log:
-        from avatar.fileio import write_json_atomic
+        from avatar.base.fileio import write_json_atomic
 
         write_json_atomic(cfg.conditioning_log, {"frames": conditioning, "size": pipeline.size, "engine": engine.name,
                                                  "output": [layout.width, layout.height]})

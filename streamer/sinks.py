@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatar.errors import UserError
+from avatar.base.errors import UserError
 from streamer.pipeline import Controls
 
 V4L2_SETUP = "sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=Avatar"
@@ -35,7 +35,7 @@ class FileSink(Sink):
     name = "file"
 
     def __init__(self, path: str, width: int, height: int, fps: float):
-        from avatar.video import VideoWriter
+        from avatar.capture.video import VideoWriter
 
         if not path.lower().endswith((".mp4", ".m4v", ".mov")):
             raise UserError(f"--sink file:{path}: give an .mp4 path")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatar.errors import UserError
+from avatar.base.errors import UserError
 from streamer.pipeline import Controls
 from streamer.sinks import Sink
 

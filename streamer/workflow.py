@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from avatar.errors import UserError
+from avatar.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

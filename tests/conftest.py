@@ -28,7 +28,7 @@ def subject(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset64(subject, tmp_path_factory) -> Path:
     """The synthetic subject prepared at 64² (with its true background plate)."""
-    from avatar.dataset import PrepareConfig, prepare_dataset
+    from avatar.data.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("data") / "d64"
     prepare_dataset(PrepareConfig(video=str(subject / "video.mp4"), out=str(out), size=64,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from avatar import camera
+from avatar.capture import camera
 
 
 def random_pose(rng, yaw=20, dist=60):

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.bundle import load_bundle, save_bundle
-from avatar.engines import OnnxEngine, TorchEngine, open_engine, tensorrt_unavailable_reason
+from avatar.bundle.bundle import load_bundle, save_bundle
+from avatar.engines.onnx import OnnxEngine
+from avatar.engines.torch_engine import TorchEngine
+from avatar.engines.choice import open_engine
+from avatar.engines.tensorrt import tensorrt_unavailable_reason
 from tests.conftest import run_script
 
 TRT_REASON = tensorrt_unavailable_reason()
@@ -87,7 +90,7 @@ def test_tensorrt_without_a_gpu_is_one_clear_line(fast_bundle):
 def test_bad_inputs_are_one_line(tmp_path):
     r = run_script("export/build.py", str(tmp_path / "nothing"))
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-    from avatar.model import Avatar
+    from avatar.field.model import Avatar
 
     paper = Avatar("nerface", dict(box_min=[-1, -1, -1], box_max=[1, 1, 1], expression_dim=52, width=8, depth=2),
                    num_frames=1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.expressions import EXPRESSION_GROUPS, disentangled_map, group_rows, weight_limits
-from avatar.tracking import BLENDSHAPE_NAMES
+from avatar.field.expressions import EXPRESSION_GROUPS, disentangled_map, group_rows, weight_limits
+from avatar.capture.tracking import BLENDSHAPE_NAMES
 
 NAMES = list(BLENDSHAPE_NAMES)
 
@@ -63,7 +63,7 @@ def test_residual_weights_are_bounded_to_their_trained_range():
     rest = [i for i, l in enumerate(labels) if l.startswith("residual")]
     assert any(raw[i] < low[i] or raw[i] > high[i] for i in rest)  # off the training range, unbounded …
 
-    from avatar.fields import FastField
+    from avatar.field.fast import FastField
 
     field = FastField([-1, -1, -1], [1, 1, 1], expression_dim=len(NAMES), latent_dim=2, resolution=8, channels=2,
                       bases=len(labels), expression_map="fixed", expression_matrix=a.tolist(), expression_offset=b.tolist(),
@@ -88,7 +88,7 @@ def test_group_rows_average_members():
 
 
 def test_learning_rate_decays_over_the_time_budget_when_that_comes_first():
-    from avatar.training import FitConfig, learning_rate
+    from avatar.field.training import FitConfig, learning_rate
 
     cfg = FitConfig(lr=1e-2, lr_decay_steps=8000)
     assert learning_rate(cfg, 0) == pytest.approx(1e-2)

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from avatar import volrend
-from avatar.fields import FastField
-from avatar.occupancy import OccupancyGrid, composite_packed, march_culled, march_dense
-from avatar.rays import frame_rays, pixel_grid
+from avatar.render import volrend
+from avatar.field.fast import FastField
+from avatar.render.grid import OccupancyGrid
+from avatar.render.march import composite_packed, march_culled, march_dense
+from avatar.render.rays import frame_rays, pixel_grid
 
 BOX = (torch.tensor([-10.0, -10, -10]), torch.tensor([10.0, 10, 10]))
 
@@ -87,14 +88,14 @@ def test_fast_field_blends_expression_bases_once_per_frame():
 @pytest.mark.parametrize("field", ["fast", "nerface"])
 def test_the_latent_code_conditions_the_field(field):
     """NerFace's per-frame latent code reaches the field: two codes, same points and expression, other outputs."""
-    from avatar.model import Avatar
+    from avatar.field.model import Avatar
 
     torch.manual_seed(0)
     hp = (dict(box_min=[-10, -10, -10], box_max=[10, 10, 10], expression_dim=52, resolution=16, channels=4, bases=3,
                hidden=16) if field == "fast" else dict(box_min=[-10, -10, -10], box_max=[10, 10, 10],
                                                        expression_dim=52, width=16, depth=2))
     model = Avatar(field, hp, num_frames=2, latent_dim=8)
-    from avatar.model import SamplingConfig, render_rays
+    from avatar.field.model import SamplingConfig, render_rays
 
     rays = camera_rays(16)
     sampling = SamplingConfig(coarse=8, fine=8, step=0.5)

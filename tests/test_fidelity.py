@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from avatar import camera, fidelity
-from avatar.bundle import expression_stats
-from avatar.dataset import load_split
-from avatar.tracking import BLENDSHAPE_NAMES, FaceTracker
+from avatar.capture import camera
+from avatar.eval import fidelity
+from avatar.bundle.reference import expression_stats
+from avatar.data.reader import load_split
+from avatar.capture.tracking import BLENDSHAPE_NAMES, FaceTracker
 from tests.conftest import run_script
 
 CFG = fidelity.FidelityConfig()
@@ -50,7 +51,7 @@ def test_small_math():
 def test_reference_pose_is_the_resting_pose_not_the_most_frontal():
     """Controllability and edits start from the reference pose with the neutral expression: it must be a pose the
     calm frames hold, not a frontal one the video passes through only while making faces."""
-    from avatar.bundle import reference_pose
+    from avatar.bundle.reference import reference_pose
 
     rng = np.random.default_rng(0)
     poses, exprs = [], []

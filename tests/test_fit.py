@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from avatar.bundle import load_bundle
-from avatar.errors import UserError
-from avatar.training import CHECKPOINT_FILE, checkpoint_step
+from avatar.bundle.bundle import load_bundle
+from avatar.base.errors import UserError
+from avatar.field.training import CHECKPOINT_FILE, checkpoint_step
 from tests.conftest import ROOT, TINY_FIT, run_script
 
 
@@ -74,7 +74,7 @@ def test_bundle_with_wrong_version_or_missing_tensor_is_refused(smoke_bundle, tm
 
 
 def _panels(path, count):
-    from avatar.video import iter_frames
+    from avatar.capture.video import iter_frames
 
     frames = np.stack(list(iter_frames(path))).astype(np.float32)  # [t, h, w * count, 3]
     return np.split(frames, count, axis=2)
@@ -87,7 +87,7 @@ def test_render_offline_video(smoke_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(plain), "--frames", "4")
     assert r.returncode == 0, r.stderr
-    from avatar.video import probe_video
+    from avatar.capture.video import probe_video
 
     info = probe_video(out)
     assert (info.width, info.height) == (64 * 3, 64)
@@ -111,7 +111,7 @@ def test_render_offline_video(smoke_bundle, tmp_path):
     jaw = loaded.meta["expression_names"].index("jawOpen")
     neutral = np.asarray(loaded.meta["expression_stats"]["neutral"])
     assert frames[0][1][jaw] == pytest.approx(neutral[jaw]) and frames[-1][1][jaw] == pytest.approx(min(1, neutral[jaw] + 0.4))
-    from avatar.camera import matrix_to_euler
+    from avatar.capture.camera import matrix_to_euler
 
     ref = np.asarray(loaded.meta["reference_head_pose"])
     yaws = [matrix_to_euler((np.linalg.inv(ref) @ pose)[:3, :3])[0] for pose, _ in frames]
@@ -130,7 +130,7 @@ def test_render_driven_by_another_video(smoke_bundle, subject, tmp_path):
                                                              str(subject / "video.mp4")]))
     truth = json.loads((subject / "truth.json").read_text())["frames"]
     assert len(frames) == len(truth)
-    from avatar.camera import matrix_to_euler
+    from avatar.capture.camera import matrix_to_euler
 
     ref = np.asarray(loaded.meta["reference_head_pose"])
     yaw = np.array([matrix_to_euler((np.linalg.inv(ref) @ pose)[:3, :3])[0] for pose, _ in frames])
@@ -160,7 +160,7 @@ def test_interrupted_training_resumes_from_the_checkpoints_weights(dataset64, tm
     assert not (out / "avatar.json").exists()
     # Mark the checkpoint's weights (training is deterministic: a resume that ignored the checkpoint and trained
     # from scratch up to the same step would reproduce the same weights, so a plain comparison cannot tell).
-    from avatar.fileio import read_safetensors, safetensors_bytes, write_bytes_atomic
+    from avatar.base.fileio import read_safetensors, safetensors_bytes, write_bytes_atomic
 
     tensors, meta = read_safetensors(ckpt)
     marked = next(k for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point() and v.dim() == 2)
@@ -257,17 +257,17 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
 
     import dataclasses
 
-    from avatar.dataset import load_split
-    from avatar.metrics import psnr
-    from avatar.model import render_image
+    from avatar.data.reader import load_split
+    from avatar.base.metrics import psnr
+    from avatar.field.model import render_image
 
     test = load_split(dataset64, "test")
     w, h = loaded.image_size
     dense = dataclasses.replace(loaded.sampling, culling=False)
     # Every sample the culled marcher hands to the field lies in an occupied cell, and there are far fewer of
     # them than the dense reference's (every step of every ray through the head box).
-    from avatar import rays as ray_utils
-    from avatar.occupancy import march_culled, march_dense
+    from avatar.render import rays as ray_utils
+    from avatar.render.march import march_culled, march_dense
 
     expr = torch.as_tensor(test.expressions[0], dtype=torch.float32)
     cond = torch.cat([expr, loaded.latent(0)])
@@ -303,10 +303,10 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
 def test_a_256_fast_avatar_bundle_is_at_most_50_mb(tmp_path):
     import numpy as np
 
-    from avatar.bundle import save_bundle
-    from avatar.expressions import EXPRESSION_GROUPS
-    from avatar.model import Avatar
-    from avatar.training import config_with_preset
+    from avatar.bundle.bundle import save_bundle
+    from avatar.field.expressions import EXPRESSION_GROUPS
+    from avatar.field.model import Avatar
+    from avatar.field.training import config_with_preset
 
     cfg = config_with_preset("paper", "fast")  # the 256²+ setting: the largest planes we ship
     model = Avatar("fast", dict(box_min=[-12, -17, -14], box_max=[12, 15, 10], expression_dim=52,
@@ -324,9 +324,9 @@ def test_expression_warmup_renders_the_calmest_expression_first(dataset64, tmp_p
     rest each frame's own — prepare's pose tracking relies on it to let the poses, not the bases, move the head."""
     import numpy as np
 
-    from avatar.bundle import expression_stats
-    from avatar.dataset import load_split
-    from avatar.model import Avatar
+    from avatar.bundle.reference import expression_stats
+    from avatar.data.reader import load_split
+    from avatar.field.model import Avatar
     from trainer import fit
 
     seen = []

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.bundle import load_bundle
-from avatar.metrics import psnr
+from avatar.bundle.bundle import load_bundle
+from avatar.base.metrics import psnr
 from streamer.pipeline import Compositor, FrameLayout, default_output, feather_mask, frame_layout, make_compositor
 from tests.conftest import run_script
 
@@ -134,7 +134,7 @@ def camera_subject(tmp_path_factory):
 
 
 def test_live_output_is_the_full_camera_frame_with_the_room_around_the_head(camera_subject, tmp_path):
-    from avatar.video import iter_frames
+    from avatar.capture.video import iter_frames
 
     bundle = camera_subject / "a"
     loaded = load_bundle(bundle)
@@ -184,7 +184,7 @@ def test_recorder_measures_what_a_video_performs(camera_subject, tmp_path):
 
 
 def test_recorder_overlay_draws_a_bar_per_group():
-    from avatar.dataset import recording_coverage
+    from avatar.data.coverage import recording_coverage
     from trainer.record import draw_overlay
 
     rgb = np.full((240, 320, 3), 100, np.uint8)
@@ -211,7 +211,7 @@ def test_output_and_background_flags_are_checked(fast_bundle, subject, tmp_path)
 def test_one_command_from_a_recording_to_live(camera_subject, tmp_path):
     """`run_live.py --target DIR` on a folder holding only a recording prepares, fits, exports and goes live;
     run again, every step is found up to date and skipped."""
-    from avatar.video import iter_frames
+    from avatar.capture.video import iter_frames
 
     folder = tmp_path / "me"
     folder.mkdir()
@@ -274,9 +274,9 @@ def test_guided_recording_from_a_camera(camera_subject, tmp_path, monkeypatch):
     """The camera path of trainer/record.py, with a clip standing in for the webcam (no camera here): the
     performance is recorded until --seconds, then only face-free frames after the person has left become
     background.png."""
-    import avatar.sources
-    from avatar.sources import VideoFileSource
-    from avatar.video import VideoWriter, iter_frames, probe_video
+    import avatar.capture.sources
+    from avatar.capture.sources import VideoFileSource
+    from avatar.capture.video import VideoWriter, iter_frames, probe_video
     from trainer.record import RecordConfig, record
 
     clip = tmp_path / "webcam.mp4"  # the subject performs 150 frames (6 s), then leaves: 30 frames of the room
@@ -286,7 +286,7 @@ def test_guided_recording_from_a_camera(camera_subject, tmp_path, monkeypatch):
             w.write(rgb)
         for _ in range(30):
             w.write(room)
-    monkeypatch.setattr(avatar.sources, "open_source", lambda spec, *a, **k: VideoFileSource(clip, every_frame=True))
+    monkeypatch.setattr(avatar.capture.sources, "open_source", lambda spec, *a, **k: VideoFileSource(clip, every_frame=True))
     out = tmp_path / "me"
     cov = record(RecordConfig(out=str(out), source="0", window=False, seconds=5.0, background_seconds=0.4),
                  log=lambda *a: None)

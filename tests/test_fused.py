@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from avatar.bundle import load_bundle
-from avatar.engines import FusedEngine, TorchEngine, open_engine
-from avatar.errors import UserError
+from avatar.bundle.bundle import load_bundle
+from avatar.engines.fused import FusedEngine
+from avatar.engines.torch_engine import TorchEngine
+from avatar.engines.choice import open_engine
+from avatar.base.errors import UserError
 from tests.conftest import run_script
 
 
@@ -39,7 +40,7 @@ def test_fused_engine_renders_what_the_torch_engine_renders(fast_bundle, precisi
 
 def test_empty_space_skipping_never_skips_an_occupied_sample():
     """The distance-field jumps of the planner against stepping through every fixed step, on random grids."""
-    from avatar.fused import KERNELS, distance_field
+    from avatar.engines.fused_kernels import KERNELS, distance_field
 
     plan = KERNELS[False][0]
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.bundle import load_bundle
-from avatar.errors import UserError
+from avatar.bundle.bundle import load_bundle
+from avatar.base.errors import UserError
 from tests.conftest import run_script
 
 
@@ -19,7 +19,7 @@ from tests.conftest import run_script
 def test_packed_compositing_is_accurate_at_262k_rays():
     """512² rays × 12 samples, densities spanning orders of magnitude: within 1/255 of a float64 per-ray
     reference (one float32 cumsum over all samples was off by ~200/255 here)."""
-    from avatar.occupancy import composite_packed
+    from avatar.render.march import composite_packed
 
     g = torch.Generator().manual_seed(0)
     n, s, step = 512 * 512, 12, 0.1
@@ -40,7 +40,7 @@ def test_packed_compositing_is_accurate_at_262k_rays():
 
 # -- --device ----------------------------------------------------------------------------------------------------
 def test_pick_device_names():
-    from avatar.devices import pick_device
+    from avatar.base.devices import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type in ("cpu", "cuda", "mps")
@@ -86,8 +86,8 @@ def test_bad_device_is_one_line(bundle_copy):
 
 # -- engines -----------------------------------------------------------------------------------------------------
 def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path, monkeypatch):
-    from avatar import engines
-    from avatar.engines import open_engine
+    from avatar.engines.choice import open_engine
+    from avatar.engines.onnx import OnnxEngine
 
     out = tmp_path / "broken"
     shutil.copytree(bundle_copy, out)
@@ -102,7 +102,7 @@ def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path, 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA driver version is insufficient\nsecond line")
 
-    monkeypatch.setattr(engines.OnnxEngine, "__init__", broken)
+    monkeypatch.setattr(OnnxEngine, "__init__", broken)
     lines.clear()
     assert open_engine(load_bundle(out), out, "auto", "cpu", log=lines.append).name == "torch"
     assert lines[-1] == "engine onnxruntime unavailable here (CUDA driver version is insufficient); trying the next"
@@ -110,7 +110,7 @@ def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path, 
 
 def test_engine_on_another_device_leaves_the_shared_model_alone(bundle_copy):
     """An engine on another device renders from its own copy (here: the 'meta' device stands in for CUDA)."""
-    from avatar.engines import _on_device
+    from avatar.engines.base import _on_device
 
     loaded = load_bundle(bundle_copy)
     moved = _on_device(loaded.model, torch.device("meta"))
@@ -122,7 +122,7 @@ def test_engine_on_another_device_leaves_the_shared_model_alone(bundle_copy):
 def test_compiled_decoder_matches_eager_and_falls_back_in_one_line(bundle_copy, monkeypatch):
     """The decoder under torch.compile renders what eager does; where compiling fails the
     engine says so once and renders without it."""
-    from avatar.engines import TorchEngine
+    from avatar.engines.torch_engine import TorchEngine
     sys.path.insert(0, str(bundle_copy.parents[2]))
     from export.build import parity_frames
 
@@ -152,9 +152,9 @@ def test_compiled_decoder_matches_eager_and_falls_back_in_one_line(bundle_copy, 
 def test_fixed_block_count_plan_renders_the_same(bundle_copy):
     """The GPU's block plan has a fixed shape (the box diagonal's block count, no host sync): the blocks past
     every ray's end are never kept, so the frame is the same as with the exact count the CPU computes."""
-    from avatar.engines import TorchEngine
-    from avatar.occupancy import block_plan, max_blocks
-    from avatar.rays import frame_rays, intersect_box, pixel_grid
+    from avatar.engines.torch_engine import TorchEngine
+    from avatar.render.march import block_plan, max_blocks
+    from avatar.render.rays import frame_rays, intersect_box, pixel_grid
     sys.path.insert(0, str(bundle_copy.parents[2]))
     from export.build import parity_frames
 
@@ -185,7 +185,7 @@ def test_fixed_block_count_plan_renders_the_same(bundle_copy):
 
 
 def test_graph_capture_failure_falls_back_in_one_line(bundle_copy, monkeypatch):
-    from avatar.engines import TorchEngine
+    from avatar.engines.torch_engine import TorchEngine
     sys.path.insert(0, str(bundle_copy.parents[2]))
     from export.build import parity_frames
 
@@ -231,7 +231,8 @@ def test_ort_io_binding_writes_outputs_in_place(bundle_copy):
     """The binding path the CUDA provider uses, run here on CPU memory: same numbers as session.run."""
     import onnxruntime as ort
 
-    from avatar.engines import ONNX_MODEL, run_bound
+    from avatar.bundle.files import ONNX_MODEL
+    from avatar.engines.onnx import run_bound
     from export.build import export_onnx
 
     loaded = load_bundle(bundle_copy)
@@ -251,7 +252,7 @@ def test_ort_io_binding_writes_outputs_in_place(bundle_copy):
 
 
 def test_onnx_gpu_providers_are_asked_for():
-    from avatar.engines import onnx_providers
+    from avatar.engines.onnx import onnx_providers
 
     assert onnx_providers("gpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider",
                                                                                          "CPUExecutionProvider"]
@@ -300,7 +301,7 @@ def _fake_trt(engine=True, context=True, shape_ok=True, run_ok=True):
 
 
 def test_stale_tensorrt_plan_is_one_clear_line(tmp_path):
-    from avatar.engines import load_plan
+    from avatar.engines.tensorrt import load_plan
 
     with pytest.raises(UserError, match="does not load on this GPU / TensorRT 10.fake"):
         load_plan(_fake_trt(engine=False), b"plan", tmp_path)
@@ -310,7 +311,7 @@ def test_stale_tensorrt_plan_is_one_clear_line(tmp_path):
 
 
 def test_tensorrt_call_results_are_checked():
-    from avatar.engines import run_plan
+    from avatar.engines.tensorrt import run_plan
 
     ins = {"points": torch.zeros(5, 3), "dirs": torch.zeros(5, 3)}
     outs = {"rgb": torch.zeros(5, 3), "sigma": torch.zeros(5)}
@@ -324,8 +325,8 @@ def test_tensorrt_call_results_are_checked():
 
 
 def test_tensorrt_profile_and_fp16_precision_pins():
-    from avatar.devices import GPU_CHUNK
-    from avatar.engines import sample_profile
+    from avatar.base.devices import GPU_CHUNK
+    from avatar.engines.tensorrt import sample_profile
     from export.build import keep_fp32_outside_matmuls
 
     lo, opt, hi = sample_profile()
@@ -354,7 +355,7 @@ def test_tensorrt_profile_and_fp16_precision_pins():
 
 
 def test_tensorrt_import_failure_of_any_kind_is_a_reason(tmp_path, monkeypatch):
-    from avatar.engines import tensorrt_unavailable_reason
+    from avatar.engines.tensorrt import tensorrt_unavailable_reason
 
     (tmp_path / "tensorrt.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

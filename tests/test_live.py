@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from avatar.bundle import load_bundle
-from avatar.engines import TorchEngine
-from avatar.metrics import psnr
+from avatar.bundle.bundle import load_bundle
+from avatar.engines.torch_engine import TorchEngine
+from avatar.base.metrics import psnr
 from streamer.pipeline import BLACK, Controls, RetargetConfig, Retargeter, make_compositor
 from tests.conftest import ROOT, run_script
 
@@ -60,7 +60,7 @@ def _meta():
 
 
 def test_relative_retargeting_calibrates_clamps_holds_and_eases():
-    from avatar.camera import euler_to_matrix, make_pose, matrix_to_euler
+    from avatar.capture.camera import euler_to_matrix, make_pose, matrix_to_euler
 
     controls = Controls()
     rt = Retargeter(_meta(), RetargetConfig(calibration_frames=3, hold_seconds=0.5, ease_seconds=1.0), controls)
@@ -101,8 +101,8 @@ def test_relative_retargeting_calibrates_clamps_holds_and_eases():
 
 def test_filter_removes_jitter_of_a_still_face(subject):
     """Tracking a still face with sensor noise: the filtered signal jitters much less than the raw one."""
-    from avatar.tracking import FaceTracker
-    from avatar.video import iter_frames
+    from avatar.capture.tracking import FaceTracker
+    from avatar.capture.video import iter_frames
     from streamer.filters import OneEuroFilter
 
     still = next(iter_frames(subject / "video.mp4"))
@@ -135,8 +135,8 @@ def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fas
                    "--fps", "0", "--engine", "torch", "--conditioning-log", str(cond), "--stats", str(stats), "--quiet",
                    timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    from avatar.camera import matrix_to_euler
-    from avatar.video import iter_frames
+    from avatar.capture.camera import matrix_to_euler
+    from avatar.capture.video import iter_frames
 
     frames = list(iter_frames(out))
     log = json.loads(cond.read_text())["frames"]
@@ -190,7 +190,7 @@ def test_command_line_controls_reach_the_loop(fast_bundle, subject, tmp_path):
                        "--every-frame",
                        "--conditioning-log", str(cond), "--quiet", *extra, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        from avatar.video import iter_frames
+        from avatar.capture.video import iter_frames
 
         runs[name] = (json.loads(cond.read_text())["frames"], np.stack(list(iter_frames(out))).astype(np.float32))
     loaded = load_bundle(fast_bundle)
@@ -456,7 +456,7 @@ def test_sigterm_stops_the_server_and_frees_the_port(fast_bundle, subject):
 
 
 def test_projection_onto_training_components_and_missing_components():
-    from avatar.errors import UserError
+    from avatar.base.errors import UserError
 
     meta = _meta()
     comp = np.zeros((2, 52))
@@ -479,7 +479,7 @@ def test_projection_onto_training_components_and_missing_components():
 # -- sources ---------------------------------------------------------------------------------------------------
 
 def test_a_slow_consumer_gets_the_newest_frame_not_a_backlog(subject):
-    from avatar.sources import VideoFileSource
+    from avatar.capture.sources import VideoFileSource
 
     source = VideoFileSource(subject / "video.mp4", loop=True).start()
     try:
@@ -498,7 +498,7 @@ def test_a_slow_consumer_gets_the_newest_frame_not_a_backlog(subject):
 def test_a_camera_that_disappears_is_reopened(monkeypatch):
     import cv2
 
-    from avatar.sources import CameraSource
+    from avatar.capture.sources import CameraSource
 
     opened = []
 

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from avatar import posefit
-from avatar import rays as ray_utils
+from avatar.field import posefit
+from avatar.render import rays as ray_utils
 
 
 def test_correction_matches_rodrigues_and_is_identity_at_zero():

@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from avatar.dataset import (COVERAGE_GROUPS, SPLITS, PrepareConfig, expression_coverage, prepare_dataset,
-                            read_transforms, split_indices)
-from avatar.tracking import BLENDSHAPE_NAMES
-from avatar.errors import UserError
-from avatar.video import VideoWriter
+from avatar.data.coverage import COVERAGE_GROUPS, expression_coverage
+from avatar.data.reader import SPLITS, read_transforms
+from avatar.data.prepare import PrepareConfig, prepare_dataset, split_indices
+from avatar.capture.tracking import BLENDSHAPE_NAMES
+from avatar.base.errors import UserError
+from avatar.capture.video import VideoWriter
 from tests.conftest import ROOT, run_script
 
 
@@ -44,8 +45,8 @@ def test_prepare_synthetic_subject(subject, tmp_path, background):
     # estimated, from the pixels the head leaves uncovered (holes it never uncovers are inpainted).
     import cv2
 
-    from avatar.dataset import resize_square
-    from avatar.metrics import psnr
+    from avatar.data.prepare import resize_square
+    from avatar.base.metrics import psnr
 
     c = report["crop"]
     truth = cv2.imread(str(subject / "background.png"))[..., ::-1]
@@ -163,7 +164,7 @@ def test_prepare_refuses_bad_fraction(subject, tmp_path):
 
 def test_frames_carry_mouth_and_eye_boxes_around_their_landmarks(dataset64):
     """The boxes the trainer draws extra rays from: inside the face box, mouth below the eyes, eyes apart."""
-    from avatar.dataset import load_split
+    from avatar.data.reader import load_split
 
     train = load_split(dataset64, "train", with_images=False)
     assert train.regions is not None and train.regions.shape == (len(train), 3, 4)
@@ -179,7 +180,7 @@ def test_frames_carry_mouth_and_eye_boxes_around_their_landmarks(dataset64):
 
 
 def test_sample_pixels_draws_the_asked_share_from_the_regions():
-    from avatar.training import sample_pixels
+    from avatar.field.training import sample_pixels
 
     rng = np.random.default_rng(0)
     regions = np.array([[10, 40, 20, 50], [5, 5, 15, 12], [30, 5, 40, 12]], np.float32)
@@ -197,8 +198,8 @@ def test_sample_pixels_draws_the_asked_share_from_the_regions():
 def test_malformed_regions_are_one_clear_error(dataset64, tmp_path):
     import shutil
 
-    from avatar.dataset import load_split
-    from avatar.errors import UserError
+    from avatar.data.reader import load_split
+    from avatar.base.errors import UserError
 
     bad = tmp_path / "d"
     shutil.copytree(dataset64, bad)
@@ -212,7 +213,7 @@ def test_malformed_regions_are_one_clear_error(dataset64, tmp_path):
 def test_dataset_expressions_follow_the_true_performance(dataset64, subject):
     """Each named blendshape column holds what its name says: the synthetic subject's true jaw opening and smile
     (a dataset with two names swapped, or columns shifted, fails here)."""
-    from avatar.dataset import load_split
+    from avatar.data.reader import load_split
 
     truth = json.loads((subject / "truth.json").read_text())
     true_names = truth["expression_names"]

@@ -4,7 +4,6 @@ options that script accepts; the cheap ones (the --help pages, the demo recordin
 import re
 import shlex
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
@@ -70,7 +69,7 @@ def test_readme_demo_recording_runs(tmp_path):
     words = [f"file:{tmp_path / 'demo.mp4'}" if w.startswith("file:") else w for w in words]
     r = run_script(*words, "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    from avatar.video import iter_frames
+    from avatar.capture.video import iter_frames
 
     frames = list(iter_frames(tmp_path / "demo.mp4"))
     n = int(words[words.index("--max-frames") + 1])

@@ -1,7 +1,9 @@
 import torch
 
-from avatar import rays, volrend
-from avatar.fields import NerfaceField, positional_encoding
+from avatar.render import rays
+from avatar.render import volrend
+from avatar.field.paper import NerfaceField
+from avatar.field.encoding import positional_encoding
 
 
 def test_positional_encoding_dims():
@@ -66,7 +68,7 @@ def test_field_depends_on_conditioning():
 def test_distortion_loss_of_packed_samples_matches_the_pair_sum_across_rounds():
     """mip-NeRF 360's distortion, Σ w_i w_j |t_i − t_j| + ⅓ Σ w_i² δ per ray, from the prefix-sum form the marcher
     uses, also when a ray's samples come in two rounds (the carried sums join them); a thin surface scores less."""
-    from avatar.occupancy import distortion_terms
+    from avatar.render.march import distortion_terms
 
     torch.manual_seed(0)
     step, n = 0.5, 3

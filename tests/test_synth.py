@@ -2,10 +2,11 @@ import json
 
 import numpy as np
 
-from avatar import camera
-from avatar.dataset import track_video
-from avatar.synth import EXPRESSION_NAMES, make_motion
-from avatar.video import probe_video
+from avatar.capture import camera
+from avatar.data.prepare import track_video
+from avatar.data.synth import EXPRESSION_NAMES
+from avatar.data.synth.motion import make_motion
+from avatar.capture.video import probe_video
 
 
 def test_subject_files_and_truth(subject):

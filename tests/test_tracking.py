@@ -2,10 +2,15 @@ import numpy as np
 import pytest
 import skimage.data
 
-from avatar import camera
-from avatar.errors import UserError
-from avatar.tracking import (BLENDSHAPE_NAMES, LANDMARKER_ENV, FaceTracker, find_landmarker_model,
-                             load_canonical_face)
+from avatar.capture import camera
+from avatar.base.errors import UserError
+from avatar.capture.tracking import (
+    BLENDSHAPE_NAMES,
+    LANDMARKER_ENV,
+    FaceTracker,
+    find_landmarker_model,
+    load_canonical_face,
+)
 
 
 @pytest.fixture(scope="module")

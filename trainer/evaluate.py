@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/evaluate.py`
 
-from avatar.bundle import load_bundle
-from avatar.errors import UserError, run_cli
-from avatar.evaluation import evaluate
-from avatar.fidelity import FidelityConfig
-from avatar.fileio import write_json_atomic
-from avatar.training import FitConfig
-from avatar.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.bundle.bundle import load_bundle
+from avatar.base.errors import UserError, run_cli
+from avatar.eval.evaluation import evaluate
+from avatar.eval.fidelity import FidelityConfig
+from avatar.base.fileio import write_json_atomic
+from avatar.field.training import FitConfig
+from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numpy as np
 
-from avatar.errors import UserError, run_cli
+from avatar.base.errors import UserError, run_cli
 
 
 def bars(names: list[str], values: np.ndarray, size: int, top: int = 8) -> np.ndarray:
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=None, help="expression edit, e.g. jawOpen=+0.5 (repeatable)")
     args = p.parse_args(argv)
 
-    from avatar.bundle import load_bundle
-    from avatar.engines import TorchEngine
-    from avatar.retarget import clamp_pose, relative_expression, relative_pose, rotate_about
-    from avatar.tracking import FaceTracker
-    from avatar.video import iter_frames
+    from avatar.bundle.bundle import load_bundle
+    from avatar.engines.torch_engine import TorchEngine
+    from avatar.capture.retarget import clamp_pose, relative_expression, relative_pose, rotate_about
+    from avatar.capture.tracking import FaceTracker
+    from avatar.capture.video import iter_frames
     from trainer.render import parse_edits
 
     loaded = load_bundle(args.target)

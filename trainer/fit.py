@@ -30,20 +30,33 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from avatar import bundle as bundle_io
-from avatar import posefit
-from avatar import rays as ray_utils
-from avatar.devices import DEVICE_HELP, prepare_device
-from avatar.dataset import (PrepareConfig, load_background, load_full_frame, load_split, pose_error_vs_truth, prepare_dataset,
-                            read_transforms)
-from avatar.errors import UserError, run_cli
-from avatar.expressions import disentangled_map, weight_limits
-from avatar.evaluation import evaluate, format_table, pick, score, synthetic_subject
-from avatar.fileio import write_json_atomic
-from avatar.model import Avatar, SamplingConfig, carve_occupancy, culling_psnr_gap
-from avatar.retarget import pose_range
-from avatar.training import (CHECKPOINT_FILE, PRESETS, FitConfig, config_with_preset, learning_rate,
-                             load_checkpoint, padded_box, pick_device, sample_pixels, save_checkpoint)
+from avatar.bundle.bundle import META_FILE, LoadedAvatar, load_bundle, save_bundle
+from avatar.bundle.reference import expression_components, expression_stats, neutral_index, reference_pose
+from avatar.field import posefit
+from avatar.render import rays as ray_utils
+from avatar.base.devices import DEVICE_HELP, prepare_device
+from avatar.data.prepare import PrepareConfig, prepare_dataset
+from avatar.data.reader import load_background, load_full_frame, load_split, read_transforms
+from avatar.data.coverage import pose_error_vs_truth
+from avatar.base.errors import UserError, run_cli
+from avatar.field.expressions import disentangled_map, weight_limits
+from avatar.eval.evaluation import evaluate, format_table, pick, score, synthetic_subject
+from avatar.base.fileio import write_json_atomic
+from avatar.base.devices import pick_device
+from avatar.field.model import Avatar, SamplingConfig
+from avatar.field.carve import carve_occupancy, culling_psnr_gap
+from avatar.capture.retarget import pose_range
+from avatar.field.training import (
+    CHECKPOINT_FILE,
+    PRESETS,
+    FitConfig,
+    config_with_preset,
+    learning_rate,
+    load_checkpoint,
+    padded_box,
+    sample_pixels,
+    save_checkpoint,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +187,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     if (out / CHECKPOINT_FILE).exists() or (out / "config.json").exists():
         if not args.overwrite:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
-        for name in (CHECKPOINT_FILE, "config.json", bundle_io.META_FILE, "metrics.json", "untrained_metrics.json"):
+        for name in (CHECKPOINT_FILE, "config.json", META_FILE, "metrics.json", "untrained_metrics.json"):
             (out / name).unlink(missing_ok=True)
     if bool(args.video) == bool(args.data):
         raise UserError("give exactly one of --video VIDEO or --data DATASET_DIR")
@@ -241,7 +254,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         step = load_checkpoint(ckpt_path, model, optimizer, extras)
     step_cm = float(np.linalg.norm(box_max - box_min) / cfg.march_steps)
     sampling = SamplingConfig(cfg.coarse_samples, cfg.fine_samples, cfg.chunk, step=step_cm)
-    loaded = bundle_io.LoadedAvatar(model, {"intrinsics": train_set.intrinsics.tolist(), "image_size": [w, h],
+    loaded = LoadedAvatar(model, {"intrinsics": train_set.intrinsics.tolist(), "image_size": [w, h],
                                             "sampling": sampling.__dict__}, torch.from_numpy(background_np / 255.0).float())
 
     # The untrained model's score on the same frames, once per run: the floor "training helped" is read against.
@@ -250,7 +263,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         idx = pick(len(test_set), cfg.eval_frames)
         model.eval()
         rows, _ = score(loaded, [(test_set.poses[i], test_set.expressions[i], test_set.images[i] / 255.0) for i in idx])
-        from avatar.metrics import mean_metrics
+        from avatar.base.metrics import mean_metrics
 
         write_json_atomic(out / "untrained_metrics.json", mean_metrics(rows))
 
@@ -263,7 +276,7 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
     poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
     expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
-    calmest = bundle_io.neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
+    calmest = neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
     boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
     rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + step)  # each rank its own frames and rays
 
@@ -374,15 +387,15 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                    "loss_first": float(first_loss) if first_loss is not None else None,
                    "loss_last_100_mean": float(torch.stack(list(recent_losses)).mean()) if recent_losses else None,
                    "distributed": ddp_report}
-    reference = bundle_io.reference_pose(train_set.poses, train_set.expressions)
+    reference = reference_pose(train_set.poses, train_set.expressions)
     meta = {
         "intrinsics": train_set.intrinsics.tolist(),
         "image_size": [w, h],
         "expression_names": train_set.expression_names,
-        "expression_stats": bundle_io.expression_stats(train_set.expressions),
+        "expression_stats": expression_stats(train_set.expressions),
         "reference_head_pose": reference.tolist(),
         "pose_range": pose_range(train_set.poses, reference),
-        "expression_components": bundle_io.expression_components(train_set.expressions),
+        "expression_components": expression_components(train_set.expressions),
         "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
         "sampling": sampling.__dict__,
         "train_frame_indices": train_set.frame_indices.tolist(),
@@ -406,10 +419,10 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
                                         intrinsics * s, round(w * s), round(h * s), sampling)
         meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
         meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
-    bundle_io.save_bundle(out, model, meta, background_np, full_frame=load_full_frame(cfg.data))
+    save_bundle(out, model, meta, background_np, full_frame=load_full_frame(cfg.data))
     print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
     if evaluate_at_end:
-        loaded_bundle = bundle_io.load_bundle(out, device)
+        loaded_bundle = load_bundle(out, device)
         result = evaluate(loaded_bundle, cfg.data, out, cfg.eval_frames, log=lambda s: None,
                           refine_iterations=cfg.eval_pose_steps)
         untrained = out / "untrained_metrics.json"
@@ -559,9 +572,9 @@ def finalize_occupancy(model: Avatar, expressions: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def log_validation(writer, loaded: bundle_io.LoadedAvatar, val_set, step: int, model: Avatar) -> None:
+def log_validation(writer, loaded: LoadedAvatar, val_set, step: int, model: Avatar) -> None:
     """Render one validation frame (latent code of the first training frame) into TensorBoard."""
-    from avatar.model import render_image
+    from avatar.field.model import render_image
 
     model.eval()
     k = step % len(val_set)  # a different validation frame each time

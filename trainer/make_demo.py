@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import cv2
 
-from avatar.errors import UserError, run_cli
-from avatar.fileio import atomic_directory
+from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import atomic_directory
 
 # The bundle keeps what the live loop needs; training leftovers stay out of the repository.
 KEEP = ("avatar.json", "weights.safetensors", "background.png", "plate.png", "blend.onnx", "model.onnx", "occupancy.safetensors",

@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/prepare.py`
 
-from avatar.dataset import PrepareConfig, prepare_dataset
-from avatar.devices import DEVICE_HELP, pick_device
-from avatar.errors import UserError, run_cli
+from avatar.data.prepare import PrepareConfig, prepare_dataset
+from avatar.base.devices import DEVICE_HELP, pick_device
+from avatar.base.errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +76,13 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
     report.json of ``directory`` in place (each file atomically) and returns the report's new block."""
     import shutil
 
-    from avatar.bundle import load_bundle
-    from avatar.dataset import SPLITS, load_split, pose_error_vs_truth, read_transforms
-    from avatar.evaluation import fitted_train_poses, refine_poses
-    from avatar.fileio import read_json, write_json_atomic
-    from avatar.posefit import delta_size
-    from avatar.training import padded_box
+    from avatar.bundle.bundle import load_bundle
+    from avatar.data.reader import SPLITS, load_split, read_transforms
+    from avatar.data.coverage import pose_error_vs_truth
+    from avatar.eval.evaluation import fitted_train_poses, refine_poses
+    from avatar.base.fileio import read_json, write_json_atomic
+    from avatar.field.posefit import delta_size
+    from avatar.field.training import padded_box
     from trainer import fit
 
     directory = Path(directory)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/record.py`
@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python t
 import cv2
 import numpy as np
 
-from avatar.dataset import COVERAGE_ORDER, recording_coverage, track_video
-from avatar.errors import UserError, run_cli
-from avatar.fileio import write_bytes_atomic, write_json_atomic
+from avatar.data.coverage import COVERAGE_ORDER, recording_coverage
+from avatar.data.prepare import track_video
+from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import write_bytes_atomic, write_json_atomic
 
 COVERAGE_FILE, VIDEO_FILE, BACKGROUND_FILE = "coverage.json", "video.mp4", "background.png"
 
@@ -124,9 +125,9 @@ def empty_scene(frames: list[np.ndarray]) -> np.ndarray:
 
 def record_camera(cfg: RecordConfig, log=print) -> dict:
     """The guided take from a camera (see the top of this file)."""
-    from avatar.sources import open_source
-    from avatar.tracking import FaceTracker
-    from avatar.video import VideoWriter
+    from avatar.capture.sources import open_source
+    from avatar.capture.tracking import FaceTracker
+    from avatar.capture.video import VideoWriter
 
     out = Path(cfg.out)
     if (out / VIDEO_FILE).exists() and not cfg.overwrite:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar.bundle import LoadedAvatar, load_bundle
-from avatar.errors import UserError, run_cli
-from avatar.model import normals_from_depth, render_image
-from avatar.retarget import relative_expression, relative_pose, rotate_about
-from avatar.devices import DEVICE_HELP, pick_device, prepare_device
-from avatar.video import VideoWriter
+from avatar.bundle.bundle import LoadedAvatar, load_bundle
+from avatar.base.errors import UserError, run_cli
+from avatar.field.model import normals_from_depth, render_image
+from avatar.capture.retarget import relative_expression, relative_pose, rotate_about
+from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.capture.video import VideoWriter
 
 
 def parse_range(text: str | None, name: str) -> tuple[float, float]:
@@ -66,7 +66,7 @@ def conditioning(loaded: LoadedAvatar, args: argparse.Namespace) -> list[tuple[n
     reference = np.asarray(meta["reference_head_pose"])
     pivot = (np.asarray(meta["head_bounds"]["min"]) + np.asarray(meta["head_bounds"]["max"])) / 2
     if args.drive:
-        from avatar.dataset import track_video
+        from avatar.data.prepare import track_video
 
         track = track_video(args.drive, args.landmarker)
         out = []

@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar import synth
-from avatar.dataset import read_rgb
-from avatar.errors import UserError, run_cli
-from avatar.fileio import atomic_directory, write_json_atomic
-from avatar.tracking import FaceTracker, load_canonical_face
-from avatar.video import VideoWriter, parse_frame_size
+from avatar.data import synth
+from avatar.data.reader import read_rgb
+from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import atomic_directory, write_json_atomic
+from avatar.capture.tracking import FaceTracker, load_canonical_face
+from avatar.capture.video import VideoWriter, parse_frame_size
 
 
 DEFAULT_FRAME = "640x480"  # the command line's default: a webcam's 4:3 view of a person

@@ -1,0 +1,112 @@
+"""The ONNX Runtime engine (CPU, or its CUDA / TensorRT execution providers): ``blend.onnx`` once per frame and
+``model.onnx`` per sample, with culling and packing outside the graphs (shared with the other engines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.base.errors import UserError
+from avatar.bundle.bundle import LoadedAvatar
+from avatar.bundle.files import (
+    OCCUPANCY_CACHE,
+    ONNX_BLEND,
+    ONNX_MODEL,
+    load_occupancy_cache,
+)
+from avatar.engines.base import RenderEngine
+
+
+def onnx_providers(kind: str = "cpu", available: list[str] | None = None) -> list[str]:
+    """Execution providers to ask ONNX Runtime for: ``cpu``, or ``gpu`` (TensorRT, CUDA, then CPU, as installed)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"] if kind == "cpu" else \
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in wanted if p in available]
+
+
+def _ort_session(ort, path: Path, opts, providers: list[str]):
+    """A session with ``providers``; when the TensorRT provider is listed but its libraries are missing (it
+    ships with onnxruntime-gpu, TensorRT itself does not), try again without it rather than fail."""
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception:
+        if "TensorrtExecutionProvider" not in providers:
+            raise
+        return ort.InferenceSession(str(path), opts, providers=[p for p in providers if p != "TensorrtExecutionProvider"])
+
+
+def run_bound(session, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+    """Run an ONNX Runtime session on torch tensors in place (IO binding): inputs are read and outputs written
+    where they live (CPU or CUDA memory), so CUDA samples never round-trip through the host. float32 only."""
+    binding = session.io_binding()
+    keep = []  # contiguous copies must outlive the run
+    for name, t in inputs.items():
+        t = t.contiguous().float()
+        keep.append(t)
+        binding.bind_input(name, t.device.type, t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+    for name, t in outputs.items():
+        if not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"output {name} must be a contiguous float32 tensor")
+        binding.bind_output(name, t.device.type, t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+    if any(t.is_cuda for t in keep):
+        torch.cuda.current_stream(keep[0].device).synchronize()  # ORT reads on its own stream
+    session.run_with_iobinding(binding)
+
+
+class OnnxEngine(RenderEngine):
+    """ONNX Runtime on the bundle's exported graphs: CPU, or its TensorRT / CUDA providers when ``device`` is a
+    CUDA device and onnxruntime-gpu is installed (then samples stay on the GPU, bound in place). Without a GPU
+    provider the engine runs on the CPU whatever ``device`` says; :attr:`providers` tells which it got."""
+
+    name = "onnxruntime"
+
+    def __init__(self, loaded: LoadedAvatar, directory: str | Path, providers: list[str] | None = None,
+                 threads: int = 0, device: str | torch.device = "cpu"):
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        for f in (ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE):
+            if not (directory / f).is_file():
+                raise UserError(f"{directory} has no {f}; export it first: python export/build.py {directory}")
+        grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
+        device = torch.device(device)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.log_severity_level = 3
+        providers = providers or onnx_providers("gpu" if device.type == "cuda" else "cpu")
+        try:
+            self.model_session = _ort_session(ort, directory / ONNX_MODEL, opts, providers)
+            self.blend = _ort_session(ort, directory / ONNX_BLEND, opts, providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt/mismatched graphs
+            raise UserError(f"{directory / ONNX_MODEL}: ONNX Runtime cannot load it ({exc}); re-export it") from None
+        self.providers = self.model_session.get_providers()
+        on_gpu = device.type == "cuda" and any(p in self.providers for p in ("CUDAExecutionProvider",
+                                                                             "TensorrtExecutionProvider"))
+        super().__init__(loaded, grid, step, device if on_gpu else "cpu")
+
+    def frame_state(self, expression, latent):
+        planes, bias = self.blend.run(None, {"expression": expression.cpu().numpy(), "latent": latent.cpu().numpy()})
+        if self.device.type == "cuda":
+            return torch.from_numpy(planes).to(self.device), torch.from_numpy(bias).to(self.device)
+        return planes, bias
+
+    def decode(self, state, points, dirs):
+        if self.device.type == "cuda":
+            rgb = torch.empty(points.shape[0], 3, device=self.device)
+            sigma = torch.empty(points.shape[0], device=self.device)
+            run_bound(self.model_session, {"planes": state[0], "latent_bias": state[1], "points": points, "dirs": dirs},
+                      {"rgb": rgb, "sigma": sigma})
+            return rgb, sigma
+        rgb, sigma = self.model_session.run(None, {"planes": state[0], "latent_bias": state[1],
+                                                   "points": points.contiguous().numpy(),
+                                                   "dirs": dirs.contiguous().numpy()})
+        return torch.from_numpy(rgb), torch.from_numpy(sigma)

@@ -1,0 +1,173 @@
+"""The fast field: expression-blended tri-planes decoded by a small MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from avatar.field.encoding import spherical_harmonics_deg2
+
+
+class FastField(nn.Module):
+    """Expression-blended tri-planes decoded by a tiny MLP.
+
+    A neutral tri-plane plus ``bases`` expression tri-planes; one frame's expression is mapped by an affine
+    map to ``bases`` weights, and the planes are blended **once per frame** — per sample the cost is three
+    bilinear lookups and a 2×64 MLP, whatever the number of bases. Tri-planes use ``grid_sample``, which ONNX
+    and TensorRT support.
+
+    The map is either ``fixed`` (``expression_matrix``/``expression_offset`` from
+    :func:`avatar.expressions.disentangled_map`: one basis per semantic group such as the jaw, each driven by
+    its own scores only — the default, because a learned map ties each basis to whatever co-varied in the
+    video) or ``learned`` (initialised with the principal components of the training expressions).
+    """
+
+    def __init__(self, box_min: list[float], box_max: list[float], expression_dim: int = 52, latent_dim: int = 32,
+                 resolution: int = 128, channels: int = 16, bases: int = 6, hidden: int = 64,
+                 expression_mean: list[float] | None = None, expression_components: list[list[float]] | None = None,
+                 expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
+                 expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
+                 expression_resolution: int = 0, expression_init_zero: bool = True,
+                 expression_low: list[float] | None = None, expression_high: list[float] | None = None, **_ignored):
+        super().__init__()
+        self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
+                            expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
+                            channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
+                            expression_labels=list(expression_labels or []),
+                            expression_resolution=int(expression_resolution or resolution))
+        if expression_low is not None:  # bounds on the basis weights (see avatar.expressions.weight_limits)
+            self.hparams.update(expression_low=list(map(float, expression_low)),
+                                expression_high=list(map(float, expression_high)))
+            self.register_buffer("weight_low", torch.tensor(expression_low, dtype=torch.float32), persistent=False)
+            self.register_buffer("weight_high", torch.tensor(expression_high, dtype=torch.float32), persistent=False)
+        else:
+            self.weight_low = self.weight_high = None
+        if expression_map not in ("learned", "fixed"):
+            raise ValueError(f"expression_map must be 'learned' or 'fixed', not {expression_map!r}")
+        lo, hi = torch.tensor(box_min, dtype=torch.float32), torch.tensor(box_max, dtype=torch.float32)
+        self.register_buffer("center", (lo + hi) / 2, persistent=False)
+        self.register_buffer("half_extent", (hi - lo) / 2, persistent=False)
+        self.channels, self.bases = channels, bases
+        # planes[0] is the neutral face (small random values break the decoder's symmetry); planes[1:] are the
+        # expression bases.
+        # With a lower expression_resolution the bases live apart (expression_planes), are blended at their own
+        # resolution and upsampled once per frame: many bases at the neutral's resolution would not fit a bundle.
+        self.expression_resolution = self.hparams["expression_resolution"]
+        same = self.expression_resolution == resolution
+        self.planes = nn.Parameter(torch.randn(bases + 1 if same else 1, 3, channels, resolution, resolution) * 0.1)
+        self.expression_planes = None if same else nn.Parameter(
+            torch.zeros(bases, 3, channels, self.expression_resolution, self.expression_resolution))
+        with torch.no_grad():
+            # Expression bases start at zero: each gets its own gradient (scaled by its own weight), so they need no
+            # symmetry breaking, and random values in texels no ray ever trains would show as grain and dark
+            # speckles whenever a basis is weighted differently from the training frames (single-group edits).
+            self.planes[1:] = 0.0 if expression_init_zero else self.planes[1:] * 0.1
+        self.expression_map = nn.Linear(expression_dim, bases)
+        if expression_components is not None:
+            comps = torch.tensor(expression_components, dtype=torch.float32)[:bases]
+            mean = torch.tensor(expression_mean, dtype=torch.float32)
+            with torch.no_grad():
+                self.expression_map.weight.zero_()
+                self.expression_map.weight[: comps.shape[0]] = comps
+                self.expression_map.bias.copy_(-(comps @ mean) if comps.shape[0] == bases else
+                                               torch.cat([-(comps @ mean), torch.zeros(bases - comps.shape[0])]))
+        if expression_matrix is not None:
+            with torch.no_grad():
+                self.expression_map.weight.copy_(torch.tensor(expression_matrix, dtype=torch.float32))
+                self.expression_map.bias.copy_(torch.tensor(expression_offset, dtype=torch.float32))
+        # A fixed map stays what it was built to be (it is in the state dict, so bundles carry it).
+        self.expression_map.requires_grad_(expression_map == "learned")
+        self.layer1 = nn.Linear(3 * channels, hidden)
+        self.latent_in = nn.Linear(latent_dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, hidden)
+        self.density = nn.Linear(hidden, 1)
+        with torch.no_grad():  # start empty (density ≈ 0.007/cm): the loss grows the head where it is needed
+            self.density.bias.fill_(-4.0)
+        self.color = nn.Linear(hidden + 9, 3)
+
+    def blend(self, condition: Float[Tensor, " c"]) -> Float[Tensor, "3 ch r r"]:
+        """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
+        expression = condition[: self.hparams["expression_dim"]]
+        weights = self.expression_map(expression)
+        if self.weight_low is not None:
+            weights = torch.minimum(torch.maximum(weights, self.weight_low), self.weight_high)
+        if self.expression_planes is None:
+            return torch.einsum("k,kpcij->pcij", torch.cat([torch.ones(1, device=condition.device), weights]), self.planes)
+        offset = torch.einsum("k,kpcij->pcij", weights, self.expression_planes)
+        res = self.planes.shape[-1]
+        offset = torch.nn.functional.interpolate(offset, size=(res, res), mode="bilinear", align_corners=True)
+        return self.planes[0] + offset
+
+    def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " hidden"]:
+        """The latent code's share of the first layer: the same for every sample of a frame."""
+        return self.latent_in(condition[self.hparams["expression_dim"]:])
+
+    def decode(self, planes: Float[Tensor, "3 ch r r"], latent_bias: Float[Tensor, " hidden"],
+               points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, " n"]]:
+        """The per-sample work, given one frame's state: three bilinear lookups and the tiny MLP.
+
+        This is what the exporter turns into ONNX (frame state as inputs, a dynamic number of samples). The MLP
+        runs channels-first (``[features, n]``): grid_sample's output is already laid out that way, so no
+        transposed copies, and the latent bias folds into the first matmul.
+        """
+        n = points.shape[0]
+        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
+        coords = torch.stack([p[:, [0, 1]], p[:, [0, 2]], p[:, [1, 2]]])[:, None]  # [3, 1, n, 2]
+        feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
+        feats = feats.reshape(-1, n)  # [3 ch, n]
+        h = torch.relu(torch.addmm((self.layer1.bias + latent_bias)[:, None], self.layer1.weight, feats))
+        h = torch.relu(torch.addmm(self.layer2.bias[:, None], self.layer2.weight, h))  # [hidden, n]
+        hidden = h.shape[0]
+        raw_sigma = torch.addmm(self.density.bias[:, None], self.density.weight, h)[0]  # [n]
+        raw_rgb = torch.addmm(self.color.bias[:, None], self.color.weight[:, :hidden], h)  # [3, n]
+        raw_rgb = raw_rgb.T + spherical_harmonics_deg2(dirs) @ self.color.weight[:, hidden:].T  # [n, 3]
+        # exp activation (as instant-ngp): opaque skin needs densities of ~10/cm, which exp reaches with small
+        # raw values; a softplus/ReLU head would need thousands of steps to grow that far.
+        sigma = torch.exp(raw_sigma.clamp(max=15.0) - 1.0)
+        return torch.sigmoid(raw_rgb), sigma
+
+    @staticmethod
+    def channels_last(planes: Float[Tensor, "3 ch r r"]) -> Float[Tensor, "3 rr ch"]:
+        """Planes laid out for gathers: one row of channels per texel."""
+        return planes.permute(0, 2, 3, 1).reshape(planes.shape[0], -1, planes.shape[1])
+
+    def decode_gather(self, planes_cl: Float[Tensor, "3 rr ch"], latent_bias: Float[Tensor, " hidden"],
+                      points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, " n"]]:
+        """:meth:`decode` with the bilinear lookups written as gathers (the same numbers as ``grid_sample`` with
+        ``align_corners=True``). This is the exported graph: ONNX Runtime's GridSample kernel is ~7× slower on
+        this CPU than four Gathers per plane."""
+        res = self.hparams["resolution"]
+        n = points.shape[0]
+        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
+        u = torch.stack([p[:, 0], p[:, 0], p[:, 1]])  # [3, n] width axis of each plane (xy, xz, yz)
+        v = torch.stack([p[:, 1], p[:, 2], p[:, 2]])  # [3, n] height axis
+        fx, fy = (u + 1) * (0.5 * (res - 1)), (v + 1) * (0.5 * (res - 1))
+        x0 = torch.floor(fx).clamp(0, res - 2)
+        y0 = torch.floor(fy).clamp(0, res - 2)
+        wx, wy = (fx - x0)[..., None], (fy - y0)[..., None]  # [3, n, 1]
+        base = (torch.arange(3, device=points.device) * (res * res))[:, None]
+        i00 = (y0.long() * res + x0.long() + base).reshape(-1)  # [3 n] rows of the flattened planes
+        flat = planes_cl.reshape(-1, planes_cl.shape[-1])  # [3 rr, ch]
+        ch = flat.shape[1]
+        f00 = flat[i00].reshape(3, n, ch)
+        f01 = flat[i00 + 1].reshape(3, n, ch)
+        f10 = flat[i00 + res].reshape(3, n, ch)
+        f11 = flat[i00 + res + 1].reshape(3, n, ch)
+        feats = (f00 + (f01 - f00) * wx) * (1 - wy) + (f10 + (f11 - f10) * wx) * wy  # [3, n, ch]
+        feats = feats.permute(1, 0, 2).reshape(n, 3 * ch)
+        h = torch.relu(torch.nn.functional.linear(feats, self.layer1.weight, self.layer1.bias + latent_bias))
+        h = torch.relu(self.layer2(h))  # [n, hidden]
+        sigma = torch.exp(self.density(h)[:, 0].clamp(max=15.0) - 1.0)
+        rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
+        return rgb, sigma
+
+    def query(self, planes: Float[Tensor, "3 ch r r"], points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+              condition: Float[Tensor, " c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, " n"]]:
+        """Look up blended planes at canonical points and decode colour and density."""
+        return self.decode(planes, self.latent_bias(condition), points, dirs)
+
+    def forward(self, points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],
+                condition: Float[Tensor, " c"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, " n"]]:
+        return self.query(self.blend(condition), points, dirs, condition)

@@ -1,0 +1,56 @@
+"""Rays: pixels → camera-space rays → the head's canonical space (pure functions on tensors).
+
+The camera is fixed and the head moves, so a frame's rays are moved into canonical space by the inverse
+of its head pose (OpenGL camera, see :mod:`avatar.camera`). Near/far come from the head's bounding box.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def pixel_grid(width: int, height: int, device: torch.device | str = "cpu") -> Int[Tensor, "n 2"]:
+    """All pixel coordinates ``(x, y)`` of a W×H image, row-major."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+
+
+def camera_directions(pixels: Float[Tensor, "n 2"], intrinsics: Float[Tensor, "4"]) -> Float[Tensor, "n 3"]:
+    """Directions through pixel centres in camera space (OpenGL: −z forward), z component −1."""
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    x = (pixels[:, 0] + 0.5 - cx) / fx
+    y = -(pixels[:, 1] + 0.5 - cy) / fy
+    return torch.stack([x, y, -torch.ones_like(x)], -1)
+
+
+def rays_to_canonical(dirs_cam: Float[Tensor, "n 3"], head_pose: Float[Tensor, "4 4"]
+                      ) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n 3"]]:
+    """Camera rays (from the camera centre) → canonical-space origins and unit directions."""
+    inv_rot = head_pose[:3, :3].T
+    origin = -inv_rot @ head_pose[:3, 3]
+    dirs = dirs_cam @ inv_rot.T
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    return origin.expand_as(dirs), dirs
+
+
+def intersect_box(origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], box_min: Float[Tensor, "3"],
+                  box_max: Float[Tensor, "3"]) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"], Tensor]:
+    """Slab test: (near, far, hit) of each ray with an axis-aligned box. Missing rays get near = far."""
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t0 = (box_min - origins) * inv
+    t1 = (box_max - origins) * inv
+    near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
+    far = torch.maximum(t0, t1).amin(-1)
+    hit = far > near
+    far = torch.where(hit, far, near)
+    return near, far, hit
+
+
+def frame_rays(pixels: Float[Tensor, "n 2"], intrinsics: Float[Tensor, "4"], head_pose: Float[Tensor, "4 4"],
+               box_min: Float[Tensor, "3"], box_max: Float[Tensor, "3"]) -> dict[str, Tensor]:
+    """Everything a renderer needs for some pixels of one frame: canonical origins/dirs, near, far."""
+    origins, dirs = rays_to_canonical(camera_directions(pixels.float(), intrinsics), head_pose)
+    near, far, hit = intersect_box(origins, dirs, box_min, box_max)
+    return {"origins": origins, "dirs": dirs, "near": near, "far": far, "hit": hit}
