@@ -12,14 +12,12 @@ it (the avatar's head, not the empty room: low).
 from __future__ import annotations
 
 import argparse
-import sys
 from fractions import Fraction
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="run_live.py --size")
     args = p.parse_args(argv)
 
-    from avatar.bundle.bundle import load_bundle
     from avatar.base.errors import UserError
     from avatar.base.metrics import psnr
+    from avatar.bundle.bundle import load_bundle
     from avatar.capture.video import iter_frames, parse_frame_size
     from streamer.pipeline import make_compositor
 
@@ -52,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     in_psnr = np.median([psnr(f[inside], base[inside]) for f in frames])
     aspect = Fraction(w, h)
     framing = "full frame" if loaded.full_frame is not None else "square crop (version-1 bundle)"
-    print(f"| frames | size | aspect | framing | head box (x0, y0, side) | outside the box vs plate (median) | "
-          f"inside the box vs plate (median) |")
+    print("| frames | size | aspect | framing | head box (x0, y0, side) | outside the box vs plate (median) | "
+          "inside the box vs plate (median) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {n} | {w}×{h} | {aspect.numerator}:{aspect.denominator} | {framing} | {x0}, {y0}, {side} | "
           f"{'— (the box is the whole frame)' if out_psnr is None else f'{out_psnr:.1f} dB'} | {in_psnr:.1f} dB |")

@@ -37,8 +37,6 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/gpu_check.py`
-
 import torch
 
 from avatar.base.devices import pick_device, prepare_device

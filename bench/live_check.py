@@ -22,10 +22,9 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="run_live.py --output WxH (default: the bundle's framing)")
     args = p.parse_args(argv)
 
-    from avatar.bundle.bundle import load_bundle
-    from avatar.engines.choice import open_engine
     from avatar.base.metrics import psnr
-    from avatar.capture.video import iter_frames
-    from avatar.capture.video import parse_frame_size
+    from avatar.bundle.bundle import load_bundle
+    from avatar.capture.video import iter_frames, parse_frame_size
+    from avatar.engines.choice import open_engine
     from streamer.pipeline import BLACK, make_compositor
 
     with tempfile.TemporaryDirectory() as tmp:

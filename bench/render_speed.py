@@ -21,14 +21,12 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 
+from avatar.base.metrics import psnr
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
 from avatar.data.reader import load_split
-from avatar.base.metrics import psnr
 from avatar.field.model import Avatar, SamplingConfig, render_image
 
 

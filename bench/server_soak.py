@@ -50,7 +50,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MAX_BODY = 64 * 1024  # streamer/webrtc.py's limit on a request body
 SAMPLE_EVERY_S = 5.0
@@ -63,7 +62,8 @@ def say(*parts) -> None:
 # -- a subject and an avatar when none is given ----------------------------------------------------------------
 def make_subject(work: Path) -> Path:
     """A short synthetic talking head (trainer/synth.py); returns its directory (video.mp4, background.png)."""
-    from trainer.synth import SynthConfig, make_subject as synth
+    from trainer.synth import SynthConfig
+    from trainer.synth import make_subject as synth
 
     out = work / "subject"
     synth(SynthConfig(out=str(out), frames=48, size=128, novel=6, seed=3))

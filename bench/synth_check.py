@@ -20,10 +20,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # True channel → the MediaPipe blendshapes (averaged) that should read it. MediaPipe names eyes by the
 # subject's side (eyeBlinkLeft = the subject's left eye, on the image's right), as the synthetic head does.

@@ -16,28 +16,25 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import sys
 from datetime import date
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from torch import nn
 
-from avatar.bundle.bundle import LoadedAvatar, load_bundle
 from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
-from avatar.bundle.files import ENGINES_FILE, ONNX_BLEND, ONNX_MODEL, OCCUPANCY_CACHE, TRT_MODEL, save_occupancy_cache
-from avatar.engines.tensorrt import TRT_MAX_SAMPLES, TensorRTEngine, sample_profile, tensorrt_unavailable_reason
-from avatar.engines.fused import FusedEngine
-from avatar.engines.onnx import OnnxEngine
-from avatar.engines.base import RenderEngine
-from avatar.engines.torch_engine import TorchEngine
-from avatar.engines.choice import time_engine
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import write_bytes_atomic, write_json_atomic
+from avatar.bundle.bundle import LoadedAvatar, load_bundle
+from avatar.bundle.files import ENGINES_FILE, OCCUPANCY_CACHE, ONNX_BLEND, ONNX_MODEL, TRT_MODEL, save_occupancy_cache
 from avatar.capture.retarget import rotate_about
+from avatar.engines.base import RenderEngine
+from avatar.engines.choice import time_engine
+from avatar.engines.fused import FusedEngine
+from avatar.engines.onnx import OnnxEngine
+from avatar.engines.tensorrt import TRT_MAX_SAMPLES, TensorRTEngine, sample_profile, tensorrt_unavailable_reason
+from avatar.engines.torch_engine import TorchEngine
 
 OPSET = 17
 
@@ -64,7 +61,6 @@ class _Blend(nn.Module):
 def _onnx_bytes(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
                 dynamic_axes: dict) -> bytes:
     import io
-
     import warnings
 
     buf = io.BytesIO()
@@ -282,5 +278,10 @@ def fp16_parity(loaded: LoadedAvatar, frames, size: int, device: torch.device | 
         return math.nan
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-export`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatar.base.errors import UserError
+from avatar.base.errors import UserError, run_cli
 
 PRESETS: dict[str, dict] = {
     "cpu": dict(size=256, fps=15.0),  # a laptop without a GPU
@@ -203,11 +203,11 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
 
 
 def run(cfg: LiveConfig, log=print) -> dict:
-    from avatar.bundle.bundle import load_bundle
     from avatar.base.devices import pick_device, prepare_device
-    from avatar.engines.choice import open_engine
+    from avatar.bundle.bundle import load_bundle
     from avatar.capture.sources import TrackingStage, open_source
     from avatar.capture.tracking import FaceTracker
+    from avatar.engines.choice import open_engine
     from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
 
     device = pick_device(cfg.device)
@@ -378,3 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, target=str(make_avatar(cfg.target, cfg.source, args.make_preset)))
     run(cfg)
     return 0
+
+
+def cli() -> None:
+    """The ``nerface-live`` console script (``python run_live.py`` runs the same)."""
+    run_cli(main)

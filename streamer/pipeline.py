@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 import torch
 
-from avatar.bundle.bundle import LoadedAvatar
 from avatar.base.errors import UserError
-from avatar.engines.base import RenderEngine
+from avatar.bundle.bundle import LoadedAvatar
 from avatar.capture.retarget import clamp_pose, relative_expression, relative_pose
 from avatar.capture.tracking import FaceObservation
+from avatar.engines.base import RenderEngine
 from streamer.filters import OneEuroFilter, PoseFilter, pose_to_vector, vector_to_pose
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from avatar.bundle.bundle import load_bundle, save_bundle
-from avatar.engines.onnx import OnnxEngine
-from avatar.engines.torch_engine import TorchEngine
 from avatar.engines.choice import open_engine
+from avatar.engines.onnx import OnnxEngine
 from avatar.engines.tensorrt import tensorrt_unavailable_reason
+from avatar.engines.torch_engine import TorchEngine
 from tests.conftest import run_script
 
 TRT_REASON = tensorrt_unavailable_reason()

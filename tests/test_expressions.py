@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.field.expressions import EXPRESSION_GROUPS, disentangled_map, group_rows, weight_limits
 from avatar.capture.tracking import BLENDSHAPE_NAMES
+from avatar.field.expressions import EXPRESSION_GROUPS, disentangled_map, group_rows, weight_limits
 
 NAMES = list(BLENDSHAPE_NAMES)
 

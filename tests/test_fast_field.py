@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from avatar.render import volrend
 from avatar.field.fast import FastField
+from avatar.render import volrend
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import composite_packed, march_culled, march_dense
 from avatar.render.rays import frame_rays, pixel_grid

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from avatar.base.errors import UserError
 from avatar.bundle.bundle import load_bundle, save_bundle
 from avatar.bundle.files import OCCUPANCY_CACHE, save_occupancy_cache
-from avatar.base.errors import UserError
 from avatar.field.training import CHECKPOINT_FILE, checkpoint_step
 from tests.conftest import ROOT, TINY_FIT, run_script
 
@@ -77,9 +77,9 @@ def test_damaged_bundle_is_one_line_for_the_live_loop(exported_copy, subject, tm
 
 def test_the_auto_engine_does_not_fall_back_past_a_damaged_cache(exported_copy, tmp_path):
     """A missing library is a reason to try the next engine; a damaged file in the bundle is not."""
+    from avatar.base.errors import DamagedFile
     from avatar.bundle.files import ENGINES_FILE
     from avatar.engines.choice import open_engine
-    from avatar.base.errors import DamagedFile
 
     bad = tmp_path / "bad"
     shutil.copytree(exported_copy, bad)

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from avatar.capture import camera
-from avatar.eval import fidelity
 from avatar.bundle.reference import expression_stats
-from avatar.data.reader import load_split
+from avatar.capture import camera
 from avatar.capture.tracking import BLENDSHAPE_NAMES, FaceTracker
+from avatar.data.reader import load_split
+from avatar.eval import fidelity
 from tests.conftest import run_script
 
 CFG = fidelity.FidelityConfig()

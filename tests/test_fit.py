@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from avatar.bundle.bundle import load_bundle
 from avatar.base.errors import UserError
+from avatar.bundle.bundle import load_bundle
 from avatar.field.training import CHECKPOINT_FILE, checkpoint_step
 from tests.conftest import ROOT, TINY_FIT, run_script
 
@@ -257,8 +257,8 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
 
     import dataclasses
 
-    from avatar.data.reader import load_split
     from avatar.base.metrics import psnr
+    from avatar.data.reader import load_split
     from avatar.field.model import render_image
 
     test = load_split(dataset64, "test")

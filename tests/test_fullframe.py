@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.bundle.bundle import load_bundle
 from avatar.base.metrics import psnr
+from avatar.bundle.bundle import load_bundle
 from streamer.pipeline import Compositor, FrameLayout, default_output, feather_mask, frame_layout, make_compositor
 from tests.conftest import run_script
 

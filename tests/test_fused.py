@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from avatar.base.errors import UserError
 from avatar.bundle.bundle import load_bundle
+from avatar.engines.choice import open_engine
 from avatar.engines.fused import FusedEngine
 from avatar.engines.torch_engine import TorchEngine
-from avatar.engines.choice import open_engine
-from avatar.base.errors import UserError
 from tests.conftest import run_script
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.bundle.bundle import load_bundle
 from avatar.base.errors import UserError
+from avatar.bundle.bundle import load_bundle
 from tests.conftest import run_script
 
 

@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from avatar.base.metrics import psnr
 from avatar.bundle.bundle import load_bundle
 from avatar.engines.torch_engine import TorchEngine
-from avatar.base.metrics import psnr
 from streamer.pipeline import BLACK, Controls, RetargetConfig, Retargeter, make_compositor
 from tests.conftest import ROOT, run_script
 

@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from avatar.data.coverage import COVERAGE_GROUPS, expression_coverage
-from avatar.data.reader import SPLITS, read_transforms
-from avatar.data.prepare import PrepareConfig, prepare_dataset, split_indices
-from avatar.capture.tracking import BLENDSHAPE_NAMES
 from avatar.base.errors import UserError
+from avatar.capture.tracking import BLENDSHAPE_NAMES
 from avatar.capture.video import VideoWriter
+from avatar.data.coverage import COVERAGE_GROUPS, expression_coverage
+from avatar.data.prepare import PrepareConfig, prepare_dataset, split_indices
+from avatar.data.reader import SPLITS, read_transforms
 from tests.conftest import ROOT, run_script
 
 
@@ -45,8 +45,8 @@ def test_prepare_synthetic_subject(subject, tmp_path, background):
     # estimated, from the pixels the head leaves uncovered (holes it never uncovers are inpainted).
     import cv2
 
-    from avatar.data.prepare import resize_square
     from avatar.base.metrics import psnr
+    from avatar.data.prepare import resize_square
 
     c = report["crop"]
     truth = cv2.imread(str(subject / "background.png"))[..., ::-1]
@@ -198,8 +198,8 @@ def test_sample_pixels_draws_the_asked_share_from_the_regions():
 def test_malformed_regions_are_one_clear_error(dataset64, tmp_path):
     import shutil
 
-    from avatar.data.reader import load_split
     from avatar.base.errors import UserError
+    from avatar.data.reader import load_split
 
     bad = tmp_path / "d"
     shutil.copytree(dataset64, bad)

@@ -1,9 +1,8 @@
 import torch
 
-from avatar.render import rays
-from avatar.render import volrend
-from avatar.field.paper import NerfaceField
 from avatar.field.encoding import positional_encoding
+from avatar.field.paper import NerfaceField
+from avatar.render import rays, volrend
 
 
 def test_positional_encoding_dims():

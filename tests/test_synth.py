@@ -3,10 +3,10 @@ import json
 import numpy as np
 
 from avatar.capture import camera
+from avatar.capture.video import probe_video
 from avatar.data.prepare import track_video
 from avatar.data.synth import EXPRESSION_NAMES
 from avatar.data.synth.motion import make_motion
-from avatar.capture.video import probe_video
 
 
 def test_subject_files_and_truth(subject):

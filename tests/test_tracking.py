@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from avatar.capture import camera
 from avatar.base.errors import UserError
+from avatar.capture import camera
 from avatar.capture.tracking import (
     BLENDSHAPE_NAMES,
     LANDMARKER_ENV,

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/evaluate.py`
-
-from avatar.bundle.bundle import load_bundle
+from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import write_json_atomic
+from avatar.bundle.bundle import load_bundle
 from avatar.eval.evaluation import evaluate
 from avatar.eval.fidelity import FidelityConfig
-from avatar.base.fileio import write_json_atomic
 from avatar.field.training import FitConfig
-from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,5 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-evaluate`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

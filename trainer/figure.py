@@ -10,10 +10,7 @@ retargets it onto the avatar the way the live loop does, and renders the avatar 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2
 import numpy as np
@@ -56,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from avatar.bundle.bundle import load_bundle
-    from avatar.engines.torch_engine import TorchEngine
     from avatar.capture.retarget import clamp_pose, relative_expression, relative_pose, rotate_about
     from avatar.capture.tracking import FaceTracker
     from avatar.capture.video import iter_frames
+    from avatar.engines.torch_engine import TorchEngine
     from trainer.render import parse_edits
 
     loaded = load_bundle(args.target)
@@ -109,5 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-figure`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,29 +23,25 @@ from collections import deque
 from dataclasses import asdict, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/fit.py`
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.base.errors import UserError, run_cli
+from avatar.base.fileio import write_json_atomic
 from avatar.bundle.bundle import META_FILE, LoadedAvatar, load_bundle, save_bundle
 from avatar.bundle.reference import expression_components, expression_stats, neutral_index, reference_pose
-from avatar.field import posefit
-from avatar.render import rays as ray_utils
-from avatar.base.devices import DEVICE_HELP, prepare_device
+from avatar.capture.retarget import pose_range
+from avatar.data.coverage import pose_error_vs_truth
 from avatar.data.prepare import PrepareConfig, prepare_dataset
 from avatar.data.reader import load_background, load_full_frame, load_split, read_transforms
-from avatar.data.coverage import pose_error_vs_truth
-from avatar.base.errors import UserError, run_cli
-from avatar.field.expressions import disentangled_map, weight_limits
 from avatar.eval.evaluation import evaluate, format_table, pick, score, synthetic_subject
-from avatar.base.fileio import write_json_atomic
-from avatar.base.devices import pick_device
-from avatar.field.model import Avatar, SamplingConfig
+from avatar.field import posefit
 from avatar.field.carve import carve_occupancy, culling_psnr_gap
-from avatar.capture.retarget import pose_range
+from avatar.field.expressions import disentangled_map, weight_limits
+from avatar.field.model import Avatar, SamplingConfig
 from avatar.field.training import (
     CHECKPOINT_FILE,
     PRESETS,
@@ -57,6 +53,7 @@ from avatar.field.training import (
     sample_pixels,
     save_checkpoint,
 )
+from avatar.render import rays as ray_utils
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,5 +585,10 @@ def log_validation(writer, loaded: LoadedAvatar, val_set, step: int, model: Avat
     model.train()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-fit`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

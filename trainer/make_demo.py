@@ -17,13 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import cv2
 
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import atomic_directory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The bundle keeps what the live loop needs; training leftovers stay out of the repository.
 KEEP = ("avatar.json", "weights.safetensors", "background.png", "plate.png", "blend.onnx", "model.onnx", "occupancy.safetensors",
@@ -72,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-make-demo`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,18 +24,15 @@ refinement's figures (and, on a synthetic subject, both poses' errors against th
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/prepare.py`
-
-from avatar.data.prepare import PrepareConfig, prepare_dataset
 from avatar.base.devices import DEVICE_HELP, pick_device
 from avatar.base.errors import UserError, run_cli
+from avatar.data.prepare import PrepareConfig, prepare_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +73,11 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
     report.json of ``directory`` in place (each file atomically) and returns the report's new block."""
     import shutil
 
-    from avatar.bundle.bundle import load_bundle
-    from avatar.data.reader import SPLITS, load_split, read_transforms
-    from avatar.data.coverage import pose_error_vs_truth
-    from avatar.eval.evaluation import fitted_train_poses, refine_poses
     from avatar.base.fileio import read_json, write_json_atomic
+    from avatar.bundle.bundle import load_bundle
+    from avatar.data.coverage import pose_error_vs_truth
+    from avatar.data.reader import SPLITS, load_split, read_transforms
+    from avatar.eval.evaluation import fitted_train_poses, refine_poses
     from avatar.field.posefit import delta_size
     from avatar.field.training import padded_box
     from trainer import fit
@@ -167,5 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-prepare`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,19 +25,16 @@ Then: python run_live.py --record me (fits, exports and goes live) or python tra
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/record.py`
 
 import cv2
 import numpy as np
 
-from avatar.data.coverage import COVERAGE_ORDER, recording_coverage
-from avatar.data.prepare import track_video
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import write_bytes_atomic, write_json_atomic
+from avatar.data.coverage import COVERAGE_ORDER, recording_coverage
+from avatar.data.prepare import track_video
 
 COVERAGE_FILE, VIDEO_FILE, BACKGROUND_FILE = "coverage.json", "video.mp4", "background.png"
 
@@ -272,5 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-record`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,21 +13,17 @@ first frame (reenactment). --normals and --mask add panels beside the colour.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/render.py`
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar.bundle.bundle import LoadedAvatar, load_bundle
-from avatar.base.errors import UserError, run_cli
-from avatar.field.model import normals_from_depth, render_image
-from avatar.capture.retarget import relative_expression, relative_pose, rotate_about
 from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.base.errors import UserError, run_cli
+from avatar.bundle.bundle import LoadedAvatar, load_bundle
+from avatar.capture.retarget import relative_expression, relative_pose, rotate_about
 from avatar.capture.video import VideoWriter
+from avatar.field.model import normals_from_depth, render_image
 
 
 def parse_range(text: str | None, name: str) -> tuple[float, float]:
@@ -139,5 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-render`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

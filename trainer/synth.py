@@ -14,24 +14,20 @@ the schedule (rest / one channel alone / a combination, with their frames).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python trainer/synth.py`
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avatar.data import synth
-from avatar.data.reader import read_rgb
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import atomic_directory, write_json_atomic
 from avatar.capture.tracking import FaceTracker, load_canonical_face
 from avatar.capture.video import VideoWriter, parse_frame_size
-
+from avatar.data import synth
+from avatar.data.reader import read_rgb
 
 DEFAULT_FRAME = "640x480"  # the command line's default: a webcam's 4:3 view of a person
 
@@ -160,5 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``nerface-synth`` console script."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
