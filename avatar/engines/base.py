@@ -1,6 +1,7 @@
-"""The frame logic every render engine shares: rays, the block plan over the cached occupancy grid, packed culled
-marching and compositing on the background. Subclasses provide the field's work (:meth:`RenderEngine.frame_state`
-and :meth:`RenderEngine.decode`).
+"""The frame logic of the torch, ONNX Runtime and TensorRT engines: rays, the block plan over the cached occupancy
+grid, packed culled marching (:func:`avatar.render.march.march_culled`) and compositing on the background;
+subclasses provide the field's work (:meth:`RenderEngine.frame_state` and :meth:`RenderEngine.decode`). The fused
+engine keeps the interface and the rays but marches in its own numba kernels (:mod:`avatar.engines.fused_kernels`).
 """
 
 from __future__ import annotations
