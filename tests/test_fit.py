@@ -100,9 +100,12 @@ def test_render_offline_video(smoke_bundle, tmp_path):
     r = run_script("trainer/render.py", str(smoke_bundle), "--out", str(edit), "--frames", "4", "--set", "jawOpen=+0.4")
     assert r.returncode == 0, r.stderr
     (edited,) = _panels(edit, 1)
-    assert np.abs(still[-1] - still[0]).max() < 1  # a still clip: identical frames …
-    assert np.abs(edited[-1] - edited[0]).mean() > 0.05  # … the edit ramps in and changes the picture (this small
-    # avatar barely opens its mouth: 0.17 mean, 5/255 max here; a render.py that dropped the edit gives 0)
+    # A still clip renders identical frames; H.264 (crf 17) still leaves its P-frames a level or two off the
+    # I-frame here and there, so compare means, not maxima: coding noise is far below what the edit changes.
+    noise = np.abs(still[-1] - still[0]).mean()
+    assert noise < 0.05  # a still clip: identical frames up to coding noise …
+    assert np.abs(edited[-1] - edited[0]).mean() > noise + 0.05  # … the edit ramps in and changes the picture
+    # (this small avatar barely opens its mouth: 0.17 mean, 5/255 max; a render.py that dropped the edit gives noise)
     from trainer.render import build_parser, conditioning
 
     loaded = load_bundle(smoke_bundle)
