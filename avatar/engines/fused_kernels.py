@@ -65,7 +65,8 @@ def _pack(active, out_k, offsets, row_ray, row_k):
 
 def _gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, inv_half, feats):
     """Tri-plane features of rows ``first …first + len(feats)`` (into ``feats [rows, 3C]``): bilinear with
-    ``align_corners=True`` on planes laid out ``[3, y, x, C]`` (the same numbers as ``grid_sample``)."""
+    ``align_corners=True`` on planes laid out ``[3, y, x, C]`` (the same numbers as ``grid_sample``), mirroring
+    :func:`avatar.field.fast.unit_points` and :func:`avatar.field.fast.triplane_lookup_gather`."""
     res = planes.shape[1]
     ch = planes.shape[3]
     half = 0.5 * (res - 1)
