@@ -54,8 +54,7 @@ class _Blend(nn.Module):
         self.field = field
 
     def forward(self, expression, latent):
-        condition = torch.cat([expression, latent])
-        return self.field.channels_last(self.field.blend(condition)), self.field.latent_bias(condition)
+        return self.field.frame_state(expression, latent, channels_last=True)
 
 
 def _onnx_bytes(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
@@ -79,8 +78,7 @@ def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
     e = field.hparams["expression_dim"]
     l = field.hparams["latent_dim"]
     with torch.no_grad():
-        planes = field.channels_last(field.blend(torch.zeros(e + l)))
-        bias = field.latent_bias(torch.zeros(e + l))
+        planes, bias = field.frame_state(torch.zeros(e), torch.zeros(l), channels_last=True)
         n = 64
         pts = torch.rand(n, 3) * (field.half_extent * 2) + field.center - field.half_extent
         dirs = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)

@@ -239,9 +239,9 @@ def test_ort_io_binding_writes_outputs_in_place(bundle_copy):
     export_onnx(loaded, bundle_copy)
     sess = ort.InferenceSession(str(bundle_copy / ONNX_MODEL), providers=["CPUExecutionProvider"])
     field = loaded.model.field
-    cond = torch.zeros(field.hparams["expression_dim"] + field.hparams["latent_dim"])
     with torch.no_grad():
-        planes, bias = field.channels_last(field.blend(cond)), field.latent_bias(cond)
+        planes, bias = field.frame_state(torch.zeros(field.hparams["expression_dim"]),
+                                         torch.zeros(field.hparams["latent_dim"]), channels_last=True)
     pts = field.center + (torch.rand(100, 3) - 0.5) * field.half_extent
     dirs = torch.nn.functional.normalize(torch.randn(100, 3), dim=-1)
     rgb, sigma = torch.full((100, 3), -1.0), torch.full((100,), -1.0)

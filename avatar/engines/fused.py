@@ -11,10 +11,11 @@ from torch import Tensor
 from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.engines.base import RenderEngine
-from avatar.engines.torch_engine import TorchEngine
 from avatar.field.encoding import spherical_harmonics_deg2
+from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT
 from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
+from avatar.render.march import MIN_TRANSMITTANCE
 
 
 class FusedEngine(RenderEngine):
@@ -31,7 +32,7 @@ class FusedEngine(RenderEngine):
 
     def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None,
                  device: str | torch.device = "cpu", precision: str = "fp32", threads: int = 0,
-                 min_transmittance: float = 1e-3):
+                 min_transmittance: float = MIN_TRANSMITTANCE):
         if torch.device(device).type != "cpu":
             raise UserError(f"the fused engine runs on the CPU, not {device}; use --engine torch or tensorrt there")
         if precision not in ("bf16", "fp32"):
@@ -64,7 +65,7 @@ class FusedEngine(RenderEngine):
         self.min_transmittance = min_transmittance
 
     def frame_state(self, expression, latent):
-        return TorchEngine.frame_state(self, expression, latent)
+        return self.model.field.frame_state(expression, latent, channels_last=True)
 
     def _mlp(self, latent_bias: Tensor):
         """The decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's latent bias."""
@@ -93,15 +94,17 @@ class FusedEngine(RenderEngine):
         from avatar.engines.fused_kernels import march_fused
 
         expression, head_pose, latent = self._inputs(expression, head_pose, latent, size)
-        planes, latent_bias = self.frame_state(expression, latent)
+        planes, latent_bias = self.frame_state(expression, latent)  # planes [3, r·r, C]
+        res = self.model.field.hparams["resolution"]
         threads = self.threads or torch.get_num_threads()
         if threads > 1:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         rays = self._rays(size, head_pose)
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
-                          np.ascontiguousarray(planes.permute(0, 2, 3, 1).numpy()), self._center, self._inv_half,
+                          np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
                           rays["view_rgb"], self.background(size, background).numpy(), self._occupied, self._distance,
-                          *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace)
+                          *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
+                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         self.last_samples = out["samples"]
         rgb = torch.from_numpy(out["rgb"]).clamp_(0, 1).reshape(size, size, 3)
         return {"rgb": rgb, "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}

@@ -24,6 +24,8 @@ import numpy as np
 from jaxtyping import Float
 from numba import njit, prange
 
+from avatar.render.march import MIN_TRANSMITTANCE
+
 SQRT3 = math.sqrt(3.0)
 
 
@@ -63,7 +65,8 @@ def _pack(active, out_k, offsets, row_ray, row_k):
 
 def _gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, inv_half, feats):
     """Tri-plane features of rows ``first …first + len(feats)`` (into ``feats [rows, 3C]``): bilinear with
-    ``align_corners=True`` on planes laid out ``[3, y, x, C]`` (the same numbers as ``grid_sample``)."""
+    ``align_corners=True`` on planes laid out ``[3, y, x, C]`` (the same numbers as ``grid_sample``), mirroring
+    :func:`avatar.field.fast.unit_points` and :func:`avatar.field.fast.triplane_lookup_gather`."""
     res = planes.shape[1]
     ch = planes.shape[3]
     half = 0.5 * (res - 1)
@@ -73,7 +76,7 @@ def _gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, in
         px = min(max((origins[r, 0] + dirs[r, 0] * t - center[0]) * inv_half[0], -1.0), 1.0)
         py = min(max((origins[r, 1] + dirs[r, 1] * t - center[1]) * inv_half[1], -1.0), 1.0)
         pz = min(max((origins[r, 2] + dirs[r, 2] * t - center[2]) * inv_half[2], -1.0), 1.0)
-        for p in range(3):  # planes xy, xz, yz: (width axis, height axis)
+        for p in range(3):  # planes xy, xz, yz: (width axis, height axis), as avatar.field.fast.PLANE_AXES
             u = px if p < 2 else py
             v = py if p == 0 else pz
             fx = (u + 1.0) * half
@@ -92,15 +95,18 @@ def _gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, in
                                       + w10 * planes[p, y0 + 1, x0, c] + w11 * planes[p, y0 + 1, x0 + 1, c])
 
 
-def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance):
+def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
+               density_clamp, density_shift):
     """Front-to-back compositing of one round's samples: ``raw [m, 4]`` = (density logit, colour logits);
-    density ``exp(min(raw, 15) − 1)`` and colour ``sigmoid(raw + view term)`` as in FastField.decode. A ray
-    stops at its first sample that takes its transmittance below ``min_transmittance``."""
+    density ``exp(min(raw, density_clamp) − density_shift)`` and colour ``sigmoid(raw + view term)``, mirroring
+    :func:`avatar.field.fast.density_activation` and :func:`avatar.field.fast.colour_activation` (whose
+    constants the caller passes). A ray stops at its first sample that takes its transmittance below
+    ``min_transmittance``."""
     for a in prange(active.shape[0]):
         r = active[a]
         tr = trans[r]
         for row in range(offsets[a], offsets[a + 1]):
-            sigma = math.exp(min(raw[row, 0], 15.0) - 1.0)
+            sigma = math.exp(min(raw[row, 0], density_clamp) - density_shift)
             alpha = 1.0 - math.exp(-sigma * step)
             w = tr * alpha
             for c in range(3):
@@ -154,10 +160,12 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
                 far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
                 center: np.ndarray, inv_half: np.ndarray, view_rgb: Float[np.ndarray, "n 3"],
                 background: Float[np.ndarray, "n 3"], occupied: np.ndarray, distance: np.ndarray,
-                box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = 1e-3,
-                parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192) -> dict:
+                box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
+                parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
+                density_clamp: float, density_shift: float) -> dict:
     """Render rays through one frame's field. ``mlp(features [m, 3C] float32, out [m, 4] float32)`` is the
-    field's decoder without its activations (see :func:`_composite`), writing into ``out``; ``planes`` the
+    field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
+    field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
     frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term.
     Features are gathered and decoded ``chunk`` samples at a time, so that they are still in cache when the MLP
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
@@ -197,7 +205,8 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
             feats = ws.get("feats", (min(chunk, m - first), width))
             gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, inv_half, feats)
             mlp(feats, raw[first:first + feats.shape[0]])
-        composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance)
+        composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
+                  density_clamp, density_shift)
         samples += m
         active = active[(trans[active] >= min_transmittance) & (out_n > 0)]
     color += trans[:, None] * background

@@ -14,7 +14,6 @@ from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.bundle.files import OCCUPANCY_CACHE, TRT_MODEL, load_occupancy_cache
 from avatar.engines.base import RenderEngine
-from avatar.engines.torch_engine import TorchEngine
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -68,8 +67,8 @@ class TensorRTEngine(RenderEngine):
 
     def frame_state(self, expression, latent):
         # The frame state (the blend) is one einsum; torch on the GPU does it as fast as anything.
-        planes, bias = TorchEngine.frame_state(self, expression, latent)
-        return self.model.field.channels_last(planes).contiguous(), bias.contiguous()
+        planes, bias = self.model.field.frame_state(expression, latent, channels_last=True)
+        return planes.contiguous(), bias.contiguous()
 
     def decode(self, state, points, dirs):
         n = points.shape[0]

@@ -53,9 +53,7 @@ class TorchEngine(RenderEngine):
         return self.model.field.decode(planes, latent_bias, points, dirs)
 
     def frame_state(self, expression, latent):
-        field = self.model.field
-        condition = torch.cat([expression, latent])
-        return field.blend(condition), field.latent_bias(condition)
+        return self.model.field.frame_state(expression, latent)
 
     def decode(self, state, points, dirs):
         return self._decode(state[0], state[1], points, dirs)

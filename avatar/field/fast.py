@@ -9,6 +9,62 @@ from torch import Tensor, nn
 
 from avatar.field.encoding import spherical_harmonics_deg2
 
+# Density is ``exp(min(raw, DENSITY_CLAMP) − DENSITY_SHIFT)`` (as instant-ngp): opaque skin needs densities of
+# ~10/cm, which exp reaches with small raw values; a softplus/ReLU head would need thousands of steps to grow that
+# far. The clamp keeps exp finite. The fused engine's numba kernels take both constants as arguments.
+DENSITY_CLAMP = 15.0
+DENSITY_SHIFT = 1.0
+# The three planes (xy, xz, yz) as (width axis, height axis) of a point in the grid cube.
+PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+
+
+def density_activation(raw: Float[Tensor, "*s"]) -> Float[Tensor, "*s"]:
+    """Density (1/cm, > 0) from the decoder's raw output."""
+    return torch.exp(raw.clamp(max=DENSITY_CLAMP) - DENSITY_SHIFT)
+
+
+def colour_activation(raw: Float[Tensor, "*s"]) -> Float[Tensor, "*s"]:
+    """Colour in [0, 1] from the decoder's raw output (view term included)."""
+    return torch.sigmoid(raw)
+
+
+def unit_points(points: Float[Tensor, "n 3"], center: Float[Tensor, " 3"],
+                half_extent: Float[Tensor, " 3"]) -> Float[Tensor, "n 3"]:
+    """Points (cm) in the grid cube [-1, 1]³; points outside the head box are clamped onto its faces."""
+    return ((points - center) / half_extent).clamp(-1.0, 1.0)
+
+
+def triplane_lookup(planes: Float[Tensor, "3 ch r r"], p: Float[Tensor, "n 3"]) -> Float[Tensor, "features n"]:
+    """Bilinear features of unit points ``p`` on the three planes (``grid_sample``, ``align_corners=True``),
+    channels-first: row ``plane · ch + channel``."""
+    n = p.shape[0]
+    coords = torch.stack([p[:, list(axes)] for axes in PLANE_AXES])[:, None]  # [3, 1, n, 2]
+    feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
+    return feats.reshape(-1, n)
+
+
+def triplane_lookup_gather(planes_cl: Float[Tensor, "3 rr ch"], p: Float[Tensor, "n 3"],
+                           res: int) -> Float[Tensor, "n features"]:
+    """:func:`triplane_lookup` written as four gathers per plane on planes laid out channels-last (the same
+    numbers), samples-first: column ``plane · ch + channel``."""
+    n = p.shape[0]
+    u = torch.stack([p[:, axes[0]] for axes in PLANE_AXES])  # [3, n] width axis of each plane
+    v = torch.stack([p[:, axes[1]] for axes in PLANE_AXES])  # [3, n] height axis
+    fx, fy = (u + 1) * (0.5 * (res - 1)), (v + 1) * (0.5 * (res - 1))
+    x0 = torch.floor(fx).clamp(0, res - 2)
+    y0 = torch.floor(fy).clamp(0, res - 2)
+    wx, wy = (fx - x0)[..., None], (fy - y0)[..., None]  # [3, n, 1]
+    base = (torch.arange(3, device=p.device) * (res * res))[:, None]
+    i00 = (y0.long() * res + x0.long() + base).reshape(-1)  # [3 n] rows of the flattened planes
+    flat = planes_cl.reshape(-1, planes_cl.shape[-1])  # [3 rr, ch]
+    ch = flat.shape[1]
+    f00 = flat[i00].reshape(3, n, ch)
+    f01 = flat[i00 + 1].reshape(3, n, ch)
+    f10 = flat[i00 + res].reshape(3, n, ch)
+    f11 = flat[i00 + res + 1].reshape(3, n, ch)
+    feats = (f00 + (f01 - f00) * wx) * (1 - wy) + (f10 + (f11 - f10) * wx) * wy  # [3, n, ch]
+    return feats.permute(1, 0, 2).reshape(n, 3 * ch)
+
 
 class FastField(nn.Module):
     """Expression-blended tri-planes decoded by a tiny MLP.
@@ -104,6 +160,14 @@ class FastField(nn.Module):
         """The latent code's share of the first layer: the same for every sample of a frame."""
         return self.latent_in(condition[self.hparams["expression_dim"]:])
 
+    def frame_state(self, expression: Float[Tensor, " e"], latent: Float[Tensor, " l"], channels_last: bool = False
+                    ) -> tuple[Float[Tensor, "3 ch r r"] | Float[Tensor, "3 rr ch"], Float[Tensor, " hidden"]]:
+        """One frame's state, what :meth:`decode` (``channels_last=False``) or :meth:`decode_gather`
+        (``channels_last=True``) take besides the samples: the blended planes and the latent bias."""
+        condition = torch.cat([expression, latent])
+        planes = self.blend(condition)
+        return self.channels_last(planes) if channels_last else planes, self.latent_bias(condition)
+
     def decode(self, planes: Float[Tensor, "3 ch r r"], latent_bias: Float[Tensor, " hidden"],
                points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"]) -> tuple[Float[Tensor, "n 3"], Float[Tensor, " n"]]:
         """The per-sample work, given one frame's state: three bilinear lookups and the tiny MLP.
@@ -112,21 +176,15 @@ class FastField(nn.Module):
         runs channels-first (``[features, n]``): grid_sample's output is already laid out that way, so no
         transposed copies, and the latent bias folds into the first matmul.
         """
-        n = points.shape[0]
-        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
-        coords = torch.stack([p[:, [0, 1]], p[:, [0, 2]], p[:, [1, 2]]])[:, None]  # [3, 1, n, 2]
-        feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
-        feats = feats.reshape(-1, n)  # [3 ch, n]
+        feats = triplane_lookup(planes, unit_points(points, self.center, self.half_extent))  # [3 ch, n]
         h = torch.relu(torch.addmm((self.layer1.bias + latent_bias)[:, None], self.layer1.weight, feats))
         h = torch.relu(torch.addmm(self.layer2.bias[:, None], self.layer2.weight, h))  # [hidden, n]
         hidden = h.shape[0]
         raw_sigma = torch.addmm(self.density.bias[:, None], self.density.weight, h)[0]  # [n]
         raw_rgb = torch.addmm(self.color.bias[:, None], self.color.weight[:, :hidden], h)  # [3, n]
         raw_rgb = raw_rgb.T + spherical_harmonics_deg2(dirs) @ self.color.weight[:, hidden:].T  # [n, 3]
-        # exp activation (as instant-ngp): opaque skin needs densities of ~10/cm, which exp reaches with small
-        # raw values; a softplus/ReLU head would need thousands of steps to grow that far.
-        sigma = torch.exp(raw_sigma.clamp(max=15.0) - 1.0)
-        return torch.sigmoid(raw_rgb), sigma
+        sigma = density_activation(raw_sigma)
+        return colour_activation(raw_rgb), sigma
 
     @staticmethod
     def channels_last(planes: Float[Tensor, "3 ch r r"]) -> Float[Tensor, "3 rr ch"]:
@@ -138,29 +196,12 @@ class FastField(nn.Module):
         """:meth:`decode` with the bilinear lookups written as gathers (the same numbers as ``grid_sample`` with
         ``align_corners=True``). This is the exported graph: ONNX Runtime's GridSample kernel is ~7× slower on
         this CPU than four Gathers per plane."""
-        res = self.hparams["resolution"]
-        n = points.shape[0]
-        p = ((points - self.center) / self.half_extent).clamp(-1.0, 1.0)
-        u = torch.stack([p[:, 0], p[:, 0], p[:, 1]])  # [3, n] width axis of each plane (xy, xz, yz)
-        v = torch.stack([p[:, 1], p[:, 2], p[:, 2]])  # [3, n] height axis
-        fx, fy = (u + 1) * (0.5 * (res - 1)), (v + 1) * (0.5 * (res - 1))
-        x0 = torch.floor(fx).clamp(0, res - 2)
-        y0 = torch.floor(fy).clamp(0, res - 2)
-        wx, wy = (fx - x0)[..., None], (fy - y0)[..., None]  # [3, n, 1]
-        base = (torch.arange(3, device=points.device) * (res * res))[:, None]
-        i00 = (y0.long() * res + x0.long() + base).reshape(-1)  # [3 n] rows of the flattened planes
-        flat = planes_cl.reshape(-1, planes_cl.shape[-1])  # [3 rr, ch]
-        ch = flat.shape[1]
-        f00 = flat[i00].reshape(3, n, ch)
-        f01 = flat[i00 + 1].reshape(3, n, ch)
-        f10 = flat[i00 + res].reshape(3, n, ch)
-        f11 = flat[i00 + res + 1].reshape(3, n, ch)
-        feats = (f00 + (f01 - f00) * wx) * (1 - wy) + (f10 + (f11 - f10) * wx) * wy  # [3, n, ch]
-        feats = feats.permute(1, 0, 2).reshape(n, 3 * ch)
+        feats = triplane_lookup_gather(planes_cl, unit_points(points, self.center, self.half_extent),
+                                       self.hparams["resolution"])  # [n, 3 ch]
         h = torch.relu(torch.nn.functional.linear(feats, self.layer1.weight, self.layer1.bias + latent_bias))
         h = torch.relu(self.layer2(h))  # [n, hidden]
-        sigma = torch.exp(self.density(h)[:, 0].clamp(max=15.0) - 1.0)
-        rgb = torch.sigmoid(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
+        sigma = density_activation(self.density(h)[:, 0])
+        rgb = colour_activation(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
         return rgb, sigma
 
     def query(self, planes: Float[Tensor, "3 ch r r"], points: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"],

@@ -19,6 +19,9 @@ from torch import Tensor
 from avatar.base.devices import chunk_for
 from avatar.render.grid import OccupancyGrid
 
+# A ray stops once its transmittance falls below this: what is behind it adds less than 1/1000 of its colour.
+MIN_TRANSMITTANCE = 1e-3
+
 
 def exclusive_ray_scan(ray_indices: Int[Tensor, " m"], values: Float[Tensor, " m"], n_rays: int) -> Float[Tensor, " m"]:
     """Per sample, the sum of the values before it on its ray (samples sorted by ray).
@@ -100,7 +103,7 @@ def block_plan(grid: OccupancyGrid | None, origins: Float[Tensor, "n 3"], dirs: 
 def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid: OccupancyGrid | None,
                  origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Float[Tensor, " n"],
                  far: Float[Tensor, " n"], background: Float[Tensor, "n 3"], step: float, blocks_per_round: int = 2,
-                 perturb: bool = False, min_transmittance: float = 1e-3,
+                 perturb: bool = False, min_transmittance: float = MIN_TRANSMITTANCE,
                  on_samples: Callable[[Tensor, Tensor], None] | None = None,
                  chunk_samples: int | None = None, plan: dict | None = None, distortion: bool = False
                  ) -> dict[str, Tensor]:

@@ -1,0 +1,99 @@
+"""Each numba kernel of the fused engine (avatar/engines/fused_kernels.py) against its plain-torch twin
+(avatar/engines/fused_twins.py) on small random inputs: one test per kernel, so a failure names the kernel."""
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.engines import fused_twins as twins
+from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT
+
+kernels = pytest.importorskip("avatar.engines.fused_kernels")
+plan_round, pack, gather, composite = kernels.KERNELS[False]  # the serial builds (same Python source as parallel)
+T = torch.from_numpy
+
+
+def rays(rng, n=300, box=10.0):
+    """Rays from around a box ``[0, box]³`` towards points inside it; near 0, far 30."""
+    origins = rng.uniform(-5, box + 5, (n, 3)).astype(np.float32)
+    target = rng.uniform(2, box - 2, (n, 3)).astype(np.float32)
+    dirs = ((target - origins) / np.linalg.norm(target - origins, axis=1, keepdims=True)).astype(np.float32)
+    near = rng.uniform(0, 2, n).astype(np.float32)
+    return origins, dirs, near, np.full(n, 30.0, np.float32)
+
+
+def round_layout(rng, n, most):
+    """A round's bookkeeping: some active rays (not 0…a−1), planned step indices and counts, row offsets."""
+    active = np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int64)
+    out_n = rng.integers(0, most + 1, active.size).astype(np.int64)
+    out_k = np.sort(rng.integers(0, 60, (active.size, most)), axis=1).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(out_n)]).astype(np.int64)
+    return active, out_k, out_n, offsets
+
+
+def test_plan_round_kernel_takes_the_next_occupied_steps():
+    rng = np.random.default_rng(1)
+    g, step, most = 16, 0.25, 5
+    occupied = np.zeros((g, g, g), bool)
+    for _ in range(5):
+        c = rng.integers(2, g - 2, 3)
+        occupied[c[0] - 2:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 2:c[2] + 1] = True
+    origins, dirs, near, far = rays(rng)
+    box_min, cells = np.zeros(3, np.float32), np.full(3, g / 10.0, np.float32)
+    active = np.arange(origins.shape[0], dtype=np.int64)
+    kpos, kpos_twin = np.zeros(active.size, np.int64), torch.zeros(active.size, dtype=torch.long)
+    steps = twins.ray_steps(T(near), T(far), step)
+    for _ in range(3):  # rounds continue where the last one stopped
+        out_k, out_n = np.zeros((active.size, most), np.int64), np.zeros(active.size, np.int64)
+        plan_round(origins, dirs, near, far, active, kpos, step, most, occupied.astype(np.uint8),
+                   kernels.distance_field(occupied), box_min, cells, 10.0 / g, out_k, out_n)
+        k_twin, n_twin, kpos_twin = twins.plan_round(T(origins), T(dirs), T(near), T(far), T(active), kpos_twin,
+                                                     step, most, T(occupied), T(box_min), T(cells))
+        assert out_n.tolist() == n_twin.tolist()
+        assert np.where(np.arange(most) < out_n[:, None], out_k, -1).tolist() == k_twin.tolist()
+        assert np.minimum(kpos, steps.numpy()).tolist() == kpos_twin.tolist()
+    assert (out_n > 0).any() and (out_n < most).any()
+
+
+def test_pack_kernel_lays_rows_out_in_ray_order():
+    rng = np.random.default_rng(2)
+    active, out_k, out_n, offsets = round_layout(rng, 200, 6)
+    row_ray, row_k = np.full(offsets[-1], -1, np.int64), np.full(offsets[-1], -1, np.int64)
+    pack(active, out_k, offsets, row_ray, row_k)
+    ray_twin, k_twin = twins.pack(T(active), T(out_k), T(out_n))
+    assert row_ray.tolist() == ray_twin.tolist() and row_k.tolist() == k_twin.tolist()
+
+
+@pytest.mark.parametrize("first", [0, 7])
+def test_gather_kernel_looks_up_what_grid_sample_looks_up(first):
+    rng = np.random.default_rng(3)
+    origins, dirs, near, _ = rays(rng, 50)
+    res, ch, step, m = 8, 4, 0.5, 400
+    planes = rng.normal(size=(3, res, res, ch)).astype(np.float32)
+    row_ray, row_k = rng.integers(0, 50, m).astype(np.int64), rng.integers(0, 60, m).astype(np.int64)
+    center, half = np.full(3, 5.0, np.float32), np.full(3, 4.0, np.float32)  # some samples outside: clamped
+    feats = np.zeros((m - first, 3 * ch), np.float32)
+    gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, (1 / half).astype(np.float32), feats)
+    twin = twins.gather(T(origins), T(dirs), T(near), T(row_ray[first:]), T(row_k[first:]), step, T(planes),
+                        T(center), T(half))
+    torch.testing.assert_close(T(feats), twin, atol=1e-5, rtol=1e-5)
+
+
+def test_composite_kernel_blends_front_to_back_and_stops_rays():
+    rng = np.random.default_rng(4)
+    n, most, step, min_t = 200, 6, 0.25, 0.05
+    active, out_k, out_n, offsets = round_layout(rng, n, most)
+    near = rng.uniform(0, 2, n).astype(np.float32)
+    raw = np.concatenate([rng.uniform(-4, 6, (offsets[-1], 1)), rng.normal(size=(offsets[-1], 3))], 1).astype(np.float32)
+    view_rgb = rng.normal(size=(n, 3)).astype(np.float32)
+    color, depth = rng.uniform(0, 0.2, (n, 3)).astype(np.float32), rng.uniform(0, 1, n).astype(np.float32)
+    trans = rng.uniform(0.3, 1, n).astype(np.float32)
+    twin = twins.composite(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(view_rgb), T(color), T(depth),
+                           T(trans), min_t)
+    never_stopping = twins.composite(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(view_rgb), T(color),
+                                     T(depth), T(trans), 0.0)
+    assert (never_stopping[2] < twin[2]).any()  # these inputs stop some rays inside the round
+    composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_t, DENSITY_CLAMP,
+              DENSITY_SHIFT)
+    for got, want in zip((color, depth, trans), twin):
+        torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
