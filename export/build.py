@@ -8,7 +8,9 @@ engine that runs here (the CPU's fused engine included).
 Writes into the bundle: blend.onnx (once per frame: expression, latent code → blended tri-planes), model.onnx
 (per sample, dynamic sample count: colour and density), occupancy.safetensors (the grid the engines cull with),
 model.plan (TensorRT, when built) and engines.json (parity figures and the measured frames/s of every engine
-that runs here; `run_live.py --engine auto` takes the fastest). Culling and packing stay outside the graphs.
+that runs here; `run_live.py --engine auto` takes the fastest), through avatar.bundle.files, each atomically.
+engines.json goes last and records the weights' SHA-256: retrain the avatar and its export is stale until this
+runs again. Culling and packing stay outside the graphs.
 """
 
 from __future__ import annotations
@@ -25,9 +27,22 @@ from torch import nn
 
 from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 from avatar.base.errors import UserError, run_cli
-from avatar.base.fileio import write_bytes_atomic, write_json_atomic
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
-from avatar.bundle.files import ENGINES_FILE, OCCUPANCY_CACHE, ONNX_BLEND, ONNX_MODEL, TRT_MODEL, save_occupancy_cache
+from avatar.bundle.files import (
+    ENGINES_FILE,
+    OCCUPANCY_CACHE,
+    ONNX_BLEND,
+    ONNX_MODEL,
+    TRT_MODEL,
+    begin_export,
+    export_identity,
+    listed_files,
+    onnx_destination,
+    read_exported,
+    save_engines_record,
+    save_occupancy_cache,
+    save_tensorrt_plan,
+)
 from avatar.capture.retarget import rotate_about
 from avatar.engines.base import RenderEngine
 from avatar.engines.choice import time_engine
@@ -57,19 +72,18 @@ class _Blend(nn.Module):
         return self.field.frame_state(expression, latent, channels_last=True)
 
 
-def _onnx_bytes(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-                dynamic_axes: dict) -> bytes:
-    import io
+def _export_graph(module: nn.Module, args: tuple, directory: Path, name: str, input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict) -> None:
+    """``module`` as the ONNX graph ``name`` of the bundle, exported to a temporary file moved into place."""
     import warnings
 
-    buf = io.BytesIO()
     # The TorchScript exporter (deprecated in favour of torch.export) gives a plain opset-17 graph with named
     # dynamic axes that ONNX Runtime and TensorRT take as is; its deprecation notice is noise for users.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, args, buf, input_names=input_names, output_names=output_names, opset_version=OPSET,
-                          dynamic_axes=dynamic_axes, dynamo=False)
-    return buf.getvalue()
+        with onnx_destination(directory, name) as tmp:
+            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
+                              opset_version=OPSET, dynamic_axes=dynamic_axes, dynamo=False)
 
 
 def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
@@ -82,13 +96,11 @@ def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
         n = 64
         pts = torch.rand(n, 3) * (field.half_extent * 2) + field.center - field.half_extent
         dirs = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)
-        model_bytes = _onnx_bytes(_Decoder(field), (planes, bias, pts, dirs), ["planes", "latent_bias", "points", "dirs"],
-                                  ["rgb", "sigma"], {"points": {0: "samples"}, "dirs": {0: "samples"},
-                                                     "rgb": {0: "samples"}, "sigma": {0: "samples"}})
-        blend_bytes = _onnx_bytes(_Blend(field), (torch.zeros(e), torch.zeros(l)), ["expression", "latent"],
-                                  ["planes", "latent_bias"], {})
-    write_bytes_atomic(directory / ONNX_MODEL, model_bytes)
-    write_bytes_atomic(directory / ONNX_BLEND, blend_bytes)
+        _export_graph(_Decoder(field), (planes, bias, pts, dirs), directory, ONNX_MODEL,
+                      ["planes", "latent_bias", "points", "dirs"], ["rgb", "sigma"],
+                      {"points": {0: "samples"}, "dirs": {0: "samples"}, "rgb": {0: "samples"}, "sigma": {0: "samples"}})
+        _export_graph(_Blend(field), (torch.zeros(e), torch.zeros(l)), directory, ONNX_BLEND, ["expression", "latent"],
+                      ["planes", "latent_bias"], {})
     save_occupancy_cache(directory / OCCUPANCY_CACHE, loaded.model.occupancy, loaded.sampling.step)
 
 
@@ -120,7 +132,7 @@ def build_tensorrt(directory: Path, fp16: bool, max_samples: int = TRT_MAX_SAMPL
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse((directory / ONNX_MODEL).read_bytes()):
+    if not parser.parse(read_exported(directory, ONNX_MODEL)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {ONNX_MODEL}: {errors}")
     config = builder.create_builder_config()
@@ -141,7 +153,7 @@ def build_tensorrt(directory: Path, fp16: bool, max_samples: int = TRT_MAX_SAMPL
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT failed to build an engine from model.onnx (see its log above)")
-    write_bytes_atomic(directory / TRT_MODEL, bytes(plan))
+    save_tensorrt_plan(directory, bytes(plan))
 
 
 def parity_frames(loaded: LoadedAvatar, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--size {size}: choose 8–2048 pixels")
     device = pick_device(args.device)
     prepare_device(device)
+    identity = export_identity(directory)  # what ties this export to these weights
+    previous = begin_export(directory)
     export_onnx(loaded, directory)
     frames = parity_frames(loaded, max(2, args.frames))
     reference = TorchEngine(loaded)  # the CPU torch engine: what every other engine must reproduce
@@ -218,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         parity[f"torch_{device.type}_max_abs_255"] = max_pixel_difference(reference, torch_engine, frames, size)
         print(f"parity at {size}²: torch on {device} vs torch (CPU): {parity[f'torch_{device.type}_max_abs_255']:.0f}/255")
     engines: dict[str, RenderEngine] = {"torch": torch_engine, "onnxruntime": ort_engine}
+    files = {"onnx": [ONNX_BLEND, ONNX_MODEL], "occupancy": OCCUPANCY_CACHE}
+    if TRT_MODEL in listed_files(previous):  # built from these weights by an earlier run: still valid
+        files["tensorrt"] = TRT_MODEL
     if device.type == "cpu":  # the fused engine is the CPU's (numba kernels)
         fused = FusedEngine(loaded)
         key = f"fused_{fused.precision}_max_abs_255"
@@ -230,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TensorRT skipped: {reason}")
         else:
             build_tensorrt(directory, args.fp16)
+            files["tensorrt"] = TRT_MODEL
             trt_engine = TensorRTEngine(loaded, directory, device if device.type == "cuda" else "cuda")
             key = f"tensorrt_{'fp16' if args.fp16 else 'fp32'}_max_abs_255"
             parity[key] = max_pixel_difference(reference, trt_engine, frames, size)
@@ -249,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
               "torch_threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "size": size, "frames": len(frames), "parity": parity,
-              "fps": fps, "auto": best, "files": {"onnx": [ONNX_BLEND, ONNX_MODEL], "occupancy": OCCUPANCY_CACHE}}
-    write_json_atomic(directory / ENGINES_FILE, record)
+              "fps": fps, "auto": best, "files": files}
+    save_engines_record(directory, record, identity)
     print(f"frames/s at {size}² (median of {len(frames)}): " + ", ".join(f"{k} {v:.1f}" for k, v in fps.items())
           + f"; --engine auto will use {best}")
     print(f"wrote {ONNX_BLEND}, {ONNX_MODEL}, {OCCUPANCY_CACHE}, {ENGINES_FILE} into {directory}")

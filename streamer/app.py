@@ -229,7 +229,7 @@ def run(cfg: LiveConfig, log=print) -> dict:
         output = parse_frame_size(cfg.output, "--output")
     compositor = make_compositor(loaded, output, cfg.size, background)
     layout = compositor.layout
-    engine = open_engine(loaded, cfg.target, cfg.engine, device, log=log)
+    engine = open_engine(loaded, cfg.target, cfg.engine, device)  # why a faster engine is not used: on stderr
     seconds = engine.warm_up(render_cap(cfg.size, layout))  # graph capture / compiling now, not on the first live frame
     if seconds > 1.0:
         log(f"engine warmed up in {seconds:.1f} s")

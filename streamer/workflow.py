@@ -6,8 +6,9 @@ that holds only a recording).
     me/avatar/                                          ← trainer/fit.py, then export/build.py (engines.json)
 
 Each step runs the same command a user would type, as a child process (the apps do not import each other), and
-is skipped when its output exists and is current: newer than everything it was made from. A fit that was
-interrupted resumes from its last checkpoint.
+is skipped when its output exists and is current: newer than everything it was made from (the export: made
+from the avatar's present weights, as its engines.json records). A fit that was interrupted resumes from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avatar.base.errors import UserError
+from avatar.bundle.files import ENGINES_FILE, export_is_current
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +94,8 @@ def make_avatar(folder: str | Path, source: str = "0", preset: str = "cpu", log=
             + " — the progress bar shows the time left")
         _run(log, "trainer/fit.py", "--out", str(avatar),
              *(["--resume"] if resume else ["--data", str(dataset), "--overwrite", *make.fit]))
-    if _newer(avatar / "engines.json", avatar / "avatar.json", avatar / "weights.safetensors"):
-        log(f"4/4 exporting: {avatar / 'engines.json'} is up to date")
+    if export_is_current(avatar):
+        log(f"4/4 exporting: {avatar / ENGINES_FILE} is up to date")
     else:
         log("4/4 exporting the fast engines")
         _run(log, "export/build.py", str(avatar), *make.export)

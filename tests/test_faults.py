@@ -78,12 +78,12 @@ def test_damaged_bundle_is_one_line_for_the_live_loop(exported_copy, subject, tm
 def test_the_auto_engine_does_not_fall_back_past_a_damaged_cache(exported_copy, tmp_path):
     """A missing library is a reason to try the next engine; a damaged file in the bundle is not."""
     from avatar.base.errors import DamagedFile
-    from avatar.bundle.files import ENGINES_FILE
+    from avatar.bundle.files import export_identity, save_engines_record
     from avatar.engines.choice import open_engine
 
     bad = tmp_path / "bad"
     shutil.copytree(exported_copy, bad)
-    (bad / ENGINES_FILE).write_text(json.dumps({"fps": {"onnxruntime": 9.0, "torch": 1.0}, "auto": "onnxruntime"}))
+    save_engines_record(bad, {"fps": {"onnxruntime": 9.0, "torch": 1.0}, "auto": "onnxruntime"}, export_identity(bad))
     loaded = load_bundle(bad)
     said = []
     # No model.onnx here: onnxruntime cannot open, and auto falls back to torch, saying why in one line.

@@ -86,13 +86,19 @@ def test_bad_device_is_one_line(bundle_copy):
 
 # -- engines -----------------------------------------------------------------------------------------------------
 def test_auto_falls_back_with_one_line_per_failed_engine(bundle_copy, tmp_path, monkeypatch):
+    from avatar.bundle.files import OCCUPANCY_CACHE, export_identity, save_engines_record, save_occupancy_cache
     from avatar.engines.choice import open_engine
     from avatar.engines.onnx import OnnxEngine
 
     out = tmp_path / "broken"
     shutil.copytree(bundle_copy, out)
+    loaded = load_bundle(out)
+    save_occupancy_cache(out / OCCUPANCY_CACHE, loaded.model.occupancy, loaded.sampling.step)
     (out / "model.onnx").write_bytes(b"not an onnx graph")
-    (out / "engines.json").write_text(json.dumps({"fps": {"tensorrt": 300.0, "onnxruntime": 90.0, "torch": 10.0}}))
+    (out / "blend.onnx").write_bytes(b"not an onnx graph either")
+    save_engines_record(out, {"fps": {"tensorrt": 300.0, "onnxruntime": 90.0, "torch": 10.0},
+                              "files": {"onnx": ["blend.onnx", "model.onnx"], "occupancy": OCCUPANCY_CACHE}},
+                        export_identity(out))
     lines: list[str] = []
     engine = open_engine(load_bundle(out), out, "auto", "cpu", log=lines.append)
     assert engine.name == "torch"

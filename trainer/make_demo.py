@@ -21,12 +21,13 @@ import cv2
 
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import atomic_directory
+from avatar.bundle.files import TRT_MODEL, bundle_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The bundle keeps what the live loop needs; training leftovers stay out of the repository.
-KEEP = ("avatar.json", "weights.safetensors", "background.png", "plate.png", "blend.onnx", "model.onnx", "occupancy.safetensors",
-        "engines.json", "metrics.json")
+# The demo keeps the bundle's files (training leftovers stay out of the repository) but a TensorRT plan, which
+# only loads on the GPU it was built for.
+LEAVE_OUT = (TRT_MODEL,)
 SIZE_LIMIT = 20 * 2**20
 FRAME = "640x480"  # camera-shaped, as a webcam sees a person: the live demo sends the full frame
 
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             "--novel", "1")
         with atomic_directory(args.out, overwrite=True) as tmp:
             (tmp / "avatar").mkdir()
-            for name in KEEP:
-                if (w / "avatar" / name).is_file():
-                    shutil.copy2(w / "avatar" / name, tmp / "avatar" / name)
+            for path in bundle_files(w / "avatar"):
+                if path.name not in LEAVE_OUT:
+                    shutil.copy2(path, tmp / "avatar" / path.name)
             shutil.copy2(w / "driver" / "video.mp4", tmp / "driver.mp4")
             preview = cv2.imread(str(w / "subject" / "preview.png"))  # 8 frames: half size, JPEG (~0.2 MB, not 4)
             cv2.imwrite(str(tmp / "subject_preview.jpg"), cv2.resize(preview, None, fx=0.5, fy=0.5,

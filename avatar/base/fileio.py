@@ -47,6 +47,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` for a writer that wants a file name (``torch.onnx.export``); when the
+    block ends normally the file is fsynced and renamed over ``path``, on any exception it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=indent, default=_json_default).encode())
 

@@ -16,6 +16,7 @@ from avatar.bundle.files import (
     OCCUPANCY_CACHE,
     ONNX_BLEND,
     ONNX_MODEL,
+    exported_files,
     load_occupancy_cache,
 )
 from avatar.engines.base import RenderEngine
@@ -72,11 +73,8 @@ class OnnxEngine(RenderEngine):
                  threads: int = 0, device: str | torch.device = "cpu"):
         import onnxruntime as ort
 
-        directory = Path(directory)
-        for f in (ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE):
-            if not (directory / f).is_file():
-                raise UserError(f"{directory} has no {f}; export it first: python export/build.py {directory}")
-        grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
+        model_path, blend_path, cache = exported_files(directory, (ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE))
+        grid, step = load_occupancy_cache(cache)
         device = torch.device(device)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -84,10 +82,10 @@ class OnnxEngine(RenderEngine):
         opts.log_severity_level = 3
         providers = providers or onnx_providers("gpu" if device.type == "cuda" else "cpu")
         try:
-            self.model_session = _ort_session(ort, directory / ONNX_MODEL, opts, providers)
-            self.blend = _ort_session(ort, directory / ONNX_BLEND, opts, providers)
+            self.model_session = _ort_session(ort, model_path, opts, providers)
+            self.blend = _ort_session(ort, blend_path, opts, providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt/mismatched graphs
-            raise UserError(f"{directory / ONNX_MODEL}: ONNX Runtime cannot load it ({exc}); re-export it") from None
+            raise UserError(f"{model_path}: ONNX Runtime cannot load it ({exc}); re-export it") from None
         self.providers = self.model_session.get_providers()
         on_gpu = device.type == "cuda" and any(p in self.providers for p in ("CUDAExecutionProvider",
                                                                              "TensorrtExecutionProvider"))

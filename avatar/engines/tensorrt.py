@@ -12,7 +12,7 @@ from torch import Tensor
 from avatar.base.devices import GPU_CHUNK
 from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
-from avatar.bundle.files import OCCUPANCY_CACHE, TRT_MODEL, load_occupancy_cache
+from avatar.bundle.files import OCCUPANCY_CACHE, TRT_MODEL, load_occupancy_cache, read_exported
 from avatar.engines.base import RenderEngine
 
 
@@ -57,13 +57,12 @@ class TensorRTEngine(RenderEngine):
         if device.type != "cuda":
             raise UserError(f"the TensorRT engine runs on a CUDA device, not {device}")
         directory = Path(directory)
-        if not (directory / TRT_MODEL).is_file():
-            raise UserError(f"{directory} has no {TRT_MODEL}; build it: python export/build.py {directory} --engine tensorrt")
+        plan = read_exported(directory, TRT_MODEL, "tensorrt")
         grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
         super().__init__(loaded, grid, step, device)
         self.chunk = min(self.chunk, TRT_MAX_SAMPLES)
         with torch.cuda.device(self.device):
-            self.runtime, self.engine, self.context = load_plan(trt, (directory / TRT_MODEL).read_bytes(), directory)
+            self.runtime, self.engine, self.context = load_plan(trt, plan, directory)
 
     def frame_state(self, expression, latent):
         # The frame state (the blend) is one einsum; torch on the GPU does it as fast as anything.
