@@ -128,6 +128,8 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ActionsCont
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = getattr(shown, f.name) if shown is not None else _field_default(f)
         help_text = meta["help"]
+        if default == "":
+            default = None  # nothing to print
         if not (required or kwargs.get("required")) and (default is not None or f.name in notes):
             said = [] if default is None else [format_default(default, meta["values"])]
             said += [notes[f.name]] if f.name in notes else []
