@@ -1,4 +1,4 @@
-"""The TensorRT engine: the per-sample decoder as a TensorRT plan (built by ``export/build.py --engine tensorrt``
+"""The TensorRT engine: the per-sample decoder as a TensorRT plan (built by ``export/build.py --build tensorrt``
 where an NVIDIA GPU and the tensorrt package are present); the frame state comes from the field itself.
 """
 
@@ -59,7 +59,7 @@ class TensorRTEngine(RenderEngine):
             raise UserError(f"the TensorRT engine runs on a CUDA device, not {device}")
         directory = Path(directory)
         if not (directory / TRT_MODEL).is_file():
-            raise UserError(f"{directory} has no {TRT_MODEL}; build it: python export/build.py {directory} --engine tensorrt")
+            raise UserError(f"{directory} has no {TRT_MODEL}; build it: python export/build.py {directory} --build tensorrt")
         grid, step = load_occupancy_cache(directory / OCCUPANCY_CACHE)
         super().__init__(loaded, grid, step, device)
         self.chunk = min(self.chunk, TRT_MAX_SAMPLES)
@@ -86,7 +86,7 @@ def load_plan(trt, plan: bytes, directory: Path):
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise UserError(f"{directory / TRT_MODEL} does not load on this GPU / TensorRT {getattr(trt, '__version__', '?')} "
-                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --engine tensorrt")
+                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --build tensorrt")
     context = engine.create_execution_context()
     if context is None:
         raise UserError("TensorRT could not create an execution context for model.plan (out of GPU memory?)")
