@@ -152,6 +152,15 @@ MUTATIONS = (
              "streamer/workflow.py", "    if not output.exists():\n        return False",
              "    if True:\n        return False",
              ("tests/test_fullframe.py::test_one_command_from_a_recording_to_live",)),
+    Mutation("cli_preset_ignored", "options left out take the dataclass defaults, not the named preset's",
+             "avatar/base/cli.py", "    return dataclasses.replace(base, **given) if base is not None else cls(**given)",
+             "    return cls(**given)", ("tests/test_cli.py::test_options_left_out_give_the_default_config",)),
+    Mutation("cli_alias_silent", "a deprecated option spelling parses without a warning",
+             "avatar/base/cli.py", '            print(f"warning: {option_string} is deprecated, use {flag}", file=sys.stderr)\n',
+             "", ("tests/test_cli.py::test_a_deprecated_spelling_parses_to_the_same_config_and_warns",)),
+    Mutation("cli_float_default_repr", "--help prints 180.0 for a float default of 180",
+             "avatar/base/cli.py", '        return f"{value:g}"', "        return str(value)",
+             ("tests/test_cli.py::test_help_runs_and_prints_the_true_defaults",)),
 )
 
 
