@@ -101,6 +101,7 @@ def compare_live(trees: dict[str, Path], args, scratch: Path) -> None:
         videos = {}
         for name, tree in trees.items():
             videos[name] = scratch / f"live_{engine}_{name}.mp4"
+            # --size, not --render-size: the earlier checkout may predate the new spelling (this one warns)
             run(tree, "run_live.py", "--demo", "--every-frame", "--fps", "0", "--size", str(args.live_size),
                 "--engine", engine, "--sink", f"file:{videos[name]}", "--max-frames", str(args.live_frames), "--quiet")
         a, b = decoded(videos["before"]), decoded(videos["after"])

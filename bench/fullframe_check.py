@@ -1,7 +1,7 @@
 """Check a live recording's full frame: its shape, the room outside the head's box, the avatar inside it.
 
     python run_live.py --demo --sink file:out.mp4 --max-frames 30
-    python bench/fullframe_check.py --video out.mp4 [--target BUNDLE] [--output WxH] [--size 256]
+    python bench/fullframe_check.py --video out.mp4 [--target BUNDLE] [--output WxH] [--render-size 256]
 
 Rebuilds the live loop's layout and base picture for BUNDLE (the demo avatar by default; --output as given to
 run_live.py) and prints one Markdown table: the frames' size and aspect, the PSNR of the pixels outside the
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", required=True, help="run_live.py's file sink output")
     p.add_argument("--target", default=str(ROOT / "assets" / "demo" / "avatar"), help="the bundle it ran")
     p.add_argument("--output", help="run_live.py --output, if it was given")
-    p.add_argument("--size", type=int, default=256, help="run_live.py --size")
+    p.add_argument("--render-size", type=int, default=256, help="run_live.py --render-size")
     args = p.parse_args(argv)
 
     from avatar.base.errors import UserError
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamer.pipeline import make_compositor
 
     loaded = load_bundle(args.target)
-    comp = make_compositor(loaded, parse_frame_size(args.output, "--output") if args.output else None, args.size)
+    comp = make_compositor(loaded, parse_frame_size(args.output, "--output") if args.output else None, args.render_size)
     frames = np.stack(list(iter_frames(args.video)))
     n, h, w = frames.shape[:3]
     if (w, h) != (comp.layout.width, comp.layout.height):

@@ -1,11 +1,11 @@
 """End-to-end check of the live loop: run `run_live.py` on a video into a file, then compare every recorded
 frame with an offline render of the conditioning the loop logged, and print the loop's latency statistics.
 
-    python bench/live_check.py --target avatars/me --source clip.mp4 [--frames 100] [--size 256] [--fps 15]
+    python bench/live_check.py --target avatars/me --source clip.mp4 [--frames 100] [--render-size 256] [--fps 15]
         [--output WxH]
 
---size is the head render's largest side (run_live.py --size); the output frame is the bundle's full frame
-(or --output); a bundle without a full frame outputs --size² as before.
+--render-size is the head render's largest side (run_live.py's); the output frame is the bundle's full frame
+(or --output); a bundle without a full frame outputs --render-size² as before.
 
 Prints a Markdown table: frames recorded, PSNR of recorded vs offline frames (min / median), frames/s,
 median and 95th-percentile capture-to-sink latency, the median render size and per-stage medians.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--source", required=True, help="a video file (looped)")
     p.add_argument("--frames", type=int, default=100)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--render-size", type=int, default=256, help="run_live.py --render-size")
     p.add_argument("--fps", type=float, default=15.0, help="frame-rate target (the render size adapts); 0 = fixed")
     p.add_argument("--engine", default="auto")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="run_live.py --overlap")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         cmd = [sys.executable, "run_live.py", "--target", args.target, "--source", args.source, "--loop", "--sink",
-               f"file:{t / 'out.mp4'}", "--max-frames", str(args.frames), "--size", str(args.size), "--fps",
+               f"file:{t / 'out.mp4'}", "--max-frames", str(args.frames), "--render-size", str(args.render_size), "--fps",
                str(args.fps), "--engine", args.engine, "--stats", str(t / "stats.json"), "--conditioning-log",
                str(t / "cond.json"), "--quiet", "--overlap", args.overlap,
                *(["--output", args.output] if args.output else [])]
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_bundle(args.target)
     engine = open_engine(loaded, args.target, log["engine"])
     compositor = make_compositor(loaded, parse_frame_size(args.output, "--output") if args.output else None,
-                                 args.size)
+                                 args.render_size)
     scores = []
     for frame, c in zip(frames, log["frames"]):
         out = engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]), c["render_size"], BLACK)

@@ -8,7 +8,7 @@ Without --bundle, a synthetic subject (trainer/synth.py, 48 frames at 128²) is 
 avatar is fitted on it (trainer/fit.py --preset smoke --max-steps 200; about a minute on 2 cores); without
 --source the subject's video drives the avatar.
 
-1. starts `run_live.py --target BUNDLE --source VIDEO --loop --sink webrtc --port P --size 64 --quiet` on a free
+1. starts `run_live.py --target BUNDLE --source VIDEO --loop --sink webrtc --port P --render-size 64 --quiet` on a free
    127.0.0.1 port (with --max-viewers VIEWERS + 2, so that the churn below has room beside the viewers);
 2. warm-up: VIEWERS viewers receive frames for --warm-up seconds (30) with connect/disconnect cycles beside; then
    the server's resident memory (VmRSS) and open file descriptors are recorded (start), and every few seconds after;
@@ -111,7 +111,7 @@ class Server:
         self.port, self.logs = port, logs
         self.out_path, self.err_path = logs / "server.out", logs / "server.err"
         cmd = [sys.executable, "run_live.py", "--target", bundle, "--source", source, "--loop", "--sink", "webrtc",
-               "--port", str(port), "--size", "64", "--max-viewers", str(max_viewers), "--quiet"]
+               "--port", str(port), "--render-size", "64", "--max-viewers", str(max_viewers), "--quiet"]
         self.command = " ".join(cmd[1:])
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,

@@ -2,8 +2,8 @@
 engine that runs here (the CPU's fused engine included).
 
     python export/build.py avatars/me                       # ONNX (+ occupancy cache), parity and timing
-    python export/build.py avatars/me --engine all          # also TensorRT where an NVIDIA GPU is present
-    python export/build.py avatars/me --engine tensorrt --fp16
+    python export/build.py avatars/me --build all           # also TensorRT where an NVIDIA GPU is present
+    python export/build.py avatars/me --build tensorrt --fp16
 
 Writes into the bundle: blend.onnx (once per frame: expression, latent code → blended tri-planes), model.onnx
 (per sample, dynamic sample count: colour and density), occupancy.safetensors (the grid the engines cull with),
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 from avatar.base.errors import UserError, run_cli
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
@@ -186,26 +188,32 @@ def max_pixel_difference(a: RenderEngine, b: RenderEngine, frames, size: int) ->
     return worst
 
 
+@dataclass
+class ExportConfig:
+    bundle: str = arg(help="a fast-field avatar bundle from trainer/fit.py --field fast", positional=True)
+    # which engines to build (run_live.py's --engine is the one that renders)
+    build: str = arg("onnx", choices=["onnx", "tensorrt", "all"], deprecated=("--engine",),
+                     help="onnx: ONNX graphs + ONNX Runtime; tensorrt: also a TensorRT engine (NVIDIA GPU needed); "
+                          "all: ONNX, and TensorRT where it can be built")
+    render_size: int = arg(0, deprecated=("--size",),
+                           help="frame size for the parity check and timing (0: the avatar's training size)")
+    fp16: bool = arg(False, help="build the TensorRT engine in half precision; also report fp16 parity of the torch "
+                                 "engine")
+    frames: int = arg(20, help="frames for the parity check and the timing (median)")
+    device: str = arg("auto", help=f"where the engines are timed: {DEVICE_HELP}; parity is always against the torch "
+                                   "engine on the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", help="a fast-field avatar bundle from trainer/fit.py --field fast")
-    p.add_argument("--engine", choices=["onnx", "tensorrt", "all"], default="onnx",
-                   help="onnx (default): ONNX graphs + ONNX Runtime; tensorrt: also a TensorRT engine (NVIDIA GPU "
-                        "needed); all: ONNX, and TensorRT where it can be built")
-    p.add_argument("--size", type=int, default=0, help="frame size for the parity check and timing (default: the "
-                                                       "avatar's training size)")
-    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in half precision; also report "
-                                                      "fp16 parity of the torch engine")
-    p.add_argument("--frames", type=int, default=20, help="frames for the parity check and the timing (median)")
-    p.add_argument("--device", default="auto", help=f"where the engines are timed: {DEVICE_HELP}; parity is "
-                                                   "always against the torch engine on the CPU")
+    p = command_parser(__doc__)
+    add_config_arguments(p, ExportConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = config_from_namespace(ExportConfig, build_parser().parse_args(argv))
     directory = Path(args.bundle)
-    if args.engine == "tensorrt":
+    if args.build == "tensorrt":
         reason = tensorrt_unavailable_reason()
         if reason:
             raise UserError(reason)
@@ -213,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.model.field_name != "fast":
         raise UserError(f"{directory} holds a {loaded.model.field_name!r} field; only fast-field avatars export "
                         "(train one with trainer/fit.py --field fast)")
-    size = args.size or loaded.image_size[1]
+    size = args.render_size or loaded.image_size[1]
     if size < 8 or size > 2048:
-        raise UserError(f"--size {size}: choose 8–2048 pixels")
+        raise UserError(f"--render-size {size}: choose 8–2048 pixels")
     device = pick_device(args.device)
     prepare_device(device)
     identity = export_identity(directory)  # what ties this export to these weights
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         parity[key] = max_pixel_difference(reference, fused, frames, size)
         print(f"parity at {size}²: fused ({fused.precision}) vs torch (CPU): {parity[key]:.0f}/255")
         engines["fused"] = fused
-    if args.engine in ("tensorrt", "all"):
+    if args.build in ("tensorrt", "all"):
         reason = tensorrt_unavailable_reason()
         if reason:
             print(f"TensorRT skipped: {reason}")

@@ -11,11 +11,12 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace, format_default
 from avatar.base.errors import UserError, run_cli
 
 PRESETS: dict[str, dict] = {
@@ -26,48 +27,65 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class LiveConfig:
-    target: str = ""
-    source: str = "0"
-    sinks: list[str] = field(default_factory=lambda: ["webrtc"])
-    engine: str = "auto"
-    device: str = "auto"  # where the engine renders (auto: CUDA when available)
-    preset: str = "cpu"
-    size: int = 256  # the head render's largest side (pixels); the head box in the output caps it
-    fps: float = 15.0  # target frame rate: the render resolution adapts to hold it (0 = fixed resolution)
-    output: str | None = None  # "WxH" output frame (default: the recording's framing, at most 1280x720)
-    background: str | None = None  # an image, or "blur" (the plate, blurred); default: the recording's plate
-    loop: bool = False
-    every_frame: bool = False
-    max_frames: int = 0
-    stats: str | None = None
-    conditioning_log: str | None = None
-    mode: str = "relative"
-    pose_lock: bool = False
-    gain: float = 1.0
-    smoothing: float = 1.0
-    components: int = 0
+    target: str = arg("", help="avatar bundle (trainer/fit.py --field fast; export/build.py makes it faster)")
+    source: str = arg("0", help="camera index (0), /dev/videoN, or a video file (--demo: the bundled clip)")
+    sinks: list[str] = arg(default_factory=lambda: ["webrtc"], flag="--sink", metavar="SINK",
+                           help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several)")
+    engine: str = arg("auto", help="auto (fastest measured by export/build.py; fused on a CPU when nothing was "
+                                   "measured) | fused | torch | onnxruntime | tensorrt")
+    device: str = arg("auto", help="where the engine renders: auto (CUDA when available), cpu, cuda, cuda:N")
+    preset: str = arg("cpu", flag="--live-preset", deprecated=("--preset",), choices=sorted(PRESETS),
+                      help="cpu: 256² at 15 fps; gpu: 512² at 30 (trainer/fit.py's --preset is another thing)")
+    size: int = arg(256, flag="--render-size", deprecated=("--size",),
+                    help="largest side of the rendered head in pixels (never more than the head's box in the output)")
+    fps: float = arg(15.0, help="frame-rate target; the render resolution adapts to hold it (0: always render at "
+                                "--render-size)")
+    output: str | None = arg(None, metavar="WxH",
+                             help="output frame size, e.g. 1280x720 or 640x480 (default: the recording's own framing, "
+                                  "at most 1280x720; a bundle made before full frames were kept: --render-size² "
+                                  "square)")
+    background: str | None = arg(None, flag="--backdrop", deprecated=("--background",), metavar="IMAGE|blur",
+                                 help="an image to put behind the avatar instead of the recorded room, or 'blur' for "
+                                      "the room blurred (default: the recording's plate)")
+    loop: bool = arg(False, help="start a video-file source over when it ends (--demo: on)")
+    every_frame: bool = arg(False, help="with a video file: process every frame in order on the clip's own clock "
+                                        "instead of keeping real time (an offline render through the live path; "
+                                        "slower than real time drops nothing)")
+    max_frames: int = arg(0, help="stop after this many frames (0: run until Ctrl-C)")
+    stats: str | None = arg(None, help="write latency / FPS / dropped-frame statistics to this JSON file at the end")
+    conditioning_log: str | None = arg(None, help="write each frame's expression, head pose and render size (JSON)")
+    mode: str = arg("relative", choices=["relative", "absolute"],
+                    help="relative: your changes from your neutral drive the avatar's neutral; absolute: your "
+                         "tracked expression as it is")
+    pose_lock: bool = arg(False, help="drive the expression only; the head stays still")
+    gain: float = arg(1.0, help="expression gain (0–3)")
+    smoothing: float = arg(1.0, help="temporal smoothing of the tracked face: more = steadier but slower to follow, "
+                                     "0 = none")
+    components: int = arg(0, help="project expressions onto this many principal components of the avatar's "
+                                  "training set (0: no projection)")
     latent: int = 0
-    host: str = "127.0.0.1"
-    port: int = 8080
-    token: str | None = None
-    max_viewers: int = 4
-    landmarker: str | None = None
-    quiet: bool = False
+    host: str = arg("127.0.0.1", help="WebRTC server address (any other than loopback needs the printed token)")
+    port: int = arg(8080, help="WebRTC server port")
+    token: str | None = arg(None, help="token for a non-loopback --host (default: a random one, printed)")
+    max_viewers: int = arg(4, help="WebRTC viewers at once")
+    landmarker: str | None = arg(None, help="face_landmarker.task (default: found automatically)")
+    quiet: bool = arg(False, help="no status line")
     # Track frame N+1 on its own thread while frame N renders. auto: when rendering on a GPU. On a 2-core CPU it
     # does not pay (README, "Live loop"): the render is most of a frame, and the tracker's threads beside it
     # slow it by more than the tracking they hide.
-    overlap: str = "auto"
+    overlap: str = arg("auto", choices=["auto", "on", "off"],
+                       help="track the next frame on its own thread while this one renders: on, off, or auto (on "
+                            "when rendering on a GPU; on a CPU the two compete for the same cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="run_live.py", description=__doc__.split("\n\n")[0] + "\n\n" + "Examples:\n"
+    p = command_parser(
+        __doc__.split("\n\n")[0] + "\n\n" + "Examples:\n"
         "  python run_live.py --demo                                   # no webcam, no training: the bundled demo\n"
         "  python run_live.py --record me --sink virtualcam            # from nothing: record, train, export, go live\n"
         "  python run_live.py --target avatars/me --sink virtualcam    # join a call as your avatar\n"
         "  python run_live.py --target avatars/me --source clip.mp4 --sink file:out.mp4 --max-frames 100\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", help="avatar bundle (trainer/fit.py --field fast; export/build.py makes it faster)")
+        prog="run_live.py")
     p.add_argument("--record", metavar="DIR",
                    help="make the avatar in DIR first: a guided recording from the camera (trainer/record.py; skipped "
                         "when DIR/video.mp4 exists), then prepare, fit and export into DIR/avatar — each step skipped "
@@ -77,49 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --record: cpu (default; ~15 minutes on a 2-core CPU) or smoke (a one-minute check)")
     p.add_argument("--demo", action="store_true", help="the bundled demo avatar driven by the bundled clip "
                                                        "(implies --source demo clip --loop, --sink webrtc)")
-    p.add_argument("--source", help="camera index (0), /dev/videoN, or a video file (default 0)")
-    p.add_argument("--loop", action="store_true", help="start a video-file source over when it ends")
-    p.add_argument("--every-frame", action="store_true",
-                   help="with a video file: process every frame in order on the clip's own clock instead of keeping "
-                        "real time (an offline render through the live path; slower than real time drops nothing)")
-    p.add_argument("--sink", action="append", dest="sinks", metavar="SINK",
-                   help="virtualcam | webrtc | window | file:PATH.mp4 (repeat for several; default webrtc)")
-    p.add_argument("--engine", default="auto", help="auto (fastest measured by export/build.py; fused on a CPU "
-                                                    "when nothing was measured) | fused | torch | onnxruntime | tensorrt")
-    p.add_argument("--device", default="auto", help="where to render: auto (CUDA when available), cpu, cuda, "
-                                                   "cuda:N")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: 256² at 15 fps; gpu: 512² at 30")
-    p.add_argument("--size", type=int, help="largest side of the rendered head in pixels (preset's by default; "
-                                            "never more than the head's box in the output)")
-    p.add_argument("--output", metavar="WxH",
-                   help="output frame size, e.g. 1280x720 or 640x480 (default: the recording's own framing, at most "
-                        "1280x720; a bundle made before full frames were kept: --size² square)")
-    p.add_argument("--fps", type=float, help="frame-rate target; the render resolution adapts to hold it "
-                                             "(0: always render at --size)")
-    p.add_argument("--background", help="IMAGE to put behind the avatar instead of the recorded room, or 'blur' "
-                                         "for the room blurred")
-    p.add_argument("--mode", choices=["relative", "absolute"], default="relative",
-                   help="relative (default): your changes from your neutral drive the avatar's neutral")
-    p.add_argument("--pose-lock", action="store_true", help="drive the expression only; the head stays still")
-    p.add_argument("--gain", type=float, default=1.0, help="expression gain (0–3)")
-    p.add_argument("--smoothing", type=float, default=1.0,
-                   help="temporal smoothing of the tracked face: 1 (default), more = steadier but slower to follow, "
-                        "0 = none")
-    p.add_argument("--components", type=int, default=0,
-                   help="project expressions onto this many principal components of the avatar's training set")
-    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: run until Ctrl-C)")
-    p.add_argument("--stats", help="write latency / FPS / dropped-frame statistics to this JSON file at the end")
-    p.add_argument("--conditioning-log", help="write each frame's expression, head pose and render size (JSON)")
-    p.add_argument("--host", default="127.0.0.1", help="WebRTC server address (default 127.0.0.1; any other "
-                                                       "address needs the printed token)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--token", help="token for a non-loopback --host (default: a random one, printed)")
-    p.add_argument("--max-viewers", type=int, default=4)
-    p.add_argument("--landmarker", help="face_landmarker.task (default: found automatically)")
-    p.add_argument("--quiet", action="store_true", help="no status line")
-    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
-                   help="track the next frame on its own thread while this one renders: on, off, or auto (default: "
-                        "on when rendering on a GPU; on a CPU the two compete for the same cores)")
+    preset = LiveConfig.preset
+    others = {k: ", ".join(f"{p} {format_default(v[k])}" for p, v in PRESETS.items() if p != preset)
+              for k in PRESETS[preset]}
+    add_config_arguments(p, LiveConfig, shown=replace(LiveConfig(), **PRESETS[preset]),
+                         notes={k: f"with --live-preset {preset}; {text}" for k, text in others.items()})
     return p
 
 
@@ -127,7 +107,8 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
 
 def config_from_args(args: argparse.Namespace) -> LiveConfig:
-    cfg = replace(LiveConfig(), **PRESETS[args.preset], preset=args.preset)
+    preset = args.preset or LiveConfig.preset
+    cfg = replace(LiveConfig(), **PRESETS[preset], preset=preset)
     if args.demo:
         if not (DEMO_DIR / "avatar" / "avatar.json").is_file():
             raise UserError(f"the demo avatar is missing from {DEMO_DIR}; rebuild it with: python trainer/make_demo.py")
@@ -138,21 +119,15 @@ def config_from_args(args: argparse.Namespace) -> LiveConfig:
         raise UserError("give --target or --record, not both")
     else:
         cfg.target = args.target or args.record
-    overrides = {k: getattr(args, k) for k in ("source", "sinks", "size", "fps") if getattr(args, k) is not None}
-    cfg = replace(cfg, **overrides, engine=args.engine, device=args.device, background=args.background,
-                  output=args.output, loop=cfg.loop or args.loop, every_frame=args.every_frame,
-                  max_frames=args.max_frames, stats=args.stats, conditioning_log=args.conditioning_log, mode=args.mode,
-                  pose_lock=args.pose_lock, gain=args.gain, smoothing=args.smoothing, components=args.components, host=args.host, port=args.port,
-                  token=args.token, max_viewers=args.max_viewers, landmarker=args.landmarker, quiet=args.quiet,
-                  overlap=args.overlap)
+    cfg = config_from_namespace(LiveConfig, args, base=cfg, target=cfg.target)  # the options given win
     if not 32 <= cfg.size <= 2048 or cfg.size % 2:
-        raise UserError(f"--size {cfg.size}: choose an even size from 32 to 2048")
+        raise UserError(f"--render-size {cfg.size}: choose an even size from 32 to 2048")
     if cfg.output is not None:
         from avatar.capture.video import parse_frame_size
 
         parse_frame_size(cfg.output, "--output")
     if cfg.background and cfg.background != "blur" and not Path(cfg.background).is_file():
-        raise UserError(f"--background {cfg.background}: no such image (or say 'blur')")
+        raise UserError(f"--backdrop {cfg.background}: no such image (or say 'blur')")
     if not 0 <= cfg.gain <= 3:
         raise UserError("--gain must be within 0–3")
     if cfg.every_frame and (cfg.source.isdigit() or cfg.source.startswith("/dev/video")):

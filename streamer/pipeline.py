@@ -5,7 +5,7 @@ Threads and sinks live around it (see :mod:`streamer.app`); this module has no I
 Composition: the head crop is rendered over black (premultiplied colour + alpha), scaled to where the crop sits
 in the output frame (:class:`FrameLayout`) and laid over the base picture with a feathered edge
 (:class:`Compositor`). The base is the recording's full-frame plate for a bundle that has one (a camera-shaped
-picture, as a webcam sends), the bundle's square plate for an older one, or ``--background IMAGE`` / ``blur``.
+picture, as a webcam sends), the bundle's square plate for an older one, or ``--backdrop IMAGE`` / ``blur``.
 """
 
 from __future__ import annotations

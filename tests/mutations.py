@@ -89,10 +89,10 @@ MUTATIONS = (
              "avatar/bundle/files.py", '    if record["weights_sha256"] != weights_sha256(directory):', "    if False:",
              ("tests/test_bundle_files.py::test_a_stale_export_is_never_used",)),
     Mutation("render_ignores_set", "render.py ignores --set",
-             "trainer/render.py", '    edited = parse_edits(args.set or [], meta["expression_names"], neutral)',
+             "trainer/render.py", '    edited = parse_edits(cfg.set or [], meta["expression_names"], neutral)',
              '    edited = neutral.copy()', ("tests/test_fit.py::test_render_offline_video",)),
     Mutation("render_ignores_yaw", "render.py ignores --yaw",
-             "trainer/render.py", '    yaw0, yaw1 = parse_range(args.yaw, "yaw")', "    yaw0, yaw1 = 0.0, 0.0",
+             "trainer/render.py", '    yaw0, yaw1 = parse_range(cfg.yaw, "yaw")', "    yaw0, yaw1 = 0.0, 0.0",
              ("tests/test_fit.py::test_render_offline_video",)),
     Mutation("transparent_field", "the fast field renders the background plate only",
              "avatar/render/march.py", "    color = color + trans[:, None] * background",
@@ -169,6 +169,15 @@ MUTATIONS = (
              "streamer/workflow.py", "    if not output.exists():\n        return False",
              "    if True:\n        return False",
              ("tests/test_fullframe.py::test_one_command_from_a_recording_to_live",)),
+    Mutation("cli_preset_ignored", "options left out take the dataclass defaults, not the named preset's",
+             "avatar/base/cli.py", "    return dataclasses.replace(base, **given) if base is not None else cls(**given)",
+             "    return cls(**given)", ("tests/test_cli.py::test_options_left_out_give_the_default_config",)),
+    Mutation("cli_alias_silent", "a deprecated option spelling parses without a warning",
+             "avatar/base/cli.py", '            print(f"warning: {option_string} is deprecated, use {flag}", file=sys.stderr)\n',
+             "", ("tests/test_cli.py::test_a_deprecated_spelling_parses_to_the_same_config_and_warns",)),
+    Mutation("cli_float_default_repr", "--help prints 180.0 for a float default of 180",
+             "avatar/base/cli.py", '        return f"{value:g}"', "        return str(value)",
+             ("tests/test_cli.py::test_help_runs_and_prints_the_true_defaults",)),
 )
 
 

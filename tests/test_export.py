@@ -73,7 +73,7 @@ def test_engines_see_an_avatar_and_not_only_background(exported):
 @pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
 def test_tensorrt_engine_matches_torch(exported):
     out, _ = exported
-    r = run_script("export/build.py", str(out), "--engine", "tensorrt", "--frames", "4", timeout=600)
+    r = run_script("export/build.py", str(out), "--build", "tensorrt", "--frames", "4", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((out / "engines.json").read_text())
     assert record["parity"]["tensorrt_fp32_max_abs_255"] <= 2
@@ -81,7 +81,7 @@ def test_tensorrt_engine_matches_torch(exported):
 
 @pytest.mark.skipif(TRT_REASON is None, reason="a TensorRT-capable GPU is present")
 def test_tensorrt_without_a_gpu_is_one_clear_line(fast_bundle):
-    r = run_script("export/build.py", str(fast_bundle), "--engine", "tensorrt")
+    r = run_script("export/build.py", str(fast_bundle), "--build", "tensorrt")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "NVIDIA GPU" in lines[0]

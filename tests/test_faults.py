@@ -68,7 +68,7 @@ def test_damaged_bundle_is_one_line_for_the_live_loop(exported_copy, subject, tm
         (_truncate if case.endswith("truncated") else _flip)(target)
     out = tmp_path / "out.mp4"
     r = run_script("run_live.py", "--target", str(bad), "--source", str(subject / "video.mp4"), "--sink",
-                   f"file:{out}", "--max-frames", "2", "--size", "64", "--quiet", timeout=120)
+                   f"file:{out}", "--max-frames", "2", "--render-size", "64", "--quiet", timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
     assert words in lines[0], lines[0]

@@ -106,11 +106,10 @@ def test_render_offline_video(smoke_bundle, tmp_path):
     assert noise < 0.05  # a still clip: identical frames up to coding noise …
     assert np.abs(edited[-1] - edited[0]).mean() > noise + 0.05  # … the edit ramps in and changes the picture
     # (this small avatar barely opens its mouth: 0.17 mean, 5/255 max; a render.py that dropped the edit gives noise)
-    from trainer.render import build_parser, conditioning
+    from trainer.render import RenderConfig, conditioning
 
     loaded = load_bundle(smoke_bundle)
-    frames = conditioning(loaded, build_parser().parse_args([str(smoke_bundle), "--out", "x.mp4", "--frames", "3",
-                                                             "--yaw=-20:20", "--set", "jawOpen=+0.4"]))
+    frames = conditioning(loaded, RenderConfig(str(smoke_bundle), "x.mp4", frames=3, yaw="-20:20", set=["jawOpen=+0.4"]))
     jaw = loaded.meta["expression_names"].index("jawOpen")
     neutral = np.asarray(loaded.meta["expression_stats"]["neutral"])
     assert frames[0][1][jaw] == pytest.approx(neutral[jaw]) and frames[-1][1][jaw] == pytest.approx(min(1, neutral[jaw] + 0.4))
@@ -126,11 +125,10 @@ def test_render_offline_video(smoke_bundle, tmp_path):
 
 def test_render_driven_by_another_video(smoke_bundle, subject, tmp_path):
     """--drive: the other video's tracked head motion (relative to its first frame) turns the avatar's head."""
-    from trainer.render import build_parser, conditioning
+    from trainer.render import RenderConfig, conditioning
 
     loaded = load_bundle(smoke_bundle)
-    frames = conditioning(loaded, build_parser().parse_args([str(smoke_bundle), "--out", "x.mp4", "--drive",
-                                                             str(subject / "video.mp4")]))
+    frames = conditioning(loaded, RenderConfig(str(smoke_bundle), "x.mp4", drive=str(subject / "video.mp4")))
     truth = json.loads((subject / "truth.json").read_text())["frames"]
     assert len(frames) == len(truth)
     from avatar.capture.camera import matrix_to_euler

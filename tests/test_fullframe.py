@@ -145,7 +145,7 @@ def test_live_output_is_the_full_camera_frame_with_the_room_around_the_head(came
     for output, shape in ((None, (240, 320, 3)), ("256x144", (144, 256, 3))):
         out = tmp_path / f"{output}.mp4"
         r = run_script("run_live.py", "--target", str(bundle), "--source", str(camera_subject / "s" / "video.mp4"),
-                       "--every-frame", "--sink", f"file:{out}", "--max-frames", "10", "--size", "64", "--fps", "0",
+                       "--every-frame", "--sink", f"file:{out}", "--max-frames", "10", "--render-size", "64", "--fps", "0",
                        "--quiet", *(["--output", output] if output else []), timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         frames = np.stack(list(iter_frames(out)))
@@ -201,7 +201,7 @@ def test_recorder_overlay_draws_a_bar_per_group():
 
 def test_output_and_background_flags_are_checked(fast_bundle, subject, tmp_path):
     for extra, words in ((["--output", "640"], "WIDTHxHEIGHT"), (["--output", "641x480"], "even"),
-                         (["--background", str(tmp_path / "none.png")], "no such image")):
+                         (["--backdrop", str(tmp_path / "none.png")], "no such image")):
         r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"),
                        "--sink", f"file:{tmp_path / 'x.mp4'}", "--quiet", *extra)
         lines = r.stderr.strip().splitlines()
@@ -218,7 +218,7 @@ def test_one_command_from_a_recording_to_live(camera_subject, tmp_path):
     shutil.copy2(camera_subject / "s" / "video.mp4", folder / "video.mp4")
     shutil.copy2(camera_subject / "s" / "background.png", folder / "background.png")
     args = ("run_live.py", "--target", str(folder), "--make-preset", "smoke", "--source", str(folder / "video.mp4"),
-            "--every-frame", "--sink", f"file:{tmp_path / 'out.mp4'}", "--max-frames", "5", "--size", "48",
+            "--every-frame", "--sink", f"file:{tmp_path / 'out.mp4'}", "--max-frames", "5", "--render-size", "48",
             "--fps", "0", "--quiet")
     r = run_script(*args, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -263,7 +263,7 @@ def test_the_virtual_camera_opens_at_the_output_size(camera_subject, monkeypatch
     for output, size in ((None, (320, 240)), ("1280x720", (1280, 720))):
         args = build_parser().parse_args(["--target", str(camera_subject / "a"), "--source",
                                           str(camera_subject / "s" / "video.mp4"), "--every-frame", "--sink",
-                                          "virtualcam", "--max-frames", "3", "--size", "48", "--fps", "0", "--quiet",
+                                          "virtualcam", "--max-frames", "3", "--render-size", "48", "--fps", "0", "--quiet",
                                           *(["--output", output] if output else [])])
         opened.clear(), sent.clear()
         run(config_from_args(args), log=lambda *a: None)

@@ -83,7 +83,7 @@ def test_tracking_on_its_own_thread_logs_what_tracking_in_turn_logs(fast_bundle,
         cond = tmp_path / f"cond_{overlap}.json"
         r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"),
                        "--every-frame", "--sink", f"file:{tmp_path / f'{overlap}.mp4'}", "--max-frames", "30",
-                       "--size", "64", "--fps", "0", "--overlap", overlap, "--conditioning-log", str(cond), "--quiet",
+                       "--render-size", "64", "--fps", "0", "--overlap", overlap, "--conditioning-log", str(cond), "--quiet",
                        timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         logs[overlap] = json.loads(cond.read_text())["frames"]

@@ -59,11 +59,11 @@ def bundle_copy(fast_bundle, tmp_path_factory):
 
 
 def test_device_cpu_is_accepted_by_every_command(bundle_copy, dataset64, tmp_path):
-    r = run_script("export/build.py", str(bundle_copy), "--device", "cpu", "--frames", "2", "--size", "32", "--fp16")
+    r = run_script("export/build.py", str(bundle_copy), "--device", "cpu", "--frames", "2", "--render-size", "32", "--fp16")
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((bundle_copy / "engines.json").read_text())
     assert record["device"] == "cpu"
-    r = run_script("trainer/render.py", str(bundle_copy), "--device", "cpu", "--size", "32", "--frames", "2",
+    r = run_script("trainer/render.py", str(bundle_copy), "--device", "cpu", "--render-size", "32", "--frames", "2",
                    "--out", str(tmp_path / "r.mp4"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_script("trainer/evaluate.py", str(bundle_copy), "--data", str(dataset64), "--device", "cpu", "--frames",

@@ -130,7 +130,7 @@ def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fas
     # --every-frame: each source frame in order on the clip's clock, so what is logged does not depend on how
     # fast this machine is; --smoothing 0: no filter lag between the truth and the log.
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop",
-                   "--every-frame", "--smoothing", "0", "--sink", f"file:{out}", "--max-frames", "60", "--size", "64",
+                   "--every-frame", "--smoothing", "0", "--sink", f"file:{out}", "--max-frames", "60", "--render-size", "64",
                    "--output", "64x64",
                    "--fps", "0", "--engine", "torch", "--conditioning-log", str(cond), "--stats", str(stats), "--quiet",
                    timeout=300)
@@ -176,17 +176,17 @@ def test_file_sink_holds_the_avatar_as_rendered_offline_and_follows_the_face(fas
 
 
 def test_command_line_controls_reach_the_loop(fast_bundle, subject, tmp_path):
-    """--mode absolute, --pose-lock, --gain and --background, each seen in what the loop rendered."""
+    """--mode absolute, --pose-lock, --gain and --backdrop, each seen in what the loop rendered."""
     import cv2
 
     bg_path = tmp_path / "bg.png"
     cv2.imwrite(str(bg_path), np.full((64, 64, 3), (40, 200, 90), np.uint8))  # BGR: a green the plate never has
     runs = {}
     for name, extra in (("relative", []), ("absolute", ["--mode", "absolute", "--gain", "2", "--pose-lock",
-                                                         "--background", str(bg_path)])):
+                                                         "--backdrop", str(bg_path)])):
         out, cond = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
         r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--sink",
-                       f"file:{out}", "--max-frames", "12", "--size", "64", "--fps", "0", "--engine", "torch", "--loop",
+                       f"file:{out}", "--max-frames", "12", "--render-size", "64", "--fps", "0", "--engine", "torch", "--loop",
                        "--every-frame",
                        "--conditioning-log", str(cond), "--quiet", *extra, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -209,7 +209,7 @@ def test_command_line_controls_reach_the_loop(fast_bundle, subject, tmp_path):
     first = np.asarray(abs_log[0]["expression"])
     assert np.all(first >= lo - 1e-6) and np.all(first <= hi + 1e-6)
     assert np.abs(first - neutral).max() > 0.05
-    # --background: the corners show the given image instead of the avatar's plate
+    # --backdrop: the corners show the given image instead of the avatar's plate
     corner = abs_frames[:, :4, :4].reshape(-1, 3).mean(0)
     assert np.abs(corner - np.array([90, 200, 40])).max() < 12, corner
     assert np.abs(rel_frames[:, :4, :4].reshape(-1, 3).mean(0) - np.array([90, 200, 40])).max() > 40
@@ -218,7 +218,7 @@ def test_command_line_controls_reach_the_loop(fast_bundle, subject, tmp_path):
 def test_source_that_ends_stops_cleanly_and_bad_inputs_are_one_line(fast_bundle, subject, tmp_path):
     out = tmp_path / "all.mp4"
     r = run_script("run_live.py", "--target", str(fast_bundle), "--source", str(subject / "video.mp4"),
-                   "--sink", f"file:{out}", "--size", "64", "--quiet", timeout=300)
+                   "--sink", f"file:{out}", "--render-size", "64", "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "source ended" in r.stdout and out.is_file()
     for args, words in ((["--target", str(tmp_path)], "not an avatar bundle"),
@@ -250,7 +250,7 @@ def test_virtual_camera_without_a_device_says_how_to_make_one(fast_bundle, subje
 def live_server(fast_bundle, subject):
     port = free_port()
     proc = start_live("--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop", "--sink",
-                      "webrtc", "--port", str(port), "--size", "64", "--output", "64x64", "--quiet")
+                      "webrtc", "--port", str(port), "--render-size", "64", "--output", "64x64", "--quiet")
     url = wait_for_url(proc)
     yield proc, url, port
     if proc.poll() is None:
@@ -446,7 +446,7 @@ def test_browser_plays_the_stream(live_server, tmp_path):
 def test_sigterm_stops_the_server_and_frees_the_port(fast_bundle, subject):
     port = free_port()
     proc = start_live("--target", str(fast_bundle), "--source", str(subject / "video.mp4"), "--loop", "--sink",
-                      "webrtc", "--port", str(port), "--size", "64", "--quiet")
+                      "webrtc", "--port", str(port), "--render-size", "64", "--quiet")
     wait_for_url(proc)
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)

@@ -10,11 +10,13 @@ retargets it onto the avatar the way the live loop does, and renders the avatar 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.errors import UserError, run_cli
 
 
@@ -40,17 +42,28 @@ def label(img: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
+@dataclass
+class FigureConfig:
+    target: str = arg(help="avatar bundle (fast field)")
+    source: str = arg(help="video whose face drives the avatar")
+    frame_index: int = arg(170, deprecated=("--frame",),
+                           help="which frame of the source to show (the default is one whose head motion the demo "
+                                "avatar was trained on)")
+    out: str = arg("docs/overview.jpg", help="the picture to write (JPEG)")
+    render_size: int = arg(256, deprecated=("--size",), help="side of each square panel in pixels")
+    yaw: float = arg(15.0, help="head turn for the novel-pose panel (degrees)")
+    set: list[str] | None = arg(None, metavar="NAME=VALUE", help="expression edit for the last panel, e.g. "
+                                "jawOpen=+0.5 (repeatable; default: jaw +0.5 and both smiles +0.4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser(__doc__)
+    add_config_arguments(p, FigureConfig)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="avatar bundle (fast field)")
-    p.add_argument("--source", required=True, help="video whose face drives the avatar")
-    p.add_argument("--frame", type=int, default=170,
-                   help="which frame of the source to show (default: one whose head motion the demo avatar was trained on)")
-    p.add_argument("--out", default="docs/overview.jpg")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--yaw", type=float, default=15.0, help="head turn for the novel-pose panel (degrees)")
-    p.add_argument("--set", action="append", default=None, help="expression edit, e.g. jawOpen=+0.5 (repeatable)")
-    args = p.parse_args(argv)
+    cfg = config_from_namespace(FigureConfig, build_parser().parse_args(argv))
 
     from avatar.bundle.bundle import load_bundle
     from avatar.capture.retarget import clamp_pose, relative_expression, relative_pose, rotate_about
@@ -59,21 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     from avatar.engines.torch_engine import TorchEngine
     from trainer.render import parse_edits
 
-    loaded = load_bundle(args.target)
+    loaded = load_bundle(cfg.target)
     engine = TorchEngine(loaded)
     meta, stats = loaded.meta, loaded.meta["expression_stats"]
     first = frame = None
-    for i, rgb in enumerate(iter_frames(args.source)):
+    for i, rgb in enumerate(iter_frames(cfg.source)):
         first = rgb if first is None else first
-        if i == args.frame:
+        if i == cfg.frame_index:
             frame = rgb
             break
     if frame is None:
-        raise UserError(f"{args.source} has fewer than {args.frame + 1} frames")
+        raise UserError(f"{cfg.source} has fewer than {cfg.frame_index + 1} frames")
     with FaceTracker("image") as tracker:
         neutral_obs, obs = tracker.track(first), tracker.track(frame)
     if neutral_obs is None or obs is None:
-        raise UserError(f"no face in frame 0 or {args.frame} of {args.source}")
+        raise UserError(f"no face in frame 0 or {cfg.frame_index} of {cfg.source}")
     lo, hi = np.asarray(stats["min"]), np.asarray(stats["max"])
     expr = relative_expression(obs.blendshapes, neutral_obs.blendshapes, np.asarray(stats["neutral"]), lo, hi)
     reference = np.asarray(meta["reference_head_pose"])
@@ -81,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     pose = clamp_pose(relative_pose(obs.head_pose, neutral_obs.head_pose, reference), reference, meta.get("pose_range"))
     bounds = meta["head_bounds"]
     centre = (np.asarray(bounds["min"]) + np.asarray(bounds["max"])) / 2
-    edited = np.clip(parse_edits(args.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"],
+    edited = np.clip(parse_edits(cfg.set or ["jawOpen=+0.5", "mouthSmileLeft=+0.4", "mouthSmileRight=+0.4"],
                                  meta["expression_names"], expr), lo, hi)
-    s = args.size
+    s = cfg.render_size
     full = loaded.full_frame
     if full is not None and tuple(full["source_size"]) == (frame.shape[1], frame.shape[0]):
         x0, y0, side = full["crop"]  # the driver has the recording's framing: show the same head crop
@@ -96,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         label(cv2.resize(frame, (s, s), interpolation=cv2.INTER_AREA), "input frame (MediaPipe)"),
         label(bars(obs.names, obs.blendshapes, s), "tracked expression"),
         label(render(expr, pose), "avatar, reenacted"),
-        label(render(expr, rotate_about(pose, centre, args.yaw)), f"novel pose (yaw {args.yaw:+.0f} deg)"),
+        label(render(expr, rotate_about(pose, centre, cfg.yaw)), f"novel pose (yaw {cfg.yaw:+.0f} deg)"),
         label(render(edited, pose), "expression edit (jaw, smile)"),
     ]
     sheet = np.concatenate([np.pad(pnl, ((0, 0), (0, 6), (0, 0)), constant_values=255) for pnl in panels], 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(args.out), sheet[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
-    print(f"wrote {args.out}")
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(cfg.out), sheet[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
+    print(f"wrote {cfg.out}")
     return 0
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
+from avatar.base.cli import add_config_arguments, command_parser, config_from_namespace
+from avatar.base.devices import pick_device, prepare_device
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import write_json_atomic
 from avatar.bundle.bundle import META_FILE, LoadedAvatar, load_bundle, save_bundle
@@ -44,12 +45,12 @@ from avatar.field.expressions import disentangled_map, weight_limits
 from avatar.field.model import Avatar, SamplingConfig
 from avatar.field.training import (
     CHECKPOINT_FILE,
-    PRESETS,
     FitConfig,
     config_with_preset,
     learning_rate,
     load_checkpoint,
     padded_box,
+    preset_notes,
     sample_pixels,
     save_checkpoint,
 )
@@ -57,63 +58,10 @@ from avatar.render import rays as ray_utils
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("input (one of)")
-    src.add_argument("--video", help="portrait video to prepare and train on")
-    src.add_argument("--data", help="dataset directory made by trainer/prepare.py")
-    p.add_argument("--out", required=True, help="output directory: becomes the avatar bundle")
-    p.add_argument("--background", help="with --video: image of the empty scene, or 'auto' (default)")
-    p.add_argument("--size", type=int, help="with --video: frame size to prepare (preset default)")
-    p.add_argument("--field", choices=["nerface", "fast"],
-                   help="fast (default): expression-blended tri-planes + occupancy culling, trains in minutes and renders "
-                        "live; nerface: the paper's MLP (days on a GPU, ~1 minute per frame on a CPU)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                   help="smoke: ~1 min pipeline check; cpu: minutes on a CPU; paper: the paper's 512², 400k steps")
-    p.add_argument("--max-steps", type=int, help="training steps (preset default)")
-    p.add_argument("--rays-per-step", type=int, help="rays per step (paper: 2048)")
-    p.add_argument("--width", type=int, help="field backbone width (paper: 256)")
-    p.add_argument("--coarse-samples", type=int, help="stratified samples per ray (paper: 64)")
-    p.add_argument("--fine-samples", type=int, help="importance samples per ray (paper: 64)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 5e-4)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--val-every", type=int, help="steps between validation images in TensorBoard")
-    p.add_argument("--eval-frames", type=int, help="test frames to score at the end (0 = all)")
-    p.add_argument("--eval-pose-steps", type=int,
-                   help="steps refining each scored test frame's tracked pose against the frame before scoring "
-                        "(0 = score at the tracked poses only; default 40, smoke 10)")
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (0 = no limit)")
-    p.add_argument("--plane-resolution", type=int, help="fast field: tri-plane resolution")
-    p.add_argument("--expression-bases", type=int, help="fast field: expression bases blended per frame")
-    p.add_argument("--expression-map", choices=["fixed", "learned"],
-                   help="fast field: fixed (default) = one basis per expression group (jaw, smile, blinks, brows …) "
-                        "driven by its own scores, so each coefficient does what it names; learned = a PCA-initialised "
-                        "linear map of all scores (ties coefficients that co-varied in the video)")
-    p.add_argument("--expression-resolution", type=int,
-                   help="fast field: resolution of the expression bases' planes (0 = the plane resolution)")
-    p.add_argument("--plane-tv-weight", type=float, help="fast field: weight of the planes' total-variation loss")
-    p.add_argument("--expression-init", choices=["zero", "random"],
-                   help="fast field: expression bases start at zero (default) or small random values")
-    p.add_argument("--residual-bases", type=int, help="fast field, fixed map: extra bases for what the groups miss")
-    p.add_argument("--region-fraction", type=float,
-                   help="share of each step's rays drawn from the mouth and eye boxes (few pixels, most of the expression)")
-    p.add_argument("--latent-dim", type=int, help="per-frame latent code size (paper: 32)")
-    p.add_argument("--latent-l2", type=float, help="weight of the latent codes' L2 penalty")
-    p.add_argument("--pose-refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="learn a small head-pose correction per training frame with the field (default: on); "
-                        "the tracker's poses are ~2° off, which blurs the head and cost 6 dB on held-out frames")
-    p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections")
-    p.add_argument("--pose-warmup", type=int, help="steps before the pose corrections move (default 300)")
-    p.add_argument("--expression-warmup", type=int,
-                   help="steps rendered with the neutral expression before the expression bases take part (default 0)")
-    p.add_argument("--plane-channels", type=int, help="fast field: feature channels per plane")
-    p.add_argument("--hidden", type=int, help="fast field: width of its MLP")
-    p.add_argument("--sparsity-weight", type=float, help="fast field: weight of the empty-space sparsity loss")
-    p.add_argument("--distortion-weight", type=float,
-                   help="fast field: weight of mip-NeRF 360's distortion loss (thinner surfaces, faster renders; 0 = off)")
-    p.add_argument("--opacity-entropy-weight", type=float, help="fast field: weight of the ray-opacity entropy loss")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--landmarker", help="path to face_landmarker.task (for --video)")
+    p = command_parser(__doc__)
+    add_config_arguments(p.add_argument_group("input (one of)"), FitConfig, only=("video", "data"))
+    add_config_arguments(p, FitConfig, skip=("video", "data"), shown=config_with_preset(FitConfig.preset),
+                         notes=preset_notes())
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing a run in --out")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -188,13 +136,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
             (out / name).unlink(missing_ok=True)
     if bool(args.video) == bool(args.data):
         raise UserError("give exactly one of --video VIDEO or --data DATASET_DIR")
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(FitConfig)}
-    if getattr(args, "expression_init", None):
-        overrides["expression_init_zero"] = args.expression_init == "zero"
-    overrides["out"] = str(out)
-    overrides.pop("preset", None)
-    overrides.pop("field", None)
-    cfg = config_with_preset(args.preset, args.field or "fast", **overrides)
+    # The preset's values, then the options given (explicit flags win).
+    base = config_with_preset(args.preset or FitConfig.preset, args.field or FitConfig.field)
+    cfg = config_from_namespace(FitConfig, args, base=base, out=str(out))
     if cfg.video:
         cfg.data = str(out / "dataset")
     return cfg, False

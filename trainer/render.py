@@ -2,7 +2,7 @@
 
     python trainer/render.py BUNDLE --out out.mp4 [--frames 60] [--yaw=-25:25] [--pitch=-10:10]
                              [--set jawOpen=+0.4 --set mouthSmileLeft=0.8] [--drive OTHER_VIDEO]
-                             [--normals] [--mask] [--size N]
+                             [--normals] [--mask] [--render-size N]
 
 Starts from the avatar's neutral expression and reference head pose. --yaw/--pitch sweep the head
 (degrees, START:END over the clip); --set edits blendshapes (`=+v` relative to neutral, `=v` absolute),
@@ -13,11 +13,13 @@ first frame (reenactment). --normals and --mask add panels beside the colour.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.devices import DEVICE_HELP, pick_device, prepare_device
 from avatar.base.errors import UserError, run_cli
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
@@ -54,27 +56,27 @@ def parse_edits(items: list[str], names: list[str], neutral: np.ndarray) -> np.n
     return np.clip(target, 0.0, 1.0)
 
 
-def conditioning(loaded: LoadedAvatar, args: argparse.Namespace) -> list[tuple[np.ndarray, np.ndarray]]:
+def conditioning(loaded: LoadedAvatar, cfg: RenderConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     """(head pose, expression) per output frame."""
     meta = loaded.meta
     stats = meta["expression_stats"]
     neutral = np.asarray(stats["neutral"], np.float32)
     reference = np.asarray(meta["reference_head_pose"])
     pivot = (np.asarray(meta["head_bounds"]["min"]) + np.asarray(meta["head_bounds"]["max"])) / 2
-    if args.drive:
+    if cfg.drive:
         from avatar.data.prepare import track_video
 
-        track = track_video(args.drive, args.landmarker)
+        track = track_video(cfg.drive, cfg.landmarker)
         out = []
         for pose, expr in zip(track.poses, track.expressions):
             out.append((relative_pose(pose, track.poses[0], reference),
                         relative_expression(expr, track.expressions[0], neutral, np.asarray(stats["min"]),
                                             np.asarray(stats["max"]))))
-        return out[: args.frames] if args.frames else out
-    n = args.frames or 60
-    yaw0, yaw1 = parse_range(args.yaw, "yaw")
-    pitch0, pitch1 = parse_range(args.pitch, "pitch")
-    edited = parse_edits(args.set or [], meta["expression_names"], neutral)
+        return out[: cfg.frames] if cfg.frames else out
+    n = cfg.frames or 60
+    yaw0, yaw1 = parse_range(cfg.yaw, "yaw")
+    pitch0, pitch1 = parse_range(cfg.pitch, "pitch")
+    edited = parse_edits(cfg.set or [], meta["expression_names"], neutral)
     out = []
     for s in np.linspace(0.0, 1.0, n):
         pose = rotate_about(reference, pivot, yaw0 + s * (yaw1 - yaw0), pitch0 + s * (pitch1 - pitch0))
@@ -82,56 +84,62 @@ def conditioning(loaded: LoadedAvatar, args: argparse.Namespace) -> list[tuple[n
     return out
 
 
+@dataclass
+class RenderConfig:
+    bundle: str = arg(help="avatar bundle directory", positional=True)
+    out: str = arg(help="output video (.mp4)")
+    frames: int = arg(0, help="number of frames (0: 60, or with --drive: all of the video's)")
+    fps: float = arg(25.0, help="frame rate of the output video")
+    yaw: str | None = arg(None, metavar="START:END", help="head yaw sweep in degrees, written --yaw=-25:25 (one "
+                                                          "number: a fixed turn)")
+    pitch: str | None = arg(None, metavar="START:END", help="head pitch sweep in degrees")
+    set: list[str] | None = arg(None, metavar="NAME=VALUE",
+                                help="blendshape edit, e.g. jawOpen=+0.4 (relative) or jawOpen=0.8 (repeatable)")
+    drive: str | None = arg(None, help="reenact: drive the avatar with another video's face")
+    latent: int = arg(0, help="which training frame's latent code (0 is the paper's)")
+    normals: bool = arg(False, help="add a normals-from-depth panel")
+    mask: bool = arg(False, help="add a foreground-mask panel")
+    render_size: int | None = arg(None, deprecated=("--size",), help="output height in pixels (default: the avatar's)")
+    device: str = arg("auto", help=DEVICE_HELP)
+    landmarker: str | None = arg(None, help="face_landmarker.task for --drive (default: found automatically)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", help="avatar bundle directory")
-    p.add_argument("--out", required=True, help="output video (.mp4)")
-    p.add_argument("--frames", type=int, default=0, help="number of frames (default 60; with --drive: all)")
-    p.add_argument("--fps", type=float, default=25.0)
-    p.add_argument("--yaw", help="head yaw sweep START:END in degrees, written --yaw=-25:25")
-    p.add_argument("--pitch", help="head pitch sweep START:END in degrees")
-    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="blendshape edit, e.g. jawOpen=+0.4 (repeatable)")
-    p.add_argument("--drive", help="reenact: drive the avatar with another video's face")
-    p.add_argument("--latent", type=int, default=0, help="which training frame's latent code (default 0, the paper's)")
-    p.add_argument("--normals", action="store_true", help="add a normals-from-depth panel")
-    p.add_argument("--mask", action="store_true", help="add a foreground-mask panel")
-    p.add_argument("--size", type=int, help="output height in pixels (default: the avatar's)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--landmarker", help="face_landmarker.task for --drive")
+    p = command_parser(__doc__)
+    add_config_arguments(p, RenderConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+    cfg = config_from_namespace(RenderConfig, build_parser().parse_args(argv))
 
-    device = pick_device(args.device)
+    device = pick_device(cfg.device)
     prepare_device(device)
-    loaded = load_bundle(args.bundle, device)
-    if not 0 <= args.latent < loaded.meta["num_latents"]:
+    loaded = load_bundle(cfg.bundle, device)
+    if not 0 <= cfg.latent < loaded.meta["num_latents"]:
         raise UserError(f"--latent must be in [0, {loaded.meta['num_latents'] - 1}]")
     w, h = loaded.image_size
-    scale = (args.size / h) if args.size else 1.0
+    scale = (cfg.render_size / h) if cfg.render_size else 1.0
     rw, rh = int(round(w * scale)) // 2 * 2, int(round(h * scale)) // 2 * 2
     k = loaded.intrinsics * scale
     background = loaded.background
     if (rw, rh) != (w, h):
         background = torch.nn.functional.interpolate(background.permute(2, 0, 1)[None], size=(rh, rw), mode="bilinear",
                                                      align_corners=False)[0].permute(1, 2, 0)
-    frames = conditioning(loaded, args)
-    panels = 1 + args.normals + args.mask
-    latent = loaded.latent(args.latent)
-    with VideoWriter(args.out, rw * panels, rh, args.fps) as writer:
+    frames = conditioning(loaded, cfg)
+    panels = 1 + cfg.normals + cfg.mask
+    latent = loaded.latent(cfg.latent)
+    with VideoWriter(cfg.out, rw * panels, rh, cfg.fps) as writer:
         for pose, expr in tqdm(frames, desc="rendering", unit="frame", disable=None):
             out = render_image(loaded.model, pose, expr, latent, k, rw, rh, background, loaded.sampling)
             images = [out["rgb"].cpu().numpy()]
             alpha = out["alpha"].cpu().numpy()[..., None]
-            if args.normals:
+            if cfg.normals:
                 images.append((normals_from_depth(out["depth"].cpu(), k).numpy() * 0.5 + 0.5) * alpha)
-            if args.mask:
+            if cfg.mask:
                 images.append(np.repeat(alpha, 3, -1))
             writer.write(np.clip(np.concatenate(images, 1) * 255 + 0.5, 0, 255).astype(np.uint8))
-    print(f"wrote {len(frames)} frames to {args.out}")
+    print(f"wrote {len(frames)} frames to {cfg.out}")
     return 0
 
 

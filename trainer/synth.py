@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from avatar.base.cli import add_config_arguments, arg, command_parser, config_from_namespace
 from avatar.base.errors import UserError, run_cli
 from avatar.base.fileio import atomic_directory, write_json_atomic
 from avatar.capture.tracking import FaceTracker, load_canonical_face
@@ -34,16 +35,16 @@ DEFAULT_FRAME = "640x480"  # the command line's default: a webcam's 4:3 view of 
 
 @dataclass
 class SynthConfig:
-    out: str
-    photo: str | None = None  # default: scikit-image's astronaut
-    frames: int = 300
-    size: int = 256  # square frames of this side, unless `frame` is given
-    frame: str | None = None  # "WxH": camera-shaped frames (e.g. 640x480)
-    fps: float = 25.0
-    seed: int = 0
-    novel: int = 24  # frames at head poses the video never shows
-    landmarker: str | None = None
-    overwrite: bool = False
+    out: str = arg(help="output directory (must not exist unless --overwrite)")
+    photo: str | None = arg(None, help="portrait photo to animate (default: scikit-image's astronaut)")
+    frames: int = arg(300, help="number of video frames")
+    size: int = arg(256, help="square head-crop frames of this side instead of camera-shaped ones (e.g. 256)")
+    frame: str | None = arg(None, metavar="WxH", help="camera-shaped frames of WIDTHxHEIGHT (e.g. 640x480)")
+    fps: float = arg(25.0, help="frame rate of the video")
+    seed: int = arg(0, help="seed of the performance")
+    novel: int = arg(24, help="frames at head poses the video never shows")
+    landmarker: str | None = arg(None, help="path to face_landmarker.task (default: found automatically)")
+    overwrite: bool = arg(False, help="replace an existing output directory")
 
 
 def load_photo(path: str | None) -> np.ndarray:
@@ -132,24 +133,19 @@ def make_subject(cfg: SynthConfig) -> dict:
     return {"frames": cfg.frames, "novel": len(angles), "seconds": time.perf_counter() - start, "out": cfg.out}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser(__doc__)
+    add_config_arguments(p, SynthConfig, skip=("frame", "size"))
+    # The command line's default is the camera-shaped frame (a Python caller's, SynthConfig's, the square one).
+    add_config_arguments(p.add_mutually_exclusive_group(), SynthConfig, only=("frame", "size"),
+                         shown=SynthConfig(out="", size=None, frame=DEFAULT_FRAME))
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--photo", help="portrait photo to animate (default: scikit-image's astronaut)")
-    parser.add_argument("--frames", type=int, default=SynthConfig.frames, help="number of video frames")
-    shape = parser.add_mutually_exclusive_group()
-    shape.add_argument("--frame", help=f"WIDTHxHEIGHT of camera-shaped frames (default {DEFAULT_FRAME})")
-    shape.add_argument("--size", type=int, help="square head-crop frames of this side instead (e.g. 256)")
-    parser.add_argument("--fps", type=float, default=SynthConfig.fps)
-    parser.add_argument("--seed", type=int, default=SynthConfig.seed, help="seed of the performance")
-    parser.add_argument("--novel", type=int, default=SynthConfig.novel, help="frames at unseen head poses")
-    parser.add_argument("--landmarker", help="path to face_landmarker.task (default: found automatically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    args = vars(parser.parse_args(argv))
-    if args["size"] is None:
-        args["size"] = SynthConfig.size
-        args["frame"] = args["frame"] or DEFAULT_FRAME
-    cfg = SynthConfig(**args)
+    args = build_parser().parse_args(argv)
+    frame = None if args.size is not None else args.frame or DEFAULT_FRAME
+    cfg = config_from_namespace(SynthConfig, args, frame=frame)
     summary = make_subject(cfg)
     print(f"wrote {summary['frames']} frames + {summary['novel']} novel-pose frames to {summary['out']} "
           f"in {summary['seconds']:.1f} s")

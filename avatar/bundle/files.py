@@ -50,7 +50,7 @@ def bundle_files(directory: str | Path) -> list[Path]:
 
 
 def _export_hint(directory: Path, engine: str = "") -> str:
-    return f"python export/build.py {directory}" + (f" --engine {engine}" if engine else "")
+    return f"python export/build.py {directory}" + (f" --build {engine}" if engine else "")
 
 
 # -- the occupancy cache -----------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def onnx_destination(directory: str | Path, name: str) -> Iterator[Path]:
 
 def exported_files(directory: str | Path, names: tuple[str, ...], engine: str = "") -> list[Path]:
     """The paths of the exported files ``names``; one that is not there is a :class:`UserError` saying how to
-    export it (``engine``: the ``--engine`` choice of export/build.py that writes it)."""
+    export it (``engine``: the ``--build`` choice of export/build.py that writes it)."""
     directory = Path(directory)
     for name in names:
         if not (directory / name).is_file():
@@ -204,7 +204,7 @@ def stale_export_reason(directory: str | Path, record: dict) -> str | None:
 def current_export(directory: str | Path, needs: tuple[str, ...] = (), engine: str = "") -> dict:
     """The checked engines record of a current export that lists the files ``needs``; a missing or stale export,
     or one without those files, is a one-line :class:`UserError` saying how to export again (``engine``: the
-    ``--engine`` choice of export/build.py that writes them)."""
+    ``--build`` choice of export/build.py that writes them)."""
     directory = Path(directory)
     record = engines_record(directory)
     if not record:

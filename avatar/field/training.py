@@ -10,84 +10,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from avatar.base.cli import arg, format_default
+from avatar.base.devices import DEVICE_HELP
 from avatar.base.errors import UserError
 from avatar.base.fileio import read_safetensors, safetensors_bytes, write_bytes_atomic
-
-
-@dataclass
-class FitConfig:
-    """Everything a training run depends on; written to ``config.json`` so any run can be repeated."""
-
-    out: str = "avatars/me"
-    data: str | None = None  # a prepared dataset directory …
-    video: str | None = None  # … or a video to prepare first (into OUT/dataset)
-    background: str = "auto"  # with --video: the empty-background image, or auto
-    size: int = 512  # with --video: frame size of the prepared dataset
-    field: str = "fast"  # the default: trains in minutes, renders live; "nerface" is the paper's MLP
-    preset: str = "cpu"
-    width: int = 256  # field backbone width (the paper: 256)
-    depth: int = 8
-    rays_per_step: int = 2048
-    inside_fraction: float = 0.95  # share of rays drawn inside the (padded) head box
-    region_fraction: float = 0.25  # share of rays drawn from the mouth and eye boxes (where the expression is)
-    coarse_samples: int = 64
-    fine_samples: int = 64
-    lr: float = 5e-4
-    lr_decay_steps: int = 250_000  # lr falls by 10× over this many steps (exponentially)
-    latent_dim: int = 32
-    latent_l2: float = 0.05
-    # Per-frame head-pose corrections learned with the field (avatar/posefit.py): the tracker's poses are off by
-    # ~2° in a way smoothing cannot remove, which cost 6 dB on held-out frames of the synthetic subject.
-    pose_refine: bool = True
-    pose_lr: float = 2e-3  # Adam on (rotation vector in rad, translation in posefit.TRANSLATION_UNIT_CM units)
-    pose_warmup: int = 300  # steps before the corrections move: the field needs a rough head first
-    pose_l2: float = 1e-4  # pulls corrections toward the tracker (and fixes the gauge: field vs all poses)
-    # Steps during which every frame is rendered with the neutral expression: the poses then have to explain
-    # how the rigid head moves before any expression basis can (prepare's pose tracking uses it).
-    expression_warmup: int = 0
-    # Held-out frames: the tracked pose refined against the frame by the trained avatar before scoring (pose only;
-    # the tracked-pose score is kept beside it). 0 = score at the tracked poses only.
-    eval_pose_steps: int = 40
-    max_steps: int = 400_000
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    val_every: int = 5000
-    eval_frames: int = 0  # test frames scored at the end (0 = all)
-    chunk: int = 8192
-    max_minutes: float = 0.0  # stop training after this much wall time (0 = no limit); for fair comparisons
-    # fast field
-    plane_resolution: int = 128
-    plane_channels: int = 16
-    expression_bases: int = 6  # with expression_map="learned": bases blended per frame
-    # "fixed": one basis per expression group (jaw, smile, each blink, brows, pucker, funnel) driven by its own
-    # scores, plus residual_bases for the rest, decorrelated from the groups (avatar/expressions.py);
-    # "learned": a 52 → expression_bases linear map, initialised by PCA (entangles co-varying coefficients).
-    expression_map: str = "fixed"
-    residual_bases: int = 0  # measured: 4 (bounded) cost single-group control (jaw 0.52 vs 0.80) and AED
-    expression_resolution: int = 0  # the expression bases' plane resolution (0 = plane_resolution)
-    hidden: int = 64
-    grid_lr: float = 1e-2
-    # Empty space must be empty, not a faint fog the colour of the background: fog costs quality at new poses
-    # and speed everywhere (rays march through it). Two regularisers: the opacity of random points in the head
-    # box (L1, saturates on real surfaces) and the binary entropy of each ray's opacity (rays end on something
-    # or see the background).
-    # Total variation of the frame's blended planes (mean squared difference of neighbouring texels): keeps texels
-    # that few rays see from turning into grain, which MediaPipe reads as texture, not as a face.
-    plane_tv_weight: float = 1e-2
-    expression_init_zero: bool = True
-    sparsity_weight: float = 5e-2
-    sparsity_points: int = 4096
-    opacity_entropy_weight: float = 1e-2
-    # mip-NeRF 360's distortion loss (per ray, in cm): gathers each ray's weight into few samples, so that a
-    # renderer stops soon after it meets the head (docs/NOTES.md, session 7). 0 = off.
-    distortion_weight: float = 0.0
-    occupancy_resolution: int = 64
-    occupancy_every: int = 16
-    march_steps: int = 192  # marching steps across the head box diagonal (step = diagonal / march_steps)
-    device: str = "auto"
-    seed: int = 0
-    landmarker: str | None = None
-
 
 PRESETS: dict[str, dict] = {
     # The paper: 512², 2048 rays, 64 + 64 samples, 400k steps (about 2 days on a 2021 GPU).
@@ -115,6 +41,101 @@ FAST_PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class FitConfig:
+    """Everything a training run depends on; written to ``config.json`` so any run can be repeated. The fields
+    declared with ``arg`` are trainer/fit.py's options (their defaults there: the default preset's)."""
+
+    out: str = arg("avatars/me", required=True, help="output directory: becomes the avatar bundle")
+    data: str | None = arg(None, help="dataset directory made by trainer/prepare.py")  # a prepared dataset …
+    video: str | None = arg(None, help="portrait video to prepare and train on")  # … or one to prepare (OUT/dataset)
+    background: str = arg("auto", help="with --video: image of the empty scene, or 'auto'")
+    size: int = arg(512, help="with --video: side of the square frames to prepare (trainer/prepare.py --size)")
+    field: str = arg("fast", choices=["nerface", "fast"],
+                     help="fast: expression-blended tri-planes + occupancy culling, trains in minutes and renders "
+                          "live; nerface: the paper's MLP (days on a GPU, ~1 minute per frame on a CPU)")
+    preset: str = arg("cpu", choices=list(PRESETS),
+                      help="smoke: ~1 min pipeline check; cpu: minutes on a CPU; paper: the paper's 512², 400k steps")
+    width: int = arg(256, help="field backbone width")
+    depth: int = 8
+    rays_per_step: int = arg(2048, help="rays per step (paper: 2048)")
+    inside_fraction: float = 0.95  # share of rays drawn inside the (padded) head box
+    region_fraction: float = arg(0.25, help="share of each step's rays drawn from the mouth and eye boxes (few "
+                                            "pixels, most of the expression)")
+    coarse_samples: int = arg(64, help="stratified samples per ray")
+    fine_samples: int = arg(64, help="importance samples per ray")
+    lr: float = arg(5e-4, help="Adam learning rate (paper: 5e-4)")
+    lr_decay_steps: int = 250_000  # lr falls by 10× over this many steps (exponentially)
+    latent_dim: int = arg(32, help="per-frame latent code size (paper: 32)")
+    latent_l2: float = arg(0.05, help="weight of the latent codes' L2 penalty")
+    # Per-frame head-pose corrections learned with the field (avatar/posefit.py): the tracker's poses are off by
+    # ~2° in a way smoothing cannot remove, which cost 6 dB on held-out frames of the synthetic subject.
+    pose_refine: bool = arg(True, help="learn a small head-pose correction per training frame with the field; the "
+                                       "tracker's poses are ~2° off, which blurs the head and cost 6 dB on held-out "
+                                       "frames")
+    # Adam on (rotation vector in rad, translation in posefit.TRANSLATION_UNIT_CM units)
+    pose_lr: float = arg(2e-3, help="learning rate of the pose corrections")
+    pose_warmup: int = arg(300, help="steps before the pose corrections move (the field needs a rough head first)")
+    pose_l2: float = 1e-4  # pulls corrections toward the tracker (and fixes the gauge: field vs all poses)
+    # Steps during which every frame is rendered with the neutral expression: the poses then have to explain
+    # how the rigid head moves before any expression basis can (prepare's pose tracking uses it).
+    expression_warmup: int = arg(0, help="steps rendered with the neutral expression before the expression bases "
+                                         "take part")
+    # Held-out frames: the tracked pose refined against the frame by the trained avatar before scoring (pose only;
+    # the tracked-pose score is kept beside it). 0 = score at the tracked poses only.
+    eval_pose_steps: int = arg(40, help="steps refining each scored test frame's tracked pose against the frame "
+                                        "before scoring (0 = score at the tracked poses only)")
+    max_steps: int = arg(400_000, help="training steps")
+    checkpoint_every: int = arg(1000, help="steps between checkpoints")
+    log_every: int = 10
+    val_every: int = arg(5000, help="steps between validation images in TensorBoard")
+    eval_frames: int = arg(0, help="test frames to score at the end (0 = all)")
+    chunk: int = 8192
+    # for fair comparisons
+    max_minutes: float = arg(0.0, help="stop training after this many minutes (0 = no limit)")
+    # fast field
+    plane_resolution: int = arg(128, help="fast field: tri-plane resolution")
+    plane_channels: int = arg(16, help="fast field: feature channels per plane")
+    expression_bases: int = arg(6, help="fast field, learned map: expression bases blended per frame")
+    # "fixed": one basis per expression group (jaw, smile, each blink, brows, pucker, funnel) driven by its own
+    # scores, plus residual_bases for the rest, decorrelated from the groups (avatar/expressions.py);
+    # "learned": a 52 → expression_bases linear map, initialised by PCA (entangles co-varying coefficients).
+    expression_map: str = arg("fixed", choices=["fixed", "learned"],
+                              help="fast field: fixed = one basis per expression group (jaw, smile, blinks, brows …) "
+                                   "driven by its own scores, so each coefficient does what it names; learned = a "
+                                   "PCA-initialised linear map of all scores (ties coefficients that co-varied in the "
+                                   "video)")
+    # measured: 4 (bounded) cost single-group control (jaw 0.52 vs 0.80) and AED
+    residual_bases: int = arg(0, help="fast field, fixed map: extra bases for what the groups miss")
+    expression_resolution: int = arg(0, help="fast field: resolution of the expression bases' planes (0 = the plane "
+                                             "resolution)")
+    hidden: int = arg(64, help="fast field: width of its MLP")
+    grid_lr: float = 1e-2
+    # Empty space must be empty, not a faint fog the colour of the background: fog costs quality at new poses
+    # and speed everywhere (rays march through it). Two regularisers: the opacity of random points in the head
+    # box (L1, saturates on real surfaces) and the binary entropy of each ray's opacity (rays end on something
+    # or see the background).
+    # Total variation of the frame's blended planes (mean squared difference of neighbouring texels): keeps texels
+    # that few rays see from turning into grain, which MediaPipe reads as texture, not as a face.
+    plane_tv_weight: float = arg(1e-2, help="fast field: weight of the planes' total-variation loss")
+    expression_init_zero: bool = arg(True, flag="--expression-init", values={"zero": True, "random": False},
+                                     help="fast field: expression bases start at zero or small random values")
+    sparsity_weight: float = arg(5e-2, help="fast field: weight of the empty-space sparsity loss")
+    sparsity_points: int = 4096
+    opacity_entropy_weight: float = arg(1e-2, help="fast field: weight of the ray-opacity entropy loss")
+    # mip-NeRF 360's distortion loss (per ray, in cm): gathers each ray's weight into few samples, so that a
+    # renderer stops soon after it meets the head (docs/NOTES.md, session 7). 0 = off.
+    distortion_weight: float = arg(0.0, help="fast field: weight of mip-NeRF 360's distortion loss (thinner "
+                                             "surfaces, faster renders; 0 = off)")
+    occupancy_resolution: int = 64
+    occupancy_every: int = 16
+    march_steps: int = 192  # marching steps across the head box diagonal (step = diagonal / march_steps)
+    device: str = arg("auto", help=DEVICE_HELP + "; under torchrun each rank takes cuda:LOCAL_RANK")
+    seed: int = arg(0, help="seed of the model's initialisation and the ray sampling")
+    landmarker: str | None = arg(None, help="path to face_landmarker.task (for --video; default: found "
+                                            "automatically)")
+
+
 def config_with_preset(preset: str, field: str = "fast", **overrides) -> FitConfig:
     """Defaults, then the preset (and its field-specific part), then explicit overrides (None = not given)."""
     if preset not in PRESETS:
@@ -124,6 +145,19 @@ def config_with_preset(preset: str, field: str = "fast", **overrides) -> FitConf
         cfg = replace(cfg, **FAST_PRESETS[preset])
     names = {f.name for f in fields(FitConfig)}
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
+
+
+def preset_notes(preset: str = FitConfig.preset, field: str = FitConfig.field) -> dict[str, str]:
+    """What ``--help`` says beside the default of each setting a preset sets: which preset gave it, and the
+    other presets' values (for ``field``)."""
+    notes = {}
+    for name in {k for p in PRESETS for k in (*PRESETS[p], *FAST_PRESETS[p])}:
+        which = f"--preset {preset} --field {field}" if any(name in FAST_PRESETS[p] for p in PRESETS) else \
+            f"--preset {preset}"
+        others = ", ".join(f"{p} {format_default(getattr(config_with_preset(p, field), name))}"
+                           for p in PRESETS if p != preset)
+        notes[name] = f"with {which}; {others}"
+    return notes
 
 
 def padded_box(bbox: np.ndarray, width: int, height: int) -> np.ndarray:
