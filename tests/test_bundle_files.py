@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle_files") / "avatar"
     shutil.copytree(DEMO, out, ignore=shutil.ignore_patterns(*EXPORT_FILES))
     before = {p.name for p in out.iterdir()}
-    r = run_script("export/build.py", str(out), "--frames", "2", "--size", "32", timeout=600)
+    r = run_script("export/build.py", str(out), "--frames", "2", "--render-size", "32", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, before
 
@@ -110,7 +110,7 @@ def test_live_loop_refuses_a_damaged_engines_json_in_one_line(bundle, tmp_path):
     (bundle / ENGINES_FILE).write_text("{\"fps\": ")
     out = tmp_path / "out.mp4"
     r = run_script("run_live.py", "--target", str(bundle), "--source", str(DEMO.parent / "driver.mp4"), "--sink",
-                   f"file:{out}", "--max-frames", "1", "--size", "32", "--quiet", timeout=300)
+                   f"file:{out}", "--max-frames", "1", "--render-size", "32", "--quiet", timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
     assert ENGINES_FILE in lines[0] and not out.exists()
@@ -147,7 +147,7 @@ def test_an_old_or_other_version_export_is_stale(bundle, edit, words):
 
 def test_tensorrt_needs_a_plan_in_the_current_export(bundle):
     (bundle / TRT_MODEL).write_bytes(b"a plan from some other export")
-    with pytest.raises(UserError, match=f"has no {TRT_MODEL}.*--engine tensorrt"):
+    with pytest.raises(UserError, match=f"has no {TRT_MODEL}.*--build tensorrt"):
         open_engine(load_bundle(bundle), bundle, "tensorrt", device="cpu")
 
 
