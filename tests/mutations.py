@@ -54,8 +54,8 @@ MUTATIONS = (
              "            valid = valid",
              ("tests/test_fit.py::test_fast_field_trains_and_culls_like_the_dense_reference",)),
     Mutation("blendshape_names_swapped", "the dataset labels jawOpen's column eyeBlinkLeft and vice versa",
-             "avatar/data/prepare.py", '            "expression_names": list(BLENDSHAPE_NAMES),',
-             '            "expression_names": [{"jawOpen": "eyeBlinkLeft", "eyeBlinkLeft": "jawOpen"}.get(n, n) '
+             "avatar/data/prepare.py", '        "expression_names": list(BLENDSHAPE_NAMES),',
+             '        "expression_names": [{"jawOpen": "eyeBlinkLeft", "eyeBlinkLeft": "jawOpen"}.get(n, n) '
              'for n in BLENDSHAPE_NAMES],',
              ("tests/test_prepare.py::test_dataset_expressions_follow_the_true_performance",)),
     Mutation("token_any", "the WebRTC server accepts any token off the loopback interface",
@@ -142,8 +142,8 @@ MUTATIONS = (
              "pyvirtualcam.Camera(width=width, height=width,",
              ("tests/test_fullframe.py::test_the_virtual_camera_opens_at_the_output_size",)),
     Mutation("plate_with_the_person", "the recorder's empty-room plate takes frames with the face still in them",
-             "trainer/record.py", "                    if obs is None:\n                        face_free_since",
-             "                    if True:\n                        face_free_since",
+             "trainer/record.py", "    if obs is None:\n        take.face_free_since",
+             "    if True:\n        take.face_free_since",
              ("tests/test_fullframe.py::test_guided_recording_from_a_camera",)),
     Mutation("turn_read_as_roll", "the recorder measures head turns on the roll axis",
              "avatar/data/coverage.py", '    "headTurn": (0, 25.0,', '    "headTurn": (2, 25.0,',
