@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -177,13 +178,62 @@ def close_sinks(sinks: list, failed: bool = False) -> None:
             print(f"warning: closing {sink.name} failed: {exc}", file=sys.stderr)
 
 
+@dataclass
+class LiveRun:
+    """One live session's parts and running figures, shared by the stages of :func:`run`: the bundle, its
+    compositor and engine (opened by :func:`open_target`), the source, tracker, sinks and pipeline (opened by
+    :func:`open_live`), and what the loop records per frame. Kept in one object so each stage is a small
+    function and the ``finally`` of :func:`run` can close whatever was opened."""
+
+    cfg: LiveConfig
+    log: Callable[[str], None]
+    loaded: Any
+    compositor: Any
+    engine: Any
+    overlap: bool
+    controls: Any
+    latest: dict = field(default_factory=dict)  # what the WebRTC page's status shows
+    sinks: list = field(default_factory=list)
+    source: Any = None
+    tracker: Any = None
+    pipeline: Any = None
+    records: list[dict] = field(default_factory=list)  # per delivered frame: latency and stage timings
+    conditioning: list[dict] = field(default_factory=list)  # per frame: what drove the avatar (--conditioning-log)
+    started: float = 0.0
+    last_status: float = 0.0
+    waiting_since: float | None = None
+
+    @property
+    def layout(self):
+        """The output frame's layout (size, where the head box sits)."""
+        return self.compositor.layout
+
+
 def run(cfg: LiveConfig, log=print) -> dict:
+    """Run the live loop until the source ends, Ctrl-C / SIGTERM, a quit from a sink or --max-frames; write
+    --stats and --conditioning-log. Returns the stats."""
+    live = open_target(cfg, log)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        open_live(live)
+        live_loop(live, stop)
+    finally:
+        close_live(live, old_handlers)
+    return finish(live)
+
+
+def open_target(cfg: LiveConfig, log) -> LiveRun:
+    """Load the bundle (a fast field only), the output background and compositor, and open and warm up the
+    engine on its device."""
     from avatar.base.devices import pick_device, prepare_device
     from avatar.bundle.bundle import load_bundle
-    from avatar.capture.sources import TrackingStage, open_source
-    from avatar.capture.tracking import FaceTracker
     from avatar.engines.choice import open_engine
-    from streamer.pipeline import Controls, LivePipeline, RetargetConfig, make_compositor, render_cap
+    from streamer.pipeline import Controls, make_compositor, render_cap
 
     device = pick_device(cfg.device)
     prepare_device(device)
@@ -209,106 +259,141 @@ def run(cfg: LiveConfig, log=print) -> dict:
     if seconds > 1.0:
         log(f"engine warmed up in {seconds:.1f} s")
     controls = Controls(pose_lock=cfg.pose_lock, gain=cfg.gain)
-    latest: dict = {}
-    sinks: list = []
-    source = None
-    tracker = None
-    stop = threading.Event()
+    return LiveRun(cfg, log, loaded, compositor, engine, overlap, controls)
 
-    def on_signal(signum, frame):
-        stop.set()
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    records: list[dict] = []
-    conditioning: list[dict] = []
-    try:
-        source = open_source(cfg.source, cfg.loop, cfg.every_frame)
-        tracker = FaceTracker("video", cfg.landmarker)
-        if overlap:
-            source = TrackingStage(source, tracker, cfg.every_frame)
-        sinks = make_sinks(cfg, controls, lambda: latest, layout.width, layout.height)
-        for s in sinks:
-            if s.name == "webrtc":
-                log(f"WebRTC: open {s.url}")
-            if s.name == "virtualcam":
-                log(f"virtual camera: {s.device}")
-        pipeline = LivePipeline(loaded, engine, tracker, cfg.size, cfg.fps,
-                                RetargetConfig(mode=cfg.mode, components=cfg.components, smoothing=cfg.smoothing), controls,
-                                compositor, latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
-        framing = "full frame" if loaded.full_frame is not None else "square crop (a bundle without a full frame)"
-        log(f"live: {engine.name} engine, {layout.width}x{layout.height} output ({framing}), head rendered at up to "
-            f"{pipeline.size}² at up to {cfg.fps or '∞'} fps, sinks "
-            f"{', '.join(s.name for s in sinks)}; Ctrl-C to stop")
-        source.start()
-        started = time.monotonic()
-        last_status = 0.0
-        waiting_since = None
-        while not stop.is_set() and not controls.quit:
-            frame = source.latest(timeout=0.25)
-            if frame is None:
-                if source.error:
-                    raise UserError(f"source {cfg.source}: {source.error}")
-                if source.ended:
-                    log("source ended")
-                    break
-                waiting_since = waiting_since or time.monotonic()
-                if not cfg.quiet and time.monotonic() - last_status > 1.0:
-                    what = "camera lost, reconnecting" if getattr(source, "lost", False) else "waiting for frames"
-                    _status(f"{what} ({time.monotonic() - waiting_since:.0f} s)")
-                    last_status = time.monotonic()
-                continue
-            waiting_since = None
-            out = pipeline.step(frame.rgb, frame.media_time,
-                                (frame.observation, frame.track_seconds) if frame.tracked else None)
-            t_deliver = time.monotonic()
-            for sink in sinks:
-                if sink.name == "webrtc":
-                    sink.send(out.rgb, frame.captured)
-                else:
-                    sink.send(out.rgb)
-            done = time.monotonic()
-            rec = {"capture_to_sink_ms": (done - frame.captured) * 1000, "deliver_ms": (done - t_deliver) * 1000,
-                   **{f"{k}_ms": v * 1000 for k, v in out.timings.items()}, "render_size": out.render_size,
-                   "source_index": frame.index, "t": done - started}
-            records.append(rec)
-            if cfg.conditioning_log:
-                conditioning.append({"expression": out.expression.tolist(), "head_pose": out.head_pose.tolist(),
-                                     "render_size": out.render_size, "latent": cfg.latent,
-                                     "source_index": frame.index, "state": out.state})
-            fps = _recent_fps(records)
-            latest.update(state=out.state, render_size=out.render_size, fps=round(fps, 1),
-                          latency_ms=round(rec["capture_to_sink_ms"], 1), frames=len(records))
-            if not cfg.quiet and done - last_status > 0.5:
-                _status(f"{len(records)} frames  {fps:5.1f} fps  latency {rec['capture_to_sink_ms']:5.0f} ms  "
-                        f"track {rec['track_ms']:4.0f}  render {rec['render_ms']:4.0f} ms @ {out.render_size}²  "
-                        f"{out.state}")
-                last_status = done
-            if cfg.max_frames and len(records) >= cfg.max_frames:
+def open_live(live: LiveRun) -> None:
+    """Open the source (with tracking on its own thread when overlapping), the tracker, the sinks and the
+    pipeline, say where the output goes, and start the source."""
+    from avatar.capture.sources import TrackingStage, open_source
+    from avatar.capture.tracking import FaceTracker
+    from streamer.pipeline import LivePipeline, RetargetConfig
+
+    cfg, log, loaded, layout = live.cfg, live.log, live.loaded, live.layout
+    live.source = open_source(cfg.source, cfg.loop, cfg.every_frame)
+    live.tracker = FaceTracker("video", cfg.landmarker)
+    if live.overlap:
+        live.source = TrackingStage(live.source, live.tracker, cfg.every_frame)
+    live.sinks = make_sinks(cfg, live.controls, lambda: live.latest, layout.width, layout.height)
+    for s in live.sinks:
+        if s.name == "webrtc":
+            log(f"WebRTC: open {s.url}")
+        if s.name == "virtualcam":
+            log(f"virtual camera: {s.device}")
+    live.pipeline = LivePipeline(loaded, live.engine, live.tracker, cfg.size, cfg.fps,
+                                 RetargetConfig(mode=cfg.mode, components=cfg.components, smoothing=cfg.smoothing),
+                                 live.controls, live.compositor,
+                                 latent_index=min(cfg.latent, loaded.model.latents.shape[0] - 1))
+    framing = "full frame" if loaded.full_frame is not None else "square crop (a bundle without a full frame)"
+    log(f"live: {live.engine.name} engine, {layout.width}x{layout.height} output ({framing}), head rendered at up to "
+        f"{live.pipeline.size}² at up to {cfg.fps or '∞'} fps, sinks "
+        f"{', '.join(s.name for s in live.sinks)}; Ctrl-C to stop")
+    live.source.start()
+
+
+def live_loop(live: LiveRun, stop: threading.Event) -> None:
+    """Newest frame → pipeline → sinks until ``stop``, a quit, the source's end or --max-frames."""
+    cfg = live.cfg
+    live.started = time.monotonic()
+    live.last_status = 0.0
+    live.waiting_since = None
+    while not stop.is_set() and not live.controls.quit:
+        frame = live.source.latest(timeout=0.25)
+        if frame is None:
+            if source_ended(live):
                 break
-    finally:
-        close_sinks(sinks)
-        if source is not None:
-            source.close()
-        if tracker is not None:
-            tracker.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if not cfg.quiet and sys.stderr.isatty():
-            print(file=sys.stderr)
-    stats = summarize(records, source.frames_read if source else 0)
+            continue
+        live.waiting_since = None
+        out = live.pipeline.step(frame.rgb, frame.media_time,
+                                 (frame.observation, frame.track_seconds) if frame.tracked else None)
+        rec, done = deliver(live, frame, out)
+        note_frame(live, frame, out, rec, done)
+        if cfg.max_frames and len(live.records) >= cfg.max_frames:
+            break
+
+
+def source_ended(live: LiveRun) -> bool:
+    """No frame came: raise on a source error, True when the source ended, else a waiting status line (at most
+    one a second)."""
+    cfg, source = live.cfg, live.source
+    if source.error:
+        raise UserError(f"source {cfg.source}: {source.error}")
+    if source.ended:
+        live.log("source ended")
+        return True
+    live.waiting_since = live.waiting_since or time.monotonic()
+    if not cfg.quiet and time.monotonic() - live.last_status > 1.0:
+        what = "camera lost, reconnecting" if getattr(source, "lost", False) else "waiting for frames"
+        _status(f"{what} ({time.monotonic() - live.waiting_since:.0f} s)")
+        live.last_status = time.monotonic()
+    return False
+
+
+def deliver(live: LiveRun, frame, out) -> tuple[dict, float]:
+    """Send the composited frame ``out.rgb [H, W, 3] uint8`` to every sink; returns the frame's record (latency
+    from capture to the sinks, delivery and stage timings, render size) and the clock when it was delivered."""
+    t_deliver = time.monotonic()
+    for sink in live.sinks:
+        if sink.name == "webrtc":
+            sink.send(out.rgb, frame.captured)
+        else:
+            sink.send(out.rgb)
+    done = time.monotonic()
+    rec = {"capture_to_sink_ms": (done - frame.captured) * 1000, "deliver_ms": (done - t_deliver) * 1000,
+           **{f"{k}_ms": v * 1000 for k, v in out.timings.items()}, "render_size": out.render_size,
+           "source_index": frame.index, "t": done - live.started}
+    return rec, done
+
+
+def note_frame(live: LiveRun, frame, out, rec: dict, done: float) -> None:
+    """Keep the frame's record (and its conditioning with --conditioning-log), update the status the sinks
+    show, and print the status line (at most two a second)."""
+    cfg, records = live.cfg, live.records
+    records.append(rec)
+    if cfg.conditioning_log:
+        live.conditioning.append({"expression": out.expression.tolist(), "head_pose": out.head_pose.tolist(),
+                                  "render_size": out.render_size, "latent": cfg.latent,
+                                  "source_index": frame.index, "state": out.state})
+    fps = _recent_fps(records)
+    live.latest.update(state=out.state, render_size=out.render_size, fps=round(fps, 1),
+                       latency_ms=round(rec["capture_to_sink_ms"], 1), frames=len(records))
+    if not cfg.quiet and done - live.last_status > 0.5:
+        _status(f"{len(records)} frames  {fps:5.1f} fps  latency {rec['capture_to_sink_ms']:5.0f} ms  "
+                f"track {rec['track_ms']:4.0f}  render {rec['render_ms']:4.0f} ms @ {out.render_size}²  "
+                f"{out.state}")
+        live.last_status = done
+
+
+def close_live(live: LiveRun, old_handlers: dict) -> None:
+    """Close the sinks, source and tracker (whichever were opened) and restore the signal handlers."""
+    close_sinks(live.sinks)
+    if live.source is not None:
+        live.source.close()
+    if live.tracker is not None:
+        live.tracker.close()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if not live.cfg.quiet and sys.stderr.isatty():
+        print(file=sys.stderr)
+
+
+def finish(live: LiveRun) -> dict:
+    """The session's stats; --stats and --conditioning-log written; the closing line logged."""
+    cfg, layout, engine, source = live.cfg, live.layout, live.engine, live.source
+    stats = summarize(live.records, source.frames_read if source else 0)
     if cfg.stats:
         from avatar.base.fileio import write_json_atomic
 
         write_json_atomic(cfg.stats, {**stats, "config": asdict(cfg), "engine": engine.name,
-                                      "output": [layout.width, layout.height], "render_size_max": pipeline.size})
+                                      "output": [layout.width, layout.height], "render_size_max": live.pipeline.size})
     if cfg.conditioning_log:
         from avatar.base.fileio import write_json_atomic
 
-        write_json_atomic(cfg.conditioning_log, {"frames": conditioning, "size": pipeline.size, "engine": engine.name,
-                                                 "output": [layout.width, layout.height]})
-    log(f"{stats['frames']} frames, {stats['fps']:.1f} fps, capture-to-sink latency median "
-        f"{stats['latency_ms_median']:.0f} ms (p95 {stats['latency_ms_p95']:.0f}), {stats['dropped_frames']} source "
-        "frames dropped (newest frame wins)")
+        write_json_atomic(cfg.conditioning_log, {"frames": live.conditioning, "size": live.pipeline.size,
+                                                 "engine": engine.name, "output": [layout.width, layout.height]})
+    live.log(f"{stats['frames']} frames, {stats['fps']:.1f} fps, capture-to-sink latency median "
+             f"{stats['latency_ms_median']:.0f} ms (p95 {stats['latency_ms_p95']:.0f}), {stats['dropped_frames']} "
+             "source frames dropped (newest frame wins)")
     return stats
 
 

@@ -20,8 +20,9 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,7 +164,94 @@ def main(argv: list[str] | None = None) -> int:
         ddp.close()
 
 
+@dataclass
+class FitRun:
+    """One training run's state, shared by the steps of :func:`train`: the data (train split as numpy and as
+    tensors on the device), the model with its optimizer and per-frame pose corrections, and the loop's
+    bookkeeping (step, RNG, progress bar, TensorBoard writer, losses). One object instead of a 200-line
+    function's locals, so each stage is a small function that names what it reads and changes."""
+
+    cfg: FitConfig
+    device: torch.device
+    ddp: Distributed
+    out: Path
+    train_set: Any
+    val_set: Any
+    background_np: np.ndarray  # [h, w, 3] uint8
+    model: Avatar
+    pose_deltas: torch.nn.Parameter  # [t, 6] per training frame (used only with cfg.pose_refine)
+    optimizer: torch.optim.Optimizer
+    extras: dict
+    step: int
+    ckpt_path: Path
+    sampling: SamplingConfig
+    loaded: LoadedAvatar
+    # Set by start_loop:
+    trainer_model: torch.nn.Module | None = None  # the model, or its DDP wrapper
+    images: torch.Tensor | None = None  # uint8 [t, h, w, 3]
+    background: torch.Tensor | None = None  # [h, w, 3] in [0, 1]
+    intrinsics: torch.Tensor | None = None  # [4]
+    poses: torch.Tensor | None = None  # [t, 4, 4]
+    expressions: torch.Tensor | None = None  # [t, e]
+    calmest: int = 0
+    boxes: np.ndarray | None = None  # [t, 4] padded face boxes
+    rng: np.random.Generator | None = None
+    writer: Any = None
+    bar: Any = None
+    start: float = 0.0
+    start_step: int = 0
+    # Losses stay tensors until a log step: float() every step would wait for the GPU every step.
+    first_loss: torch.Tensor | None = None
+    recent_losses: deque = field(default_factory=lambda: deque(maxlen=100))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the training frames."""
+        return self.train_set.image_size
+
+    @property
+    def head_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset's head bounds (min, max), ``[3]`` each."""
+        return self.train_set.head_bounds
+
+
 def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed, evaluate_at_end: bool) -> int:
+    """Prepare the dataset when needed, train (resuming from the checkpoint), then on rank 0 write the avatar
+    bundle and evaluate it. Returns the exit status (Ctrl-C saves a checkpoint and exits 130)."""
+    prepare_output(cfg, resuming, ddp)
+    run = open_run(cfg, resuming, device, ddp)
+    # The untrained model's score on the same frames, once per run: the floor "training helped" is read against.
+    if ddp.main and evaluate_at_end and not resuming and run.step == 0:
+        score_untrained(run)
+    start_loop(run)
+    train_loop(run)
+    ddp_report = ddp_checksums(run) if ddp.enabled else None
+    if not ddp.main:
+        return 0
+    seconds = time.perf_counter() - run.start
+    if run.writer is not None:
+        run.writer.flush()
+        run.writer.close()
+    train_stats = training_stats(run, seconds, ddp_report)
+    meta = bundle_meta(run, train_stats)
+    poses = run.poses
+    if cfg.pose_refine:
+        poses = posefit.apply(poses, run.pose_deltas).detach()  # the poses the field was fitted to
+        meta["pose_refinement"] = pose_refinement_report(run.pose_deltas, poses, run.train_set, cfg.data)
+        meta["pose_corrections"] = np.round(run.pose_deltas.detach().cpu().numpy().astype(np.float64), 6).tolist()
+    run.model.eval()
+    if cfg.field == "fast":
+        finalize_fast_field(run, poses, meta)
+    save_bundle(run.out, run.model, meta, run.background_np, full_frame=load_full_frame(cfg.data))
+    print(f"trained {run.step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {run.out}")
+    if evaluate_at_end:
+        evaluate_bundle(run, train_stats)
+    return 0
+
+
+def prepare_output(cfg: FitConfig, resuming: bool, ddp: Distributed) -> None:
+    """Check --data, and on rank 0 create --out, prepare the dataset from --video if not done yet and store the
+    config of a new run; every rank waits for that."""
     out = Path(cfg.out)
     if not cfg.video:
         read_transforms(cfg.data, "train")  # a wrong --data fails before anything is written
@@ -176,6 +264,11 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
             write_json_atomic(out / "config.json", asdict(cfg))
     ddp.barrier()
 
+
+def open_run(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed) -> FitRun:
+    """Load the splits, seed torch, build the model, pose corrections and optimizer, and restore them from the
+    checkpoint when resuming."""
+    out = Path(cfg.out)
     train_set = load_split(cfg.data, "train")
     val_set = load_split(cfg.data, "val")
     background_np = load_background(cfg.data)
@@ -197,182 +290,232 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
     sampling = SamplingConfig(cfg.coarse_samples, cfg.fine_samples, cfg.chunk, step=step_cm)
     loaded = LoadedAvatar(model, {"intrinsics": train_set.intrinsics.tolist(), "image_size": [w, h],
                                             "sampling": sampling.__dict__}, torch.from_numpy(background_np / 255.0).float())
+    return FitRun(cfg, device, ddp, out, train_set, val_set, background_np, model, pose_deltas, optimizer, extras,
+                  step, ckpt_path, sampling, loaded)
 
-    # The untrained model's score on the same frames, once per run: the floor "training helped" is read against.
-    if ddp.main and evaluate_at_end and not resuming and step == 0:
-        test_set = load_split(cfg.data, "test")
-        idx = pick(len(test_set), cfg.eval_frames)
-        model.eval()
-        rows, _ = score(loaded, [(test_set.poses[i], test_set.expressions[i], test_set.images[i] / 255.0) for i in idx])
-        from avatar.base.metrics import mean_metrics
 
-        write_json_atomic(out / "untrained_metrics.json", mean_metrics(rows))
+def score_untrained(run: FitRun) -> None:
+    """Score the untrained model on the evaluation's test frames into untrained_metrics.json."""
+    cfg = run.cfg
+    test_set = load_split(cfg.data, "test")
+    idx = pick(len(test_set), cfg.eval_frames)
+    run.model.eval()
+    rows, _ = score(run.loaded, [(test_set.poses[i], test_set.expressions[i], test_set.images[i] / 255.0)
+                                 for i in idx])
+    from avatar.base.metrics import mean_metrics
 
-    trainer_model: torch.nn.Module = model
+    write_json_atomic(run.out / "untrained_metrics.json", mean_metrics(rows))
+
+
+def start_loop(run: FitRun) -> None:
+    """Everything the loop reads each step: the DDP wrapper, the training tensors on the device, the per-rank
+    RNG, the TensorBoard writer (rank 0, when installed), the progress bar and the clock."""
+    cfg, ddp, device, train_set = run.cfg, run.ddp, run.device, run.train_set
+    w, h = run.size
+    run.trainer_model = run.model
     if ddp.enabled:
-        trainer_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.trainer_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    images = torch.from_numpy(train_set.images).to(device)  # uint8 [t, h, w, 3]
-    background = torch.from_numpy(background_np).to(device).float() / 255.0
-    intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
-    poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
-    expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
-    calmest = neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
-    boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
-    rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + step)  # each rank its own frames and rays
+    run.images = torch.from_numpy(train_set.images).to(device)  # uint8 [t, h, w, 3]
+    run.background = torch.from_numpy(run.background_np).to(device).float() / 255.0
+    run.intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
+    run.poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
+    run.expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
+    run.calmest = neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
+    run.boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
+    run.rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + run.step)  # each rank its own frames and rays
 
-    writer = None
     if ddp.main:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tb"))
+            run.writer = SummaryWriter(str(run.out / "tb"))
         except ImportError:  # tensorboard is only for watching; a bare GPU box may not have it
             print("tensorboard is not installed: no TensorBoard logs for this run", file=sys.stderr)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=None if ddp.main else True,
-               dynamic_ncols=True)
-    start, start_step = time.perf_counter(), step
-    # Losses stay tensors until a log step: float() every step would wait for the GPU every step.
-    first_loss: torch.Tensor | None = None
-    recent_losses: deque[torch.Tensor] = deque(maxlen=100)
-    model.train()
+    run.bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", unit="step",
+                   disable=None if ddp.main else True, dynamic_ncols=True)
+    run.start, run.start_step = time.perf_counter(), run.step
+    run.model.train()
+
+
+def train_loop(run: FitRun) -> None:
+    """Steps until --max-steps (or --max-minutes); Ctrl-C / SIGTERM save a checkpoint and exit 130."""
+    cfg, ddp = run.cfg, run.ddp
     try:
-        while step < cfg.max_steps:
-            i = int(rng.integers(len(train_set)))
-            regions = train_set.regions[i] if train_set.regions is not None else None
-            px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, boxes[i], w, h, cfg.inside_fraction, regions,
-                                                cfg.region_fraction)).to(device)
-            target = images[i, px[:, 1], px[:, 0]].float() / 255.0
-            pose = posefit.apply(poses[i], pose_deltas[i]) if cfg.pose_refine else poses[i]
-            rays = ray_utils.frame_rays(px, intrinsics, pose, model.box_min, model.box_max)
-            expression = expressions[i] if step >= cfg.expression_warmup else expressions[calmest]
-            outputs = trainer_model(rays, expression, i, background[px[:, 1], px[:, 0]], sampling, True,
-                                    distortion=cfg.field == "fast" and cfg.distortion_weight > 0)
-            mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
-            loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
-            if cfg.pose_refine:
-                loss = loss + cfg.pose_l2 * pose_deltas[i].pow(2).sum()
-            if cfg.field == "fast":
-                loss = loss + fast_field_regularisers(cfg, model, expression, i, sampling.step, outputs["planes"])
-                a = outputs["alpha"].clamp(1e-4, 1 - 1e-4)
-                loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
-            if "distortion" in outputs:
-                loss = loss + cfg.distortion_weight * outputs["distortion"].mean()
-            if "rgb_coarse" in outputs:
-                loss = loss + torch.mean((outputs["rgb_coarse"] - target) ** 2)
-            # Ranks keep their own clocks: under DDP the schedule follows steps only, so every rank's lr agrees.
-            time_fraction = ((time.perf_counter() - start) / (cfg.max_minutes * 60)
-                             if cfg.max_minutes > 0 and not ddp.enabled else 0.0)
-            lr = learning_rate(cfg, step, time_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0) * (step >= cfg.pose_warmup or not group.get("poses", False))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if ddp.enabled and cfg.pose_refine:  # outside DDP's module: average the corrections' gradients by hand
-                dist.all_reduce(pose_deltas.grad)
-                pose_deltas.grad /= ddp.world
-            optimizer.step()
-            step += 1
-            if cfg.field == "fast" and step >= 128 and step % cfg.occupancy_every == 0:
-                update_occupancy(model, expressions, rng, ddp)
-            if first_loss is None:
-                first_loss = loss.detach()
-            recent_losses.append(loss.detach())
-            # The time budget (same wall time for every field in comparisons), decided once for all ranks —
-            # each rank's own clock would stop them at different steps and hang the next all-reduce. Under DDP
-            # the decision costs a collective, so it is taken every 8 steps.
-            out_of_time = False
-            if cfg.max_minutes > 0 and (not ddp.enabled or step % 8 == 0):
-                out_of_time = ddp.any((time.perf_counter() - start) > cfg.max_minutes * 60)
-            if ddp.main:
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    psnr, loss_value = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10))), float(loss.detach())
-                    bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{psnr:.2f}")
-                    if writer is not None:
-                        writer.add_scalar("train/loss", loss_value, step)
-                        writer.add_scalar("train/psnr", psnr, step)
-                        writer.add_scalar("train/lr", lr, step)
-                if writer is not None and cfg.val_every and step % cfg.val_every == 0 and len(val_set):
-                    log_validation(writer, loaded, val_set, step, model)
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
-                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, extras)
-            if out_of_time:
+        while run.step < cfg.max_steps:
+            loss, mse_fine, lr = train_step(run)
+            if after_step(run, loss, mse_fine, lr):
                 break
     except KeyboardInterrupt:
         if ddp.main:
-            save_checkpoint(ckpt_path, model, optimizer, step, cfg, extras)
-            bar.close()
-            print(f"interrupted at step {step}; checkpoint saved — continue with: "
+            save_checkpoint(run.ckpt_path, run.model, run.optimizer, run.step, cfg, run.extras)
+            run.bar.close()
+            print(f"interrupted at step {run.step}; checkpoint saved — continue with: "
                   f"python trainer/fit.py --out {cfg.out} --resume", file=sys.stderr)
         sys.exit(130)
-    bar.close()
-    ddp_report = None
-    if ddp.enabled:
-        # Every rank's weights must be identical after DDP: gather a checksum from each and record them.
-        local = torch.tensor([float(sum(p.detach().double().sum() for p in model.parameters()))], dtype=torch.float64, device=device)
-        gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(ddp.world)]
-        dist.all_gather(gathered, local)
-        sums = [float(g) for g in gathered]
-        ddp_report = {"world_size": ddp.world, "backend": dist.get_backend(), "param_checksums": sums,
-                      "ranks_identical": all(s == sums[0] for s in sums)}
-    if not ddp.main:
-        return 0
-    seconds = time.perf_counter() - start
-    if writer is not None:
-        writer.flush()
-        writer.close()
+    run.bar.close()
 
-    train_stats = {"steps": step, "seconds_this_session": round(seconds, 1),
-                   "steps_per_second": round((step - start_step) / max(seconds, 1e-9), 3),
-                   "loss_first": float(first_loss) if first_loss is not None else None,
-                   "loss_last_100_mean": float(torch.stack(list(recent_losses)).mean()) if recent_losses else None,
-                   "distributed": ddp_report}
+
+def train_step(run: FitRun) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimisation step on ``cfg.rays_per_step`` rays of one random training frame; advances ``run.step``.
+    Returns the step's total loss ``[]``, its colour MSE ``[]`` (fine samples) and the learning rate."""
+    cfg, model, train_set, device = run.cfg, run.model, run.train_set, run.device
+    w, h = run.size
+    step, rng, pose_deltas = run.step, run.rng, run.pose_deltas
+    i = int(rng.integers(len(train_set)))
+    regions = train_set.regions[i] if train_set.regions is not None else None
+    px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, run.boxes[i], w, h, cfg.inside_fraction, regions,
+                                        cfg.region_fraction)).to(device)
+    target = run.images[i, px[:, 1], px[:, 0]].float() / 255.0  # [r, 3]
+    pose = posefit.apply(run.poses[i], pose_deltas[i]) if cfg.pose_refine else run.poses[i]
+    rays = ray_utils.frame_rays(px, run.intrinsics, pose, model.box_min, model.box_max)
+    expression = run.expressions[i] if step >= cfg.expression_warmup else run.expressions[run.calmest]
+    outputs = run.trainer_model(rays, expression, i, run.background[px[:, 1], px[:, 0]], run.sampling, True,
+                                distortion=cfg.field == "fast" and cfg.distortion_weight > 0)
+    mse_fine, loss = step_loss(run, outputs, target, expression, i)
+    # Ranks keep their own clocks: under DDP the schedule follows steps only, so every rank's lr agrees.
+    time_fraction = ((time.perf_counter() - run.start) / (cfg.max_minutes * 60)
+                     if cfg.max_minutes > 0 and not run.ddp.enabled else 0.0)
+    lr = learning_rate(cfg, step, time_fraction)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0) * (step >= cfg.pose_warmup or not group.get("poses", False))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.ddp.enabled and cfg.pose_refine:  # outside DDP's module: average the corrections' gradients by hand
+        dist.all_reduce(pose_deltas.grad)
+        pose_deltas.grad /= run.ddp.world
+    run.optimizer.step()
+    run.step += 1
+    return loss, mse_fine, lr
+
+
+def step_loss(run: FitRun, outputs: dict, target: torch.Tensor, expression: torch.Tensor,
+              i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour MSE of the render ``outputs`` against ``target [r, 3]`` and the total loss with the latent and
+    pose penalties and the fast field's regularisers (both ``[]``); frame ``i``, ``expression [e]``."""
+    cfg, model = run.cfg, run.model
+    mse_fine = torch.mean((outputs["rgb"] - target) ** 2)
+    loss = mse_fine + cfg.latent_l2 * model.latents[i].pow(2).sum()
+    if cfg.pose_refine:
+        loss = loss + cfg.pose_l2 * run.pose_deltas[i].pow(2).sum()
+    if cfg.field == "fast":
+        loss = loss + fast_field_regularisers(cfg, model, expression, i, run.sampling.step, outputs["planes"])
+        a = outputs["alpha"].clamp(1e-4, 1 - 1e-4)
+        loss = loss + cfg.opacity_entropy_weight * torch.mean(-(a * torch.log(a) + (1 - a) * torch.log(1 - a)))
+    if "distortion" in outputs:
+        loss = loss + cfg.distortion_weight * outputs["distortion"].mean()
+    if "rgb_coarse" in outputs:
+        loss = loss + torch.mean((outputs["rgb_coarse"] - target) ** 2)
+    return mse_fine, loss
+
+
+def after_step(run: FitRun, loss: torch.Tensor, mse_fine: torch.Tensor, lr: float) -> bool:
+    """The bookkeeping after a step: occupancy update, loss record, time budget, progress, TensorBoard,
+    validation image and checkpoint. True when the time budget is spent (stop now)."""
+    cfg, ddp, step = run.cfg, run.ddp, run.step
+    if cfg.field == "fast" and step >= 128 and step % cfg.occupancy_every == 0:
+        update_occupancy(run.model, run.expressions, run.rng, ddp)
+    if run.first_loss is None:
+        run.first_loss = loss.detach()
+    run.recent_losses.append(loss.detach())
+    # The time budget (same wall time for every field in comparisons), decided once for all ranks —
+    # each rank's own clock would stop them at different steps and hang the next all-reduce. Under DDP
+    # the decision costs a collective, so it is taken every 8 steps.
+    out_of_time = False
+    if cfg.max_minutes > 0 and (not ddp.enabled or step % 8 == 0):
+        out_of_time = ddp.any((time.perf_counter() - run.start) > cfg.max_minutes * 60)
+    if ddp.main:
+        run.bar.update(1)
+        writer = run.writer
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            psnr, loss_value = float(-10 * torch.log10(mse_fine.detach().clamp_min(1e-10))), float(loss.detach())
+            run.bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{psnr:.2f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/psnr", psnr, step)
+                writer.add_scalar("train/lr", lr, step)
+        if writer is not None and cfg.val_every and step % cfg.val_every == 0 and len(run.val_set):
+            log_validation(writer, run.loaded, run.val_set, step, run.model)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
+            save_checkpoint(run.ckpt_path, run.model, run.optimizer, step, cfg, run.extras)
+    return out_of_time
+
+
+def ddp_checksums(run: FitRun) -> dict:
+    """Every rank's weights must be identical after DDP: gather a checksum from each and record them."""
+    device, ddp = run.device, run.ddp
+    local = torch.tensor([float(sum(p.detach().double().sum() for p in run.model.parameters()))], dtype=torch.float64, device=device)
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(ddp.world)]
+    dist.all_gather(gathered, local)
+    sums = [float(g) for g in gathered]
+    return {"world_size": ddp.world, "backend": dist.get_backend(), "param_checksums": sums,
+            "ranks_identical": all(s == sums[0] for s in sums)}
+
+
+def training_stats(run: FitRun, seconds: float, ddp_report: dict | None) -> dict:
+    """The run's figures for avatar.json and metrics.json: steps, speed, first and recent loss."""
+    recent_losses = run.recent_losses
+    return {"steps": run.step, "seconds_this_session": round(seconds, 1),
+            "steps_per_second": round((run.step - run.start_step) / max(seconds, 1e-9), 3),
+            "loss_first": float(run.first_loss) if run.first_loss is not None else None,
+            "loss_last_100_mean": float(torch.stack(list(recent_losses)).mean()) if recent_losses else None,
+            "distributed": ddp_report}
+
+
+def bundle_meta(run: FitRun, train_stats: dict) -> dict:
+    """The bundle's avatar.json fields that describe the training data and this run."""
+    train_set = run.train_set
+    box_min, box_max = run.head_box
     reference = reference_pose(train_set.poses, train_set.expressions)
-    meta = {
+    return {
         "intrinsics": train_set.intrinsics.tolist(),
-        "image_size": [w, h],
+        "image_size": list(run.size),
         "expression_names": train_set.expression_names,
         "expression_stats": expression_stats(train_set.expressions),
         "reference_head_pose": reference.tolist(),
         "pose_range": pose_range(train_set.poses, reference),
         "expression_components": expression_components(train_set.expressions),
         "head_bounds": {"min": box_min.tolist(), "max": box_max.tolist()},
-        "sampling": sampling.__dict__,
+        "sampling": run.sampling.__dict__,
         "train_frame_indices": train_set.frame_indices.tolist(),
-        "step": step,
-        "dataset": str(cfg.data),
+        "step": run.step,
+        "dataset": str(run.cfg.data),
         "training": train_stats,
     }
-    if cfg.pose_refine:
-        poses = posefit.apply(poses, pose_deltas).detach()  # the poses the field was fitted to
-        meta["pose_refinement"] = pose_refinement_report(pose_deltas, poses, train_set, cfg.data)
-        meta["pose_corrections"] = np.round(pose_deltas.detach().cpu().numpy().astype(np.float64), 6).tolist()
-    model.eval()
-    if cfg.field == "fast":
-        finalize_occupancy(model, expressions)
-        threshold, gap = choose_occupancy_threshold(model, train_set, poses, expressions, intrinsics, background,
-                                                    sampling)
-        frames = finalize_frames(expressions, poses)
-        # Rays at ~160 px still cross every cell of a 64³ grid; more pixels only cost time.
-        s = min(1.0, 160 / max(w, h))
-        before, after = carve_occupancy(model, poses[frames], expressions[frames], model.latents[frames].detach(),
-                                        intrinsics * s, round(w * s), round(h * s), sampling)
-        meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
-        meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
-    save_bundle(out, model, meta, background_np, full_frame=load_full_frame(cfg.data))
-    print(f"trained {step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {out}")
-    if evaluate_at_end:
-        loaded_bundle = load_bundle(out, device)
-        result = evaluate(loaded_bundle, cfg.data, out, cfg.eval_frames, log=lambda s: None,
-                          refine_iterations=cfg.eval_pose_steps)
-        untrained = out / "untrained_metrics.json"
-        if untrained.is_file():
-            result["untrained"] = json.loads(untrained.read_text())
-        result["training"] = train_stats
-        write_json_atomic(out / "metrics.json", result)
-        print(format_table(result))
-    return 0
+
+
+def finalize_fast_field(run: FitRun, poses: torch.Tensor, meta: dict) -> None:
+    """The fast field's occupancy grid for the bundle: conservative over the training expressions, the largest
+    threshold that keeps the pictures, carved by what the training views see; figures into ``meta``.
+    ``poses [t, 4, 4]``: the training poses the field was fitted to."""
+    model, expressions, intrinsics = run.model, run.expressions, run.intrinsics
+    w, h = run.size
+    finalize_occupancy(model, expressions)
+    threshold, gap = choose_occupancy_threshold(model, run.train_set, poses, expressions, intrinsics, run.background,
+                                                run.sampling)
+    frames = finalize_frames(expressions, poses)
+    # Rays at ~160 px still cross every cell of a 64³ grid; more pixels only cost time.
+    s = min(1.0, 160 / max(w, h))
+    before, after = carve_occupancy(model, poses[frames], expressions[frames], model.latents[frames].detach(),
+                                    intrinsics * s, round(w * s), round(h * s), run.sampling)
+    meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
+    meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
+
+
+def evaluate_bundle(run: FitRun, train_stats: dict) -> None:
+    """Evaluate the written bundle on the test frames into metrics.json (with the untrained floor) and print
+    its table."""
+    cfg, out = run.cfg, run.out
+    loaded_bundle = load_bundle(out, run.device)
+    result = evaluate(loaded_bundle, cfg.data, out, cfg.eval_frames, log=lambda s: None,
+                      refine_iterations=cfg.eval_pose_steps)
+    untrained = out / "untrained_metrics.json"
+    if untrained.is_file():
+        result["untrained"] = json.loads(untrained.read_text())
+    result["training"] = train_stats
+    write_json_atomic(out / "metrics.json", result)
+    print(format_table(result))
 
 
 def build_model(cfg: FitConfig, train_set) -> Avatar:

@@ -34,6 +34,7 @@ from avatar.base.cli import add_config_arguments, arg, command_parser, config_fr
 from avatar.base.devices import DEVICE_HELP, pick_device
 from avatar.base.errors import UserError, run_cli
 from avatar.data.prepare import PrepareConfig, prepare_dataset
+from avatar.data.reader import SPLITS
 
 
 @dataclass
@@ -68,70 +69,108 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
     report.json of ``directory`` in place (each file atomically) and returns the report's new block."""
     import shutil
 
-    from avatar.base.fileio import read_json, write_json_atomic
-    from avatar.bundle.bundle import load_bundle
-    from avatar.data.coverage import pose_error_vs_truth
-    from avatar.data.reader import SPLITS, load_split, read_transforms
-    from avatar.eval.evaluation import fitted_train_poses, refine_poses
-    from avatar.field.posefit import delta_size
-    from avatar.field.training import padded_box
-    from trainer import fit
-
     directory = Path(directory)
     work = directory / ".posetrack"  # the quick avatar, removed at the end
     start = time.perf_counter()
     try:
         log(f"tracking head poses photometrically: a {minutes:g}-minute avatar fit with per-frame pose corrections")
-        code = fit.main(["--data", str(directory), "--out", str(work), "--overwrite", "--preset", "cpu",
-                         "--field", "fast", "--max-minutes", f"{minutes:g}", "--max-steps", "1000000",
-                         "--no-eval", "--pose-refine", "--device", device, *POSE_TRACKING_FIT_ARGS, *fit_args])
-        if code:
-            raise UserError(f"the pose-tracking fit failed (exit {code}); run again with --refine-poses 0 to skip it")
-        loaded = load_bundle(work, device=pick_device(device))
-        refined, corrections = {}, {}
-        train = load_split(directory, "train", with_images=False)
-        refined["train"] = fitted_train_poses(loaded, train)
-        corrections["train"] = delta_size(np.asarray(loaded.meta["pose_corrections"]))[0]
-        for split in SPLITS:
-            if split == "train":
-                continue
-            frames = load_split(directory, split)
-            if len(frames) == 0:
-                refined[split], corrections[split] = frames.poses, np.zeros(0)
-                continue
-            w, h = frames.image_size
-            items = [(frames.poses[i], frames.expressions[i], frames.images[i].astype(np.float32) / 255.0)
-                     for i in range(len(frames))]
-            boxes = np.stack([padded_box(b, w, h) for b in frames.bboxes])
-            new_items, sizes = refine_poses(loaded, items, boxes, steps, progress=f"tracking {split} poses")
-            refined[split] = np.stack([item[0] for item in new_items])
-            corrections[split] = sizes[:, 0]
-        for split in SPLITS:
-            meta = read_transforms(directory, split)
-            for f, pose in zip(meta["frames"], refined[split]):
-                f.setdefault("tracked_transform_matrix", f["transform_matrix"])
-                f["transform_matrix"] = np.asarray(pose, dtype=np.float64).round(6).tolist()
-            write_json_atomic(directory / f"transforms_{split}.json", meta)
+        loaded = fit_pose_tracker(directory, work, minutes, device, fit_args)
+        refined, corrections = tracked_poses(directory, loaded, steps)
+        write_tracked_poses(directory, refined)
         every = np.concatenate([corrections[s] for s in SPLITS])
         block = {"minutes": minutes, "steps_per_held_out_frame": steps, "device": str(pick_device(device)),
                  "median_correction_deg": round(float(np.median(every)), 3),
                  "max_correction_deg": round(float(every.max()), 3) if len(every) else 0.0,
                  "seconds": round(time.perf_counter() - start, 1)}
-        report_path = directory / "report.json"
-        report = read_json(report_path)
-        check = report.get("head_pose_vs_truth")
-        if check and check.get("truth") and Path(check["truth"]).is_file():
-            truth = read_json(check["truth"])
-            indices = np.concatenate([load_split(directory, s, with_images=False).frame_indices for s in SPLITS])
-            report["head_pose_vs_truth_landmarks"] = {k: v for k, v in check.items() if k != "truth"}
-            report["head_pose_vs_truth"] = {
-                "truth": check["truth"], "poses": "photometrically tracked",
-                **pose_error_vs_truth(np.concatenate([refined[s] for s in SPLITS]), indices, truth),
-                "mediapipe_pose": check.get("mediapipe_pose")}
-        report["pose_tracking"] = block
-        write_json_atomic(report_path, report)
+        report = update_report(directory, refined, block)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    log(tracking_line(block, report))
+    return block
+
+
+def fit_pose_tracker(directory: Path, work: Path, minutes: float, device: str, fit_args: tuple[str, ...]):
+    """The quick avatar with per-frame pose corrections, fitted into ``work`` for ``minutes``; returns it loaded."""
+    from avatar.bundle.bundle import load_bundle
+    from trainer import fit
+
+    code = fit.main(["--data", str(directory), "--out", str(work), "--overwrite", "--preset", "cpu",
+                     "--field", "fast", "--max-minutes", f"{minutes:g}", "--max-steps", "1000000",
+                     "--no-eval", "--pose-refine", "--device", device, *POSE_TRACKING_FIT_ARGS, *fit_args])
+    if code:
+        raise UserError(f"the pose-tracking fit failed (exit {code}); run again with --refine-poses 0 to skip it")
+    return load_bundle(work, device=pick_device(device))
+
+
+def tracked_poses(directory: Path, loaded, steps: int) -> tuple[dict, dict]:
+    """Per split, the photometric poses ``[t, 4, 4]`` (training frames: the fit's corrected poses; the others
+    refined against their images for ``steps`` steps) and each frame's correction in degrees ``[t]``."""
+    from avatar.data.reader import load_split
+    from avatar.eval.evaluation import fitted_train_poses, refine_poses
+    from avatar.field.posefit import delta_size
+    from avatar.field.training import padded_box
+
+    refined, corrections = {}, {}
+    train = load_split(directory, "train", with_images=False)
+    refined["train"] = fitted_train_poses(loaded, train)
+    corrections["train"] = delta_size(np.asarray(loaded.meta["pose_corrections"]))[0]
+    for split in SPLITS:
+        if split == "train":
+            continue
+        frames = load_split(directory, split)
+        if len(frames) == 0:
+            refined[split], corrections[split] = frames.poses, np.zeros(0)
+            continue
+        w, h = frames.image_size
+        items = [(frames.poses[i], frames.expressions[i], frames.images[i].astype(np.float32) / 255.0)
+                 for i in range(len(frames))]
+        boxes = np.stack([padded_box(b, w, h) for b in frames.bboxes])
+        new_items, sizes = refine_poses(loaded, items, boxes, steps, progress=f"tracking {split} poses")
+        refined[split] = np.stack([item[0] for item in new_items])
+        corrections[split] = sizes[:, 0]
+    return refined, corrections
+
+
+def write_tracked_poses(directory: Path, refined: dict) -> None:
+    """Rewrite each split's transforms with the tracked poses, keeping the landmark pose of each frame as
+    ``tracked_transform_matrix``."""
+    from avatar.base.fileio import write_json_atomic
+    from avatar.data.reader import read_transforms
+
+    for split in SPLITS:
+        meta = read_transforms(directory, split)
+        for f, pose in zip(meta["frames"], refined[split]):
+            f.setdefault("tracked_transform_matrix", f["transform_matrix"])
+            f["transform_matrix"] = np.asarray(pose, dtype=np.float64).round(6).tolist()
+        write_json_atomic(directory / f"transforms_{split}.json", meta)
+
+
+def update_report(directory: Path, refined: dict, block: dict) -> dict:
+    """Add the tracking's ``block`` to report.json and, on a synthetic subject, the tracked poses' error against
+    the truth (the landmark poses' kept beside it); returns the report."""
+    from avatar.base.fileio import read_json, write_json_atomic
+    from avatar.data.coverage import pose_error_vs_truth
+    from avatar.data.reader import load_split
+
+    report_path = directory / "report.json"
+    report = read_json(report_path)
+    check = report.get("head_pose_vs_truth")
+    if check and check.get("truth") and Path(check["truth"]).is_file():
+        truth = read_json(check["truth"])
+        indices = np.concatenate([load_split(directory, s, with_images=False).frame_indices for s in SPLITS])
+        report["head_pose_vs_truth_landmarks"] = {k: v for k, v in check.items() if k != "truth"}
+        report["head_pose_vs_truth"] = {
+            "truth": check["truth"], "poses": "photometrically tracked",
+            **pose_error_vs_truth(np.concatenate([refined[s] for s in SPLITS]), indices, truth),
+            "mediapipe_pose": check.get("mediapipe_pose")}
+    report["pose_tracking"] = block
+    write_json_atomic(report_path, report)
+    return report
+
+
+def tracking_line(block: dict, report: dict) -> str:
+    """The line logged after the tracking: time, corrections and, on a synthetic subject, the error against the
+    truth of both poses (and by the jaw)."""
     line = (f"head poses tracked photometrically in {block['seconds']:.0f} s: median correction "
             f"{block['median_correction_deg']:.2f}° (max {block['max_correction_deg']:.2f}°)")
     check = report.get("head_pose_vs_truth")
@@ -142,8 +181,7 @@ def refine_dataset_poses(directory: str | Path, minutes: float, steps: int = 40,
         if jaw.get("mean_pitch_error_open_deg") is not None and jaw.get("mean_pitch_error_closed_deg") is not None:
             line += (f", mean pitch error jaw open {jaw['mean_pitch_error_open_deg']:+.2f}° vs closed "
                      f"{jaw['mean_pitch_error_closed_deg']:+.2f}°")
-    log(line)
-    return block
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,9 @@ Then: python run_live.py --record me (fits, exports and goes live) or python tra
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -123,30 +124,44 @@ def empty_scene(frames: list[np.ndarray]) -> np.ndarray:
     return np.median(np.stack(frames), axis=0).round().astype(np.uint8)
 
 
+WINDOW = "record (Space: done, n: skip, q: stop)"
+
+
+@dataclass
+class Take:
+    """The guided take's running state: the phase ("perform", then "leave" for the empty room), the video
+    writer, what the tracker read from each performed frame, the face-free frames of the empty room, and the
+    coverage the window shows. One object so each step of :func:`record_camera` is a small function."""
+
+    cfg: RecordConfig
+    out: Path
+    source: Any
+    writer: Any = None
+    expressions: list = field(default_factory=list)  # [52] blendshapes per performed frame with a face
+    poses: list = field(default_factory=list)  # [4, 4] head pose per performed frame with a face
+    skipped: list = field(default_factory=list)  # indices of performed frames without a face
+    empty: list = field(default_factory=list)  # [h, w, 3] uint8 frames of the empty room
+    phase: str = "perform"
+    started: float | None = None  # the capture clock at the first frame
+    face_free_since: float | None = None
+    coverage: dict = field(default_factory=lambda: recording_coverage(np.zeros((0, 52), np.float32),
+                                                                      np.zeros((0, 4, 4))))
+    skipped_prompts: set[str] = field(default_factory=set)
+
+
 def record_camera(cfg: RecordConfig, log=print) -> dict:
     """The guided take from a camera (see the top of this file)."""
     from avatar.capture.sources import open_source
     from avatar.capture.tracking import FaceTracker
-    from avatar.capture.video import VideoWriter
 
     out = Path(cfg.out)
     if (out / VIDEO_FILE).exists() and not cfg.overwrite:
         raise UserError(f"{out / VIDEO_FILE} exists (pass --overwrite to record again)")
     source = open_source(cfg.source)
-    window = "record (Space: done, n: skip, q: stop)"
     if cfg.window:
-        try:
-            cv2.namedWindow(window, cv2.WINDOW_AUTOSIZE)
-        except cv2.error:
-            source.close()
-            raise UserError("cannot open a window here (no display); record where you can see yourself, or "
-                            "measure an existing video with --source FILE --no-window") from None
+        open_window(source)
     out.mkdir(parents=True, exist_ok=True)
-    writer = None
-    expressions, poses, skipped, empty = [], [], [], []
-    phase, started, face_free_since = "perform", None, None
-    coverage = recording_coverage(np.zeros((0, 52), np.float32), np.zeros((0, 4, 4)))
-    skipped_prompts: set[str] = set()
+    take = Take(cfg, out, source)
     try:
         with FaceTracker("video", cfg.landmarker) as tracker:
             source.start()
@@ -158,71 +173,122 @@ def record_camera(cfg: RecordConfig, log=print) -> dict:
                     if source.ended:  # a camera does not end; a clip standing in for one does
                         break
                     continue
-                now = frame.media_time  # the capture clock (a clip's own clock when one stands in for a camera)
-                started = now if started is None else started
-                obs = tracker.track(frame.rgb, int((now - started) * 1000))
-                if phase == "perform":
-                    if writer is None:
-                        h, w = frame.rgb.shape[:2]
-                        writer = VideoWriter(out / VIDEO_FILE, w - w % 2, h - h % 2, fps=source.fps, crf=17)
-                    writer.write(frame.rgb[: frame.rgb.shape[0] // 2 * 2, : frame.rgb.shape[1] // 2 * 2])
-                    if obs is None:
-                        skipped.append(frame.index)
-                    else:
-                        expressions.append(obs.blendshapes)
-                        poses.append(obs.head_pose)
-                        if len(expressions) % 5 == 0:
-                            coverage = recording_coverage(np.stack(expressions), np.stack(poses))
-                    todo = [k for k in coverage["missing"] if k not in skipped_prompts]
-                    prompt = PROMPTS[todo[0]] if todo else "All done! Press Space to finish"
-                    status = f"{now - started:4.0f} s  {'no face!' if obs is None else ''}"
-                    if now - started >= cfg.seconds or (not todo and not cfg.window):
-                        phase = "leave"
-                else:  # the empty scene: only frames without a face count
-                    prompt = f"Step out of the picture ({len(empty) / source.fps:.0f}/{cfg.background_seconds:.0f} s)"
-                    status = "face seen: waiting" if obs is not None else "recording the empty room"
-                    if obs is None:
-                        face_free_since = face_free_since or now
-                        if now - face_free_since > 0.5:  # you have left, not just turned away
-                            empty.append(frame.rgb)
-                    else:
-                        face_free_since = None
-                    if len(empty) >= cfg.background_seconds * source.fps:
-                        break
-                if cfg.window:
-                    cv2.imshow(window, draw_overlay(frame.rgb, coverage, prompt, status)[..., ::-1])
-                    key = cv2.waitKey(1) & 0xFF
-                    if key in (ord("q"), 27):
-                        raise KeyboardInterrupt
-                    if key == ord(" ") and phase == "perform":
-                        phase = "leave"
-                    if key == ord("n") and phase == "perform" and todo:
-                        skipped_prompts.add(todo[0])
+                if take_frame(take, tracker, frame):
+                    break
     except KeyboardInterrupt:
-        if writer is not None:
-            writer.abort()
+        if take.writer is not None:
+            take.writer.abort()
         raise UserError("recording stopped; nothing written") from None
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if take.writer is not None:
+            take.writer.abort()
         raise
     finally:
         source.close()
         if cfg.window:
             cv2.destroyAllWindows()
-    if not expressions:
-        if writer is not None:
-            writer.abort()
+    return save_take(take, log)
+
+
+def open_window(source) -> None:
+    """The preview window; without a display, close the camera and say what to do instead."""
+    try:
+        cv2.namedWindow(WINDOW, cv2.WINDOW_AUTOSIZE)
+    except cv2.error:
+        source.close()
+        raise UserError("cannot open a window here (no display); record where you can see yourself, or "
+                        "measure an existing video with --source FILE --no-window") from None
+
+
+def take_frame(take: Take, tracker, frame) -> bool:
+    """Track one camera frame and take it into the performance or the empty room, then show it with its prompt
+    and act on the window's keys. True when the empty room has enough frames (the take is done)."""
+    now = frame.media_time  # the capture clock (a clip's own clock when one stands in for a camera)
+    take.started = now if take.started is None else take.started
+    obs = tracker.track(frame.rgb, int((now - take.started) * 1000))
+    todo: list[str] = []
+    if take.phase == "perform":
+        prompt, status, todo = perform_frame(take, frame, obs, now)
+    else:
+        prompt, status, done = empty_room_frame(take, frame, obs, now)
+        if done:
+            return True
+    if take.cfg.window:
+        window_frame(take, frame, prompt, status, todo)
+    return False
+
+
+def perform_frame(take: Take, frame, obs, now: float) -> tuple[str, str, list[str]]:
+    """Write a performed frame into the video (even sizes), add its expression and pose to the coverage, and
+    end the performance at --seconds (or, without a window, when every group is covered). Returns the prompt,
+    the status line and the groups still to perform."""
+    from avatar.capture.video import VideoWriter
+
+    cfg = take.cfg
+    if take.writer is None:
+        h, w = frame.rgb.shape[:2]
+        take.writer = VideoWriter(take.out / VIDEO_FILE, w - w % 2, h - h % 2, fps=take.source.fps, crf=17)
+    take.writer.write(frame.rgb[: frame.rgb.shape[0] // 2 * 2, : frame.rgb.shape[1] // 2 * 2])
+    if obs is None:
+        take.skipped.append(frame.index)
+    else:
+        take.expressions.append(obs.blendshapes)
+        take.poses.append(obs.head_pose)
+        if len(take.expressions) % 5 == 0:
+            take.coverage = recording_coverage(np.stack(take.expressions), np.stack(take.poses))
+    todo = [k for k in take.coverage["missing"] if k not in take.skipped_prompts]
+    prompt = PROMPTS[todo[0]] if todo else "All done! Press Space to finish"
+    status = f"{now - take.started:4.0f} s  {'no face!' if obs is None else ''}"
+    if now - take.started >= cfg.seconds or (not todo and not cfg.window):
+        take.phase = "leave"
+    return prompt, status, todo
+
+
+def empty_room_frame(take: Take, frame, obs, now: float) -> tuple[str, str, bool]:
+    """The empty scene: only frames without a face count, from half a second after the face left. Returns
+    the prompt, the status line and whether the room has --background-seconds of frames."""
+    cfg, fps = take.cfg, take.source.fps
+    prompt = f"Step out of the picture ({len(take.empty) / fps:.0f}/{cfg.background_seconds:.0f} s)"
+    status = "face seen: waiting" if obs is not None else "recording the empty room"
+    if obs is None:
+        take.face_free_since = take.face_free_since or now
+        if now - take.face_free_since > 0.5:  # you have left, not just turned away
+            take.empty.append(frame.rgb)
+    else:
+        take.face_free_since = None
+    return prompt, status, len(take.empty) >= cfg.background_seconds * fps
+
+
+def window_frame(take: Take, frame, prompt: str, status: str, todo: list[str]) -> None:
+    """Show the frame with its bars and prompt; q / Esc stop, Space ends the performance, n skips a prompt."""
+    cv2.imshow(WINDOW, draw_overlay(frame.rgb, take.coverage, prompt, status)[..., ::-1])
+    key = cv2.waitKey(1) & 0xFF
+    if key in (ord("q"), 27):
+        raise KeyboardInterrupt
+    if key == ord(" ") and take.phase == "perform":
+        take.phase = "leave"
+    if key == ord("n") and take.phase == "perform" and todo:
+        take.skipped_prompts.add(todo[0])
+
+
+def save_take(take: Take, log) -> dict:
+    """Close the video, write background.png (the median empty room, if any was recorded) and coverage.json;
+    returns the coverage. A take without a face is discarded."""
+    cfg, out = take.cfg, take.out
+    if not take.expressions:
+        if take.writer is not None:
+            take.writer.abort()
         raise UserError("no face was seen while recording: sit in front of the camera, in good light")
-    writer.close()
-    if empty:
-        ok, png = cv2.imencode(".png", empty_scene(empty)[..., ::-1])
+    take.writer.close()
+    if take.empty:
+        ok, png = cv2.imencode(".png", empty_scene(take.empty)[..., ::-1])
         write_bytes_atomic(out / BACKGROUND_FILE, png.tobytes())
     else:
         log("warning: no frames of the empty room were recorded, so no background.png: trainer/prepare.py will "
             "estimate the room from the pixels your head leaves uncovered (--background auto)")
-    coverage = {"source": f"camera {cfg.source}", **recording_coverage(np.stack(expressions), np.stack(poses)),
-                "frames_total": len(expressions) + len(skipped), "frames_without_face": len(skipped)}
+    coverage = {"source": f"camera {cfg.source}",
+                **recording_coverage(np.stack(take.expressions), np.stack(take.poses)),
+                "frames_total": len(take.expressions) + len(take.skipped), "frames_without_face": len(take.skipped)}
     write_json_atomic(out / COVERAGE_FILE, coverage)
     return coverage
 

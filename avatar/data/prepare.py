@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from avatar.base.cli import arg
 from avatar.base.errors import UserError
-from avatar.base.fileio import atomic_directory, read_json, write_json_atomic
+from avatar.base.fileio import atomic_directory, write_json_atomic
 from avatar.capture import camera
 from avatar.capture.tracking import (
     BLENDSHAPE_NAMES,
@@ -38,7 +38,7 @@ from avatar.capture.tracking import (
     rigid_landmark_weights,
 )
 from avatar.capture.video import iter_frames, probe_video
-from avatar.data.coverage import expression_coverage, pose_error_vs_truth
+from avatar.data.prepare_report import dataset_report, log_summary
 from avatar.data.reader import DATASET_FORMAT, PLATE_FILE, SPLITS
 
 MAX_PLATE_SIDE = 1920  # the full-frame plate's longer side at most (a 4K recording's plate is stored at 1080p)
@@ -196,10 +196,53 @@ def split_indices(count: int, test_fraction: float, val_fraction: float) -> dict
     return {"train": train, "val": val, "test": np.arange(count - n_test, count)}
 
 
+@dataclass
+class HeadFit:
+    """The camera fit of a tracked video: the subject's face shape and every frame's head pose."""
+
+    shape: np.ndarray  # [468, 3] the subject's face vertices (cm, canonical space)
+    poses: np.ndarray  # [t, 4, 4] head poses (canonical → camera)
+    err_before: np.ndarray  # [t, 468] reprojection errors (px) of MediaPipe's canonical face at its poses
+    err_after: np.ndarray  # [t, 468] reprojection errors (px) of the fitted shape at the solved poses
+    face_width: np.ndarray  # [t] face width in source pixels
+    subset: np.ndarray  # [k] rows the face shape was fitted on
+
+
+@dataclass
+class Framing:
+    """Where the fixed square crop sits in the recording and what it makes of the camera and landmarks."""
+
+    x0: int
+    y0: int
+    side: int  # crop side in source pixels
+    scale: float  # written pixels per source pixel
+    intrinsics: np.ndarray  # the crop's camera
+    crop_px: np.ndarray  # [t, 478, 2] landmarks in the written frames
+    plate_scale: float  # the full-frame plate's pixels per source pixel (≤ 1)
+    plate_wh: tuple[int, int]  # the full-frame plate's (width, height)
+
+
 def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
                     log: Callable[[str], None] = print) -> dict:
     """Track, fit the camera, crop, and write a dataset directory atomically. Returns the report."""
     start = time.perf_counter()
+    plate_full = check_inputs(cfg)
+    track = track_video(cfg.video, cfg.landmarker, progress)
+    fit = fit_head(track, cfg.landmarker)
+    framing = frame_crop(track, fit, cfg.size)
+    splits = split_indices(len(track.frame_indices), cfg.test_fraction, cfg.val_fraction)
+    with atomic_directory(cfg.out, cfg.overwrite) as tmp:
+        background_source = write_frames(tmp, cfg, track, framing, plate_full, progress)
+        write_transforms(tmp, cfg, track, fit, framing, splits)
+        report, pose_check, truth_path = dataset_report(cfg, track, fit, framing, splits, background_source, start)
+        write_json_atomic(tmp / "report.json", report)
+    log_summary(cfg, track, report, pose_check, truth_path, log)
+    return report
+
+
+def check_inputs(cfg: PrepareConfig) -> np.ndarray | None:
+    """Refuse bad settings, an unreadable video or an existing output before anything is written. Returns the
+    given background image at the video's size (``[H, W, 3] uint8``), or None when it is to be estimated."""
     if cfg.size < 16:
         raise UserError("--size must be at least 16")
     if not 0 <= cfg.test_fraction < 1:
@@ -210,12 +253,13 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
     plate_full = None
     if cfg.background not in (None, "auto"):
         plate_full = _load_background(cfg.background, info.width, info.height)
+    return plate_full
 
-    track = track_video(cfg.video, cfg.landmarker, progress)
+
+def fit_head(track: Track, landmarker: str | None) -> HeadFit:
+    """Camera: MediaPipe's, with the subject's own face shape fitted so the pose explains the landmarks."""
     t = len(track.frame_indices)
-
-    # Camera: MediaPipe's, with the subject's own face shape fitted so the pose explains the landmarks.
-    face = load_canonical_face(cfg.landmarker)
+    face = load_canonical_face(landmarker)
     k_full = camera.mediapipe_intrinsics(track.width, track.height)
     pixels = track.landmarks_px[:, :NUM_FACE_VERTICES].astype(np.float64)
     err_before = camera.reprojection_errors(face.vertices, track.poses, pixels, k_full)
@@ -237,129 +281,99 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True,
     poses = camera.solve_poses_weighted(shape, pixels, k_full, rigid, poses, fix_rotation=True)
     err_after = camera.reprojection_errors(shape, poses, pixels, k_full)
     face_width = pixels[..., 0].max(1) - pixels[..., 0].min(1)  # [t]
+    return HeadFit(shape, poses, err_before, err_after, face_width, subset)
 
+
+def frame_crop(track: Track, fit: HeadFit, size: int) -> Framing:
+    """The one square crop holding the head in every frame, scaled to ``size``, and the full-frame plate's size."""
+    k_full = camera.mediapipe_intrinsics(track.width, track.height)
+    pixels = track.landmarks_px[:, :NUM_FACE_VERTICES].astype(np.float64)
     boxes = np.concatenate([pixels.min(1), pixels.max(1)], 1)
     x0, y0, side = fixed_crop(boxes, track.width, track.height)
-    scale = cfg.size / side
+    scale = size / side
     intrinsics = camera.crop_intrinsics(k_full, x0, y0, scale)
     crop_px = (track.landmarks_px - [x0, y0]) * scale  # [t, 478, 2] in the written frames
-
-    splits = split_indices(t, cfg.test_fraction, cfg.val_fraction)
-    sample_rows = set(np.linspace(0, t - 1, min(t, MAX_BACKGROUND_SAMPLES)).astype(int).tolist())
-    row_of_frame = {int(f): r for r, f in enumerate(track.frame_indices)}
-
     plate_scale = min(1.0, MAX_PLATE_SIDE / max(track.width, track.height))
     plate_wh = (int(round(track.width * plate_scale)), int(round(track.height * plate_scale)))
+    return Framing(x0, y0, side, scale, intrinsics, crop_px, plate_scale, plate_wh)
 
-    with atomic_directory(cfg.out, cfg.overwrite) as tmp:
-        (tmp / "frames").mkdir()
-        samples, masks, full_samples, full_masks = [], [], [], []
-        bar = tqdm(iter_frames(cfg.video), total=track.total, desc="writing frames", unit="frame", leave=False,
-                   disable=None if progress else True)
-        for i, rgb in enumerate(bar):
-            row = row_of_frame.get(i)
-            if row is None:
-                continue
-            crop = resize_square(rgb[y0:y0 + side, x0:x0 + side], cfg.size)
-            cv2.imwrite(str(tmp / "frames" / f"{i:06d}.png"), crop[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            if plate_full is None and row in sample_rows:
-                samples.append(crop)
-                masks.append(head_mask(crop_px[row], cfg.size))
-                full = rgb if plate_scale == 1 else cv2.resize(rgb, plate_wh, interpolation=cv2.INTER_AREA)
-                full_samples.append(full)
-                full_masks.append(head_mask(track.landmarks_px[row] * plate_scale, *plate_wh))
-        # The empty scene at the recording's framing: what the live loop puts around the rendered head.
-        full_plate = (estimate_background(np.stack(full_samples), np.stack(full_masks)) if plate_full is None else
-                      cv2.resize(plate_full, plate_wh, interpolation=cv2.INTER_AREA) if plate_scale < 1 else plate_full)
-        cv2.imwrite(str(tmp / PLATE_FILE), np.ascontiguousarray(full_plate[..., ::-1]))
-        if plate_full is not None:
-            plate = resize_square(plate_full[y0:y0 + side, x0:x0 + side], cfg.size)
-            background_source = str(cfg.background)
-        else:
-            plate = estimate_background(np.stack(samples), np.stack(masks))
-            background_source = "auto"
-        cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
 
-        bounds_lo = shape.min(0) - [4.0, 7.0, 11.0]  # neck below, back of the head behind the face mesh
-        bounds_hi = shape.max(0) + [4.0, 9.0, 3.0]  # hair above and to the sides (big hair too)
-        common = {
-            "format": DATASET_FORMAT,
-            "camera_convention": "opengl: transform_matrix maps canonical face space (cm) to camera, "
-                                 "camera looks down -z, pixel origin top-left",
-            "intrinsics": intrinsics,
-            "image_size": [cfg.size, cfg.size],
-            "expression_names": list(BLENDSHAPE_NAMES),
-            "background": "background.png",
-            "head_bounds": {"min": bounds_lo, "max": bounds_hi},
-            "fps": track.fps,
-            "full_frame": {"crop": [x0, y0, side], "source_size": [track.width, track.height],
-                           "plate": PLATE_FILE},
-        }
-        for name in SPLITS:
-            frames = []
-            for row in splits[name]:
-                i = int(track.frame_indices[row])
-                px = crop_px[row, :NUM_FACE_VERTICES]
-                frames.append({
-                    "file_path": f"frames/{i:06d}.png",
-                    "frame_index": i,
-                    "time": i / track.fps,
-                    "transform_matrix": poses[row],
-                    "expression": track.expressions[row],
-                    "bbox": np.concatenate([px.min(0), px.max(0)]).round(2),
-                    "regions": region_boxes(crop_px[row]),
-                })
-            write_json_atomic(tmp / f"transforms_{name}.json", {**common, "frames": frames})
+def write_frames(tmp: Path, cfg: PrepareConfig, track: Track, framing: Framing, plate_full: np.ndarray | None,
+                 progress: bool) -> str:
+    """Write every tracked frame's crop into ``tmp/frames``, the full-frame plate and ``background.png`` (the
+    given image cropped, or both estimated from the frames). Returns the background's source for the report."""
+    t = len(track.frame_indices)
+    x0, y0, side, plate_scale, plate_wh = framing.x0, framing.y0, framing.side, framing.plate_scale, framing.plate_wh
+    sample_rows = set(np.linspace(0, t - 1, min(t, MAX_BACKGROUND_SAMPLES)).astype(int).tolist())
+    row_of_frame = {int(f): r for r, f in enumerate(track.frame_indices)}
+    (tmp / "frames").mkdir()
+    samples, masks, full_samples, full_masks = [], [], [], []
+    bar = tqdm(iter_frames(cfg.video), total=track.total, desc="writing frames", unit="frame", leave=False,
+               disable=None if progress else True)
+    for i, rgb in enumerate(bar):
+        row = row_of_frame.get(i)
+        if row is None:
+            continue
+        crop = resize_square(rgb[y0:y0 + side, x0:x0 + side], cfg.size)
+        cv2.imwrite(str(tmp / "frames" / f"{i:06d}.png"), crop[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if plate_full is None and row in sample_rows:
+            samples.append(crop)
+            masks.append(head_mask(framing.crop_px[row], cfg.size))
+            full = rgb if plate_scale == 1 else cv2.resize(rgb, plate_wh, interpolation=cv2.INTER_AREA)
+            full_samples.append(full)
+            full_masks.append(head_mask(track.landmarks_px[row] * plate_scale, *plate_wh))
+    # The empty scene at the recording's framing: what the live loop puts around the rendered head.
+    full_plate = (estimate_background(np.stack(full_samples), np.stack(full_masks)) if plate_full is None else
+                  cv2.resize(plate_full, plate_wh, interpolation=cv2.INTER_AREA) if plate_scale < 1 else plate_full)
+    cv2.imwrite(str(tmp / PLATE_FILE), np.ascontiguousarray(full_plate[..., ::-1]))
+    if plate_full is not None:
+        plate = resize_square(plate_full[y0:y0 + side, x0:x0 + side], cfg.size)
+        background_source = str(cfg.background)
+    else:
+        plate = estimate_background(np.stack(samples), np.stack(masks))
+        background_source = "auto"
+    cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
+    return background_source
 
-        coverage, coverage_warnings = expression_coverage(track.expressions)
-        truth_path = Path(cfg.video).parent / "truth.json"  # beside a synthetic subject's video
-        pose_check = None
-        if truth_path.is_file():
-            truth = read_json(truth_path)
-            truth_frames = truth.get("frames") if isinstance(truth, dict) else None
-            if isinstance(truth_frames, list) and truth_frames and all(
-                    isinstance(f, dict) and "head_pose" in f for f in truth_frames):
-                # MediaPipe's own head pose beside ours: the baseline any refinement has to beat.
-                pose_check = {"truth": str(truth_path),
-                              **pose_error_vs_truth(poses, track.frame_indices, truth),
-                              "mediapipe_pose": pose_error_vs_truth(track.poses, track.frame_indices, truth)}
-        per_frame_before = np.median(err_before, 1) / face_width
-        per_frame_after = np.median(err_after, 1) / face_width
-        report = {
-            "video": str(cfg.video),
-            "frames_total": track.total,
-            "frames_tracked": t,
-            "frames_without_face": track.skipped,
-            "splits": {k: int(len(v)) for k, v in splits.items()},
-            "reprojection_error_px": float(np.median(err_after) * scale),
-            "reprojection_error_face_width": float(np.median(per_frame_after)),
-            "reprojection_error_face_width_mediapipe_canonical": float(np.median(per_frame_before)),
-            "face_width_px": float(np.median(face_width) * scale),
-            "crop": {"x0": x0, "y0": y0, "side": side, "source_size": [track.width, track.height]},
-            "size": cfg.size,
-            "background": background_source,
-            "face_shape_frames": int(len(subset)),
-            "expression_coverage": coverage,
-            "expression_coverage_warnings": coverage_warnings,
-            "head_pose_vs_truth": pose_check,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        write_json_atomic(tmp / "report.json", report)
-    log(f"{t}/{track.total} frames tracked ({len(track.skipped)} without a face); "
-        f"reprojection error {report['reprojection_error_px']:.2f} px = "
-        f"{100 * report['reprojection_error_face_width']:.2f}% of the face width "
-        f"(MediaPipe's canonical face: {100 * report['reprojection_error_face_width_mediapipe_canonical']:.2f}%); "
-        f"splits {report['splits']}; {report['seconds']:.1f} s → {cfg.out}")
-    if pose_check and "median_rotation_error_deg" in pose_check:
-        line = (f"head rotation vs {truth_path.name}: median {pose_check['median_rotation_error_deg']:.2f}°, "
-                f"mean {pose_check['mean_rotation_error_deg']:.2f}°")
-        jaw = pose_check.get("jaw")
-        if jaw and jaw["mean_pitch_error_open_deg"] is not None and jaw["mean_pitch_error_closed_deg"] is not None:
-            line += (f"; mean pitch error jaw open {jaw['mean_pitch_error_open_deg']:+.2f}° "
-                     f"({jaw['open_frames']} frames) vs closed {jaw['mean_pitch_error_closed_deg']:+.2f}° "
-                     f"({jaw['closed_frames']}), correlation with the jaw {jaw['pitch_error_jaw_correlation']}")
-        line += f" (MediaPipe's own pose: median {pose_check['mediapipe_pose']['median_rotation_error_deg']:.2f}°)"
-        log(line)
-    for warning in coverage_warnings:
-        log(f"warning: {warning}")
-    return report
+
+def write_transforms(tmp: Path, cfg: PrepareConfig, track: Track, fit: HeadFit, framing: Framing,
+                     splits: dict[str, np.ndarray]) -> None:
+    """``transforms_{train,val,test}.json``: the shared camera and dataset fields, and per frame its file, time,
+    head pose, expression, face box and mouth/eye regions."""
+    common = transforms_common(cfg, track, fit, framing)
+    crop_px = framing.crop_px
+    for name in SPLITS:
+        frames = []
+        for row in splits[name]:
+            i = int(track.frame_indices[row])
+            px = crop_px[row, :NUM_FACE_VERTICES]
+            frames.append({
+                "file_path": f"frames/{i:06d}.png",
+                "frame_index": i,
+                "time": i / track.fps,
+                "transform_matrix": fit.poses[row],
+                "expression": track.expressions[row],
+                "bbox": np.concatenate([px.min(0), px.max(0)]).round(2),
+                "regions": region_boxes(crop_px[row]),
+            })
+        write_json_atomic(tmp / f"transforms_{name}.json", {**common, "frames": frames})
+
+
+def transforms_common(cfg: PrepareConfig, track: Track, fit: HeadFit, framing: Framing) -> dict:
+    """The fields every transforms file shares: format, camera, size, expression names, background, head
+    bounds (the face shape grown by neck, hair and the back of the head), fps, full-frame placement."""
+    bounds_lo = fit.shape.min(0) - [4.0, 7.0, 11.0]  # neck below, back of the head behind the face mesh
+    bounds_hi = fit.shape.max(0) + [4.0, 9.0, 3.0]  # hair above and to the sides (big hair too)
+    return {
+        "format": DATASET_FORMAT,
+        "camera_convention": "opengl: transform_matrix maps canonical face space (cm) to camera, "
+                             "camera looks down -z, pixel origin top-left",
+        "intrinsics": framing.intrinsics,
+        "image_size": [cfg.size, cfg.size],
+        "expression_names": list(BLENDSHAPE_NAMES),
+        "background": "background.png",
+        "head_bounds": {"min": bounds_lo, "max": bounds_hi},
+        "fps": track.fps,
+        "full_frame": {"crop": [framing.x0, framing.y0, framing.side], "source_size": [track.width, track.height],
+                       "plate": PLATE_FILE},
+    }

@@ -10,6 +10,7 @@ over packed samples.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -125,81 +126,146 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     ray's distortion (:func:`distortion_terms`, mip-NeRF 360), a training loss that gathers a ray's weight into
     as few samples as possible.
     """
-    n = origins.shape[0]
-    device = origins.device
-    chunk_samples = chunk_samples or chunk_for(device)
-    color = torch.zeros(n, 3, device=device)
-    depth = torch.zeros(n, device=device)
-    acc = torch.zeros(n, device=device)
-    trans = torch.ones(n, device=device)
-    dist = weight_sum = weighted_t = torch.zeros(n, device=device)
-    evaluated = 0
+    march = _March.start(query, grid, origins, dirs, near, step, chunk_samples or chunk_for(origins.device),
+                         on_samples, distortion)
     if plan is None:
         plan = block_plan(grid, origins, dirs, near, far, step, perturb)
-    offset, steps_per_ray, keep, block = plan["offset"], plan["steps_per_ray"], plan["keep"], plan["block"]
+    march.plan(plan)
+    keep = plan["keep"]
     if keep.shape[1] > 0:
         ray_of, block_of = torch.nonzero(keep, as_tuple=True)  # sorted by ray, then depth
-        ks = torch.arange(block, device=device)
-
-        def samples(rays: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            """The occupied steps of these (ray, block) pairs: their rays, points and depths, sorted by ray, depth."""
-            k = blocks[:, None] * block + ks[None, :]  # [m, block] step indices
-            valid = k < steps_per_ray[rays, None]
-            t = near[rays, None] + (k + offset[rays, None]) * step
-            pts = origins[rays, None, :] + dirs[rays, None, :] * t[..., None]
-            if grid is not None:
-                valid = valid & grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)
-            rows, cols = torch.nonzero(valid, as_tuple=True)
-            return rays[rows], pts[rows, cols], t[rows, cols]
-
         if blocks_per_round <= 0:
-            # One pass: every occupied block of every ray in one packed field call, no early termination. On a
-            # GPU the per-round host syncs and small launches cost far more than the ~10 % more samples.
-            sample_rays, pts, t = samples(ray_of, block_of)
-            if sample_rays.numel():
-                rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
-                evaluated += sample_rays.numel()
-                out = composite_packed(sample_rays, t, sigma, rgb, step, n, trans)
-                if on_samples is not None:
-                    on_samples(pts, out["weights"])
-                color, depth, acc, trans = out["rgb"], out["depth"], out["alpha"], out["transmittance"]
-                if distortion:
-                    dist, _, _ = distortion_terms(sample_rays, t, out["weights"], step, n, weight_sum, weighted_t)
+            march.one_pass(ray_of, block_of)
         else:
-            counts = torch.bincount(ray_of, minlength=n)
-            rank = torch.arange(ray_of.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[ray_of]
-            for first in range(0, int(counts.max()) if n else 0, blocks_per_round):
-                sel = (rank >= first) & (rank < first + blocks_per_round)
-                sel &= trans[ray_of] > min_transmittance
-                rays, blocks = ray_of[sel], block_of[sel]
-                if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
-                    break
-                sample_rays, pts, t = samples(rays, blocks)
-                if sample_rays.numel() == 0:
-                    continue
-                # Packed per ray: compact the ids of the rays this round touches.
-                active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
-                rgb, sigma = _query_chunked(query, pts, dirs[sample_rays], chunk_samples)
-                evaluated += sample_rays.numel()
-                out = composite_packed(local, t, sigma, rgb, step, active.numel(), trans[active])
-                if on_samples is not None:
-                    on_samples(pts, out["weights"])
-                if distortion:
-                    d, w_sum, wt_sum = distortion_terms(local, t, out["weights"], step, active.numel(),
-                                                        weight_sum[active], weighted_t[active])
-                    dist = dist.index_add(0, active, d)
-                    weight_sum = weight_sum.index_copy(0, active, w_sum)
-                    weighted_t = weighted_t.index_copy(0, active, wt_sum)
-                color = color.index_add(0, active, out["rgb"])
-                depth = depth.index_add(0, active, out["depth"])
-                acc = acc.index_add(0, active, out["alpha"])
-                trans = trans.index_copy(0, active, out["transmittance"])
-    color = color + trans[:, None] * background
-    depth = depth + trans * far
-    out = {"rgb": color, "depth": depth, "alpha": acc, "samples": evaluated}
-    if distortion:
-        out["distortion"] = dist
-    return out
+            march.rounds(ray_of, block_of, blocks_per_round, min_transmittance)
+    return march.finish(background, far)
+
+
+@dataclass
+class _March:
+    """The running state of one :func:`march_culled` call: the rays, this frame's block plan and the sums
+    composited so far (colour, depth, opacity, transmittance and, for the distortion loss, its carried sums).
+
+    Kept in one object so the one-pass and the round-by-round marches share the sample generation and the
+    accumulation without a closure over a long function's locals.
+    """
+
+    query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    grid: OccupancyGrid | None
+    origins: Float[Tensor, "n 3"]
+    dirs: Float[Tensor, "n 3"]
+    near: Float[Tensor, " n"]
+    step: float
+    chunk_samples: int
+    on_samples: Callable[[Tensor, Tensor], None] | None
+    distortion: bool
+    color: Float[Tensor, "n 3"]
+    depth: Float[Tensor, " n"]
+    acc: Float[Tensor, " n"]
+    trans: Float[Tensor, " n"]
+    dist: Float[Tensor, " n"]
+    weight_sum: Float[Tensor, " n"]
+    weighted_t: Float[Tensor, " n"]
+    evaluated: int = 0
+    offset: Tensor | None = None  # [n] the plan's step offset per ray
+    steps_per_ray: Tensor | None = None  # [n] long
+    block: int = 0  # steps per block
+    ks: Tensor | None = None  # [block] step index within a block
+
+    @classmethod
+    def start(cls, query, grid: OccupancyGrid | None, origins: Tensor, dirs: Tensor, near: Tensor, step: float,
+              chunk_samples: int, on_samples, distortion: bool) -> "_March":
+        """Nothing composited yet: zero colour, depth and opacity, full transmittance for the ``n`` rays."""
+        n = origins.shape[0]
+        device = origins.device
+        zeros = torch.zeros(n, device=device)  # (the distortion sums start as one shared zero tensor)
+        return cls(query, grid, origins, dirs, near, step, chunk_samples, on_samples, distortion,
+                   color=torch.zeros(n, 3, device=device), depth=torch.zeros(n, device=device),
+                   acc=torch.zeros(n, device=device), trans=torch.ones(n, device=device),
+                   dist=zeros, weight_sum=zeros, weighted_t=zeros)
+
+    def plan(self, plan: dict) -> None:
+        """Take the frame's :func:`block_plan` (step offsets, steps per ray, block length)."""
+        self.offset, self.steps_per_ray, self.block = plan["offset"], plan["steps_per_ray"], plan["block"]
+        if plan["keep"].shape[1] > 0:
+            self.ks = torch.arange(self.block, device=self.origins.device)
+
+    def samples(self, rays: Int[Tensor, " m"], blocks: Int[Tensor, " m"]) -> tuple[Tensor, Tensor, Tensor]:
+        """The occupied steps of these (ray, block) pairs: their rays ``[s]``, points ``[s, 3]`` and depths
+        ``[s]``, sorted by ray, depth."""
+        block, offset, step = self.block, self.offset, self.step
+        k = blocks[:, None] * block + self.ks[None, :]  # [m, block] step indices
+        valid = k < self.steps_per_ray[rays, None]
+        t = self.near[rays, None] + (k + offset[rays, None]) * step
+        pts = self.origins[rays, None, :] + self.dirs[rays, None, :] * t[..., None]
+        if self.grid is not None:
+            valid = valid & self.grid.occupied(pts.reshape(-1, 3)).reshape(valid.shape)
+        rows, cols = torch.nonzero(valid, as_tuple=True)
+        return rays[rows], pts[rows, cols], t[rows, cols]
+
+    def one_pass(self, ray_of: Int[Tensor, " m"], block_of: Int[Tensor, " m"]) -> None:
+        """Every occupied block of every ray in one packed field call, no early termination. On a GPU the
+        per-round host syncs and small launches cost far more than the ~10 % more samples."""
+        n = self.origins.shape[0]
+        sample_rays, pts, t = self.samples(ray_of, block_of)
+        if sample_rays.numel():
+            rgb, sigma = _query_chunked(self.query, pts, self.dirs[sample_rays], self.chunk_samples)
+            self.evaluated += sample_rays.numel()
+            out = composite_packed(sample_rays, t, sigma, rgb, self.step, n, self.trans)
+            if self.on_samples is not None:
+                self.on_samples(pts, out["weights"])
+            self.color, self.depth, self.acc, self.trans = out["rgb"], out["depth"], out["alpha"], out["transmittance"]
+            if self.distortion:
+                self.dist, _, _ = distortion_terms(sample_rays, t, out["weights"], self.step, n, self.weight_sum,
+                                                   self.weighted_t)
+
+    def rounds(self, ray_of: Int[Tensor, " m"], block_of: Int[Tensor, " m"], blocks_per_round: int,
+               min_transmittance: float) -> None:
+        """``blocks_per_round`` occupied blocks of each ray at a time (``ray_of`` / ``block_of``: the kept
+        (ray, block) pairs sorted by ray, then depth); rays whose transmittance fell to ``min_transmittance``
+        stop (early termination)."""
+        n = self.origins.shape[0]
+        counts = torch.bincount(ray_of, minlength=n)
+        rank = torch.arange(ray_of.numel(), device=self.origins.device) - (torch.cumsum(counts, 0) - counts)[ray_of]
+        for first in range(0, int(counts.max()) if n else 0, blocks_per_round):
+            sel = (rank >= first) & (rank < first + blocks_per_round)
+            sel &= self.trans[ray_of] > min_transmittance
+            rays, blocks = ray_of[sel], block_of[sel]
+            if rays.numel() == 0:  # (the masked select syncs anyway: no separate any() round trip)
+                break
+            self.round(rays, blocks)
+
+    def round(self, rays: Int[Tensor, " m"], blocks: Int[Tensor, " m"]) -> None:
+        """March these (ray, block) pairs: one packed field call, composited onto the sums of their rays."""
+        sample_rays, pts, t = self.samples(rays, blocks)
+        if sample_rays.numel() == 0:
+            return
+        # Packed per ray: compact the ids of the rays this round touches.
+        active, local = torch.unique_consecutive(sample_rays, return_inverse=True)
+        rgb, sigma = _query_chunked(self.query, pts, self.dirs[sample_rays], self.chunk_samples)
+        self.evaluated += sample_rays.numel()
+        out = composite_packed(local, t, sigma, rgb, self.step, active.numel(), self.trans[active])
+        if self.on_samples is not None:
+            self.on_samples(pts, out["weights"])
+        if self.distortion:
+            d, w_sum, wt_sum = distortion_terms(local, t, out["weights"], self.step, active.numel(),
+                                                self.weight_sum[active], self.weighted_t[active])
+            self.dist = self.dist.index_add(0, active, d)
+            self.weight_sum = self.weight_sum.index_copy(0, active, w_sum)
+            self.weighted_t = self.weighted_t.index_copy(0, active, wt_sum)
+        self.color = self.color.index_add(0, active, out["rgb"])
+        self.depth = self.depth.index_add(0, active, out["depth"])
+        self.acc = self.acc.index_add(0, active, out["alpha"])
+        self.trans = self.trans.index_copy(0, active, out["transmittance"])
+
+    def finish(self, background: Float[Tensor, "n 3"], far: Float[Tensor, " n"]) -> dict[str, Tensor]:
+        """Close every ray with the background (and its depth at ``far``) by the transmittance left."""
+        color = self.color + self.trans[:, None] * background
+        depth = self.depth + self.trans * far
+        out = {"rgb": color, "depth": depth, "alpha": self.acc, "samples": self.evaluated}
+        if self.distortion:
+            out["distortion"] = self.dist
+        return out
 
 
 def distortion_terms(ray_indices: Int[Tensor, " m"], t: Float[Tensor, " m"], weights: Float[Tensor, " m"], step: float,

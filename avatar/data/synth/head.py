@@ -104,23 +104,37 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
         # (the photo shown at 0.78×); a 640×480 frame shows it at 1.25× and 3 left holes where the skin stretches
         # (a closed eyelid came out as a dotted veil and MediaPipe read the blink at 0.16 instead of ~0.6).
         supersample = max(3, int(round(3.85 * width / crop[2])))
-    from scipy.interpolate import LinearNDInterpolator
-
     h, w = photo.shape[:2]
     k_photo = camera.mediapipe_intrinsics(w, h)
-    pose_photo = obs.head_pose
-    px = obs.landmarks_px[:468]
     x0, y0, x1, y1 = obs.bbox
-    fw, fh = x1 - x0, y1 - y0
+    fh = y1 - y0
 
     head_mask = _segment_head(photo, obs)
     neck_cut = y1 + 0.12 * fh  # below this the neck belongs to the (static) body in the plate
     rows = np.arange(h)[:, None].repeat(w, 1)
     head_mask &= rows < neck_cut + 8
 
-    # Depth of the face from the tracked canonical mesh; hair, ears and neck from the head ellipsoid,
-    # with the face's offset from the ellipsoid fading out beyond the face outline.
-    face_depth = -camera.transform_points(pose_photo, face.vertices)[:, 2]
+    face_depth = -camera.transform_points(obs.head_pose, face.vertices)[:, 2]  # [468] cm in front of the camera
+    pix, depth_map = _photo_depth(obs, head_mask, face_depth, k_photo)
+    points, colors, alpha, jaw_w, shape = _lift_texture(photo, obs, head_mask, pix, depth_map, face_depth, k_photo,
+                                                        neck_cut, supersample)
+    head = _assemble_head(points, colors, alpha, jaw_w, shape, width, height, supersample)
+    _place_in_frame(head, photo, obs, head_mask & (rows < neck_cut), crop, shape)
+    return head
+
+
+def _photo_depth(obs: FaceObservation, head_mask: np.ndarray, face_depth: np.ndarray,
+                 k_photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depth of every head pixel of the photo: the face from the tracked canonical mesh (``face_depth [468]``),
+    hair, ears and neck from the head ellipsoid, with the face's offset from the ellipsoid fading out beyond the
+    face outline. Returns the head pixels' centres ``[m, 2]`` and the depth map ``[H, W] float32`` (0 outside
+    ``head_mask [H, W]``)."""
+    from scipy.interpolate import LinearNDInterpolator
+
+    h, w = head_mask.shape
+    pose_photo = obs.head_pose
+    px = obs.landmarks_px[:468]
+    fw = obs.bbox[2] - obs.bbox[0]
     ys, xs = np.nonzero(head_mask)
     pix = np.stack([xs, ys], 1).astype(np.float64) + 0.5
     ell = _ellipsoid_depth(pix, pose_photo, k_photo)
@@ -142,22 +156,33 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
     m = head_mask.astype(np.float32)
     sigma = 0.04 * fw
     depth_map = cv2.GaussianBlur(depth_map * m, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(m, (0, 0), sigma), 1e-6)
-    depth_map = np.where(head_mask, depth_map, 0).astype(np.float32)
+    return pix, np.where(head_mask, depth_map, 0).astype(np.float32)
 
-    # Supersampled points: each photo pixel gives supersample² points with bilinear colour and depth.
+
+def _lift(pts2d: np.ndarray, depth_filled: np.ndarray, photo: np.ndarray, pose_photo: np.ndarray,
+          k_photo: np.ndarray, neck_cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Photo positions ``[m, 2]`` → canonical points ``[m, 3]``, colours ``[m, 3]`` (0–255), alpha ``[m]``
+    (fading out towards the neck cut); ``depth_filled [H, W]``: the depth map with no holes."""
+    depths = _bilinear(depth_filled[..., None], pts2d)[:, 0]
+    cam_pts = camera.backproject(pts2d.astype(np.float64), depths.astype(np.float64), k_photo)
+    return (camera.transform_points(camera.invert_pose(pose_photo), cam_pts),
+            _bilinear(photo.astype(np.float32), pts2d), _smoothstep((neck_cut + 8 - pts2d[:, 1]) / 16.0))
+
+
+def _lift_texture(photo: np.ndarray, obs: FaceObservation, head_mask: np.ndarray, pix: np.ndarray,
+                  depth_map: np.ndarray, face_depth: np.ndarray, k_photo: np.ndarray, neck_cut: float,
+                  supersample: int) -> tuple[np.ndarray, ...]:
+    """Supersampled points: each head pixel (``pix [m, 2]``) gives supersample² points with bilinear colour and
+    depth, and twice as many where the skin beside the lips stretches. Returns the points ``[p, 3]`` (canonical
+    cm), colours ``[p, 3]`` (0–255), alpha ``[p]``, jaw weight ``[p]`` and the subject's landmarks ``[468, 3]``."""
+    pose_photo = obs.head_pose
+    px = obs.landmarks_px[:468]
     offs = (np.arange(supersample) + 0.5) / supersample - 0.5
     sub = np.stack(np.meshgrid(offs, offs), -1).reshape(-1, 2)
     pts2d = (pix[:, None, :] + sub[None]).reshape(-1, 2).astype(np.float32)
     depth_filled = cv2.inpaint(depth_map, (~head_mask).astype(np.uint8), 3, cv2.INPAINT_NS)
 
-    def lift(pts2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Photo positions ``[m, 2]`` → canonical points ``[m, 3]``, colours ``[m, 3]`` (0–255), alpha ``[m]``."""
-        depths = _bilinear(depth_filled[..., None], pts2d)[:, 0]
-        cam_pts = camera.backproject(pts2d.astype(np.float64), depths.astype(np.float64), k_photo)
-        return (camera.transform_points(camera.invert_pose(pose_photo), cam_pts),
-                _bilinear(photo.astype(np.float32), pts2d), _smoothstep((neck_cut + 8 - pts2d[:, 1]) / 16.0))
-
-    canon, colors, alpha = lift(pts2d)
+    canon, colors, alpha = _lift(pts2d, depth_filled, photo, pose_photo, k_photo, neck_cut)
     # The subject's own landmark positions in canonical space (lifted the same way as the texture).
     shape = camera.transform_points(camera.invert_pose(pose_photo),
                                     camera.backproject(px, face_depth, k_photo))
@@ -170,16 +195,23 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
                  & (canon[:, 1] > shape[152, 1]) & (canon[:, 1] < shape[13, 1] + 1.0))
     half = 0.5 / supersample
     extra = (pts2d[stretched] + [half, half]).astype(np.float32)
-    more = lift(extra)
+    more = _lift(extra, depth_filled, photo, pose_photo, k_photo, neck_cut)
     canon, colors, alpha = (np.concatenate([x, y]) for x, y in zip((canon, colors, alpha), more))
     jaw_w = np.concatenate([jaw_w, _jaw_weight(more[0], shape)])
+    return canon, colors, alpha, jaw_w, shape
 
+
+def _assemble_head(canon: np.ndarray, colors: np.ndarray, alpha: np.ndarray, jaw_w: np.ndarray, shape: np.ndarray,
+                   width: int, height: int, supersample: int) -> SynthHead:
+    """The head from its lifted skin points (``canon [p, 3]``, ``colors [p, 3]`` 0–255, ``alpha [p]``, ``jaw_w
+    [p]``) and the mouth interior, with every expression's displacement field; background and base pose are
+    placeholders until :func:`_place_in_frame`."""
     mouth_pts, mouth_cols, mouth_jaw = _mouth_interior(shape, supersample)
     points = np.concatenate([canon, mouth_pts])
     # The photo smiles; the rest expression is a neutral mouth (the smile field run backwards), so that
     # smile = 0 … 1 spans neutral … a broad smile.
     smile_field = _smile_field(points, shape)
-    head = SynthHead(
+    return SynthHead(
         points=(points + SMILE_REST * smile_field).astype(np.float32),
         colors=np.concatenate([colors / 255.0, mouth_cols]).astype(np.float32),
         alpha=np.concatenate([alpha, np.ones(len(mouth_pts))]).astype(np.float32),
@@ -189,7 +221,7 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
         blink_disp=np.stack([_blink_field(points, shape, side) for side in ("left", "right")]).astype(np.float32),
         brow_disp=_brow_field(points, shape).astype(np.float32),
         jaw_hinge=np.array([0.0, shape[13, 1] + 1.5, -5.0]),
-        background=None,  # set below
+        background=None,  # set by _place_in_frame
         intrinsics=camera.mediapipe_intrinsics(width, height),
         base_pose=np.eye(4),
         width=width,
@@ -197,15 +229,19 @@ def build_head(photo: np.ndarray, obs: FaceObservation, face: CanonicalFace, wid
         shape=shape + SMILE_REST * _smile_field(shape, shape),
     )
 
-    # Frame = a crop of the photo of the frame's shape around head and shoulders (_frame_crop); the plate is
-    # that crop with the head inpainted out, and the base pose puts the rendered head where the photo had it.
+
+def _place_in_frame(head: SynthHead, photo: np.ndarray, obs: FaceObservation, moving: np.ndarray,
+                    crop: tuple[int, int, int, int], shape: np.ndarray) -> None:
+    """Frame = a crop of the photo of the frame's shape around head and shoulders (:func:`_frame_crop`); the
+    plate is that crop with the head (``moving [H, W] bool``: the head above the neck cut) inpainted out, and the
+    base pose puts the rendered head where the photo had it. Sets ``head.background`` and ``head.base_pose``."""
+    width, height = head.width, head.height
     cx0, cy0, crop_w, crop_h = crop
-    hole = cv2.dilate(head_mask.astype(np.uint8) * (rows < neck_cut), np.ones((9, 9), np.uint8))
+    hole = cv2.dilate(moving.astype(np.uint8), np.ones((9, 9), np.uint8))
     plate = cv2.inpaint(photo, hole, 9, cv2.INPAINT_TELEA)
     crop = plate[cy0:cy0 + crop_h, cx0:cx0 + crop_w]
     head.background = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA if crop_w >= width
                                  else cv2.INTER_CUBIC)
     scale = width / crop_w
-    target_px = (px - [cx0, cy0]) * scale
+    target_px = (obs.landmarks_px[:468] - [cx0, cy0]) * scale
     head.base_pose = camera.solve_pose_pnp(shape, target_px, head.intrinsics, None)
-    return head
