@@ -7,6 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# This checkout first on the path of every script the tests start: an editable install (pip install -e .) of
+# another checkout would otherwise win, and tests/mutations.py's broken copies would run the unbroken code.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
