@@ -295,7 +295,10 @@ def test_fast_field_trains_and_culls_like_the_dense_reference(dataset64, fast_bu
         seen.clear()
         march_dense(query, rays["origins"], rays["dirs"], rays["near"], rays["far"], bg, loaded.sampling.step)
     dense_samples = sum(int(((p >= loaded.model.box_min) & (p <= loaded.model.box_max)).all(-1).sum()) for p in seen)
-    assert culled["samples"] < 0.8 * dense_samples, (culled["samples"], dense_samples)  # 0.61 on this tiny avatar
+    # 0.61 on this tiny avatar when the trainer kept a density threshold; at threshold 0 (see above) only the
+    # carving culls (0.95).
+    kept = 0.8 if loaded.meta["occupancy_threshold"]["density_per_cm"] > 0 else 0.99
+    assert culled["samples"] < kept * dense_samples, (culled["samples"], dense_samples)
     for i in range(min(3, len(test))):
         args = (loaded.model, test.poses[i], test.expressions[i], loaded.latent(0), loaded.intrinsics, w, h,
                 loaded.background)
