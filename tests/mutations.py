@@ -72,7 +72,7 @@ MUTATIONS = (
              "avatar/bundle/bundle.py", "        write_bytes_atomic(directory / WEIGHTS_FILE, safetensors_bytes(tensors))",
              "        (directory / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors))",
              ("tests/test_faults.py::test_a_bundle_write_that_fails_half_way_leaves_the_previous_bundle_whole",)),
-    # -- beyond the list ---------------------------------------------------------------------------------
+    # -- further breaks ---------------------------------------------------------------------------------
     Mutation("checkpoint_not_atomic", "the checkpoint is written in place",
              "avatar/field/training.py", "        write_bytes_atomic(path, safetensors_bytes(tensors, metadata=meta))",
              "        Path(path).write_bytes(safetensors_bytes(tensors, metadata=meta))",
