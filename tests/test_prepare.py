@@ -227,3 +227,23 @@ def test_dataset_expressions_follow_the_true_performance(dataset64, subject):
                 continue  # this split never does it
             r = np.corrcoef(column, target)[0, 1]
             assert r > 0.6, (split, ours, r)  # MediaPipe on this small face: 0.78-0.9
+
+
+@pytest.mark.parametrize("foreign", [{"frames": [{"landmarks": [0, 1]}]}, [1, 2, 3], "not json at all"])
+def test_a_truth_json_of_another_format_is_ignored_in_one_line(subject, tmp_path, capsys, foreign):
+    """A real recording's folder may hold a truth.json of its own: no synthetic-subject checks, one line, no
+    traceback after a whole preparation (fit.py --video used to end in a KeyError)."""
+    from avatar.data.coverage import synthetic_truth
+    from avatar.eval.evaluation import synthetic_subject
+
+    assert synthetic_truth(subject / "truth.json") is not None  # the synthetic subject's own is read
+    assert capsys.readouterr().err == ""
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "truth.json").write_text(foreign if isinstance(foreign, str) else json.dumps(foreign))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "report.json").write_text(json.dumps({"video": str(clip / "video.mp4")}))
+    assert synthetic_truth(clip / "truth.json") is None and synthetic_subject(data) is None
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "truth.json" in said[0] and "ignored" in said[0]

@@ -4,6 +4,10 @@ head turn and nod spread — and, for the synthetic subject, how far the tracked
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from avatar.capture import camera
@@ -170,3 +174,28 @@ def pose_error_vs_truth(poses: np.ndarray, frame_indices: np.ndarray, truth: dic
             if varies and true_turn[:, 0].std() > 1e-9 else None,
         }
     return out
+
+
+_SAID: set[str] = set()
+
+
+def synthetic_truth(path: str | Path) -> dict | None:
+    """A synthetic subject's ``truth.json`` (trainer/synth.py: ``expression_names`` and ``frames``, each with its
+    ``head_pose`` and ``expression``), or None: no such file, or a file of another format. A real recording may
+    carry a truth.json of its own; it is ignored, and said once on stderr instead of failing a long run later."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        truth = json.loads(path.read_text())
+    except (OSError, ValueError):
+        truth = None
+    frames = truth.get("frames") if isinstance(truth, dict) else None
+    if (isinstance(frames, list) and frames and isinstance(truth.get("expression_names"), list)
+            and all(isinstance(f, dict) and "head_pose" in f and "expression" in f for f in frames)):
+        return truth
+    if str(path) not in _SAID:
+        _SAID.add(str(path))
+        print(f"note: {path} is not a synthetic subject's truth.json (frames with head_pose and expression): "
+              "ignored", file=sys.stderr)
+    return None

@@ -10,8 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from avatar.base.fileio import read_json
-from avatar.data.coverage import expression_coverage, pose_error_vs_truth
+from avatar.data.coverage import expression_coverage, pose_error_vs_truth, synthetic_truth
 
 
 def truth_check(video: str, poses: np.ndarray, track) -> tuple[dict | None, Path]:
@@ -20,15 +19,12 @@ def truth_check(video: str, poses: np.ndarray, track) -> tuple[dict | None, Path
     with the truth file's path."""
     truth_path = Path(video).parent / "truth.json"  # beside a synthetic subject's video
     pose_check = None
-    if truth_path.is_file():
-        truth = read_json(truth_path)
-        truth_frames = truth.get("frames") if isinstance(truth, dict) else None
-        if isinstance(truth_frames, list) and truth_frames and all(
-                isinstance(f, dict) and "head_pose" in f for f in truth_frames):
-            # MediaPipe's own head pose beside ours: the baseline any refinement has to beat.
-            pose_check = {"truth": str(truth_path),
-                          **pose_error_vs_truth(poses, track.frame_indices, truth),
-                          "mediapipe_pose": pose_error_vs_truth(track.poses, track.frame_indices, truth)}
+    truth = synthetic_truth(truth_path)
+    if truth is not None:
+        # MediaPipe's own head pose beside ours: the baseline any refinement has to beat.
+        pose_check = {"truth": str(truth_path),
+                      **pose_error_vs_truth(poses, track.frame_indices, truth),
+                      "mediapipe_pose": pose_error_vs_truth(track.poses, track.frame_indices, truth)}
     return pose_check, truth_path
 
 

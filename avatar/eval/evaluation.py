@@ -21,6 +21,7 @@ from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.bundle.reference import expression_stats, reference_pose
 from avatar.capture import camera
+from avatar.data.coverage import synthetic_truth
 from avatar.data.prepare import resize_square
 from avatar.data.reader import FrameSet, load_split, read_rgb
 from avatar.eval import fidelity
@@ -258,7 +259,7 @@ def synthetic_subject(data_dir: str | Path) -> Path | None:
     if not report_path.is_file():
         return None
     subject = Path(json.loads(report_path.read_text()).get("video", "")).parent
-    return subject if (subject / "truth.json").is_file() else None
+    return subject if synthetic_truth(subject / "truth.json") is not None else None
 
 
 def novel_pose_items(data_dir: str | Path, train: FrameSet, limit: int = 0, train_poses: np.ndarray | None = None
