@@ -186,7 +186,7 @@ def sample_value(f: dataclasses.Field) -> list[str]:
     meta, hint = f.metadata[CLI], str(f.type)
     if meta["kwargs"].get("choices"):
         return [meta["kwargs"]["choices"][-1]]
-    return ["96"] if "int" in hint else ["2.5"] if "float" in hint else ["somewhere"]
+    return ["96"] if "int" in hint else ["3.25"] if "float" in hint else ["somewhere"]
 
 
 @pytest.mark.parametrize("command,f,old", deprecated_aliases(), ids=lambda x: getattr(x, "name", x))

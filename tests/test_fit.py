@@ -209,10 +209,14 @@ def test_fit_from_a_video_within_minutes_then_overwrite(subject, dataset64, tmp_
     out = tmp_path / "run"
     r = run_script("trainer/fit.py", "--video", str(subject / "video.mp4"), "--background", str(subject / "background.png"),
                    "--size", "64", "--out", str(out), "--preset", "smoke", "--max-steps", "100000",
-                   "--max-minutes", "0.05", "--no-eval", *TINY_FIT)
+                   "--max-minutes", "0.05", "--no-eval", "--refine-poses", "0.05", "--refine-steps", "2", *TINY_FIT)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((out / "avatar.json").read_text())
     assert (out / "dataset" / "transforms_train.json").is_file() and meta["dataset"] == str(out / "dataset")
+    # The one command's preparation: the photometric head tracking ran too (as prepare.py and run_live.py --record)
+    report = json.loads((out / "dataset" / "report.json").read_text())
+    assert report["pose_tracking"]["minutes"] == 0.05 and report["pose_tracking"]["steps_per_held_out_frame"] == 2
+    assert not (out / "dataset" / ".posetrack").exists()
     assert 0 < meta["step"] < 100000 and meta["training"]["seconds_this_session"] < 30
     r = run_script("trainer/fit.py", "--data", str(dataset64), "--out", str(out), "--preset", "smoke",
                    "--max-steps", "7", "--no-eval", "--overwrite", *TINY_FIT)

@@ -260,6 +260,10 @@ def prepare_output(cfg: FitConfig, resuming: bool, ddp: Distributed) -> None:
         if cfg.video and not (Path(cfg.data) / "transforms_train.json").is_file():
             prepare_dataset(PrepareConfig(video=cfg.video, out=cfg.data, background=cfg.background, size=cfg.size,
                                           landmarker=cfg.landmarker, overwrite=True))
+            if cfg.refine_poses > 0:  # as trainer/prepare.py (and run_live.py --record) does after the dataset
+                from trainer.prepare import refine_dataset_poses  # (it trains with this module: imported late)
+
+                refine_dataset_poses(cfg.data, cfg.refine_poses, cfg.refine_steps, cfg.device)
         if not resuming:
             write_json_atomic(out / "config.json", asdict(cfg))
     ddp.barrier()

@@ -51,6 +51,11 @@ class FitConfig:
     video: str | None = arg(None, help="portrait video to prepare and train on")  # … or one to prepare (OUT/dataset)
     background: str = arg("auto", help="with --video: image of the empty scene, or 'auto'")
     size: int = arg(512, help="with --video: side of the square frames to prepare (trainer/prepare.py --size)")
+    refine_poses: float = arg(2.5, metavar="MINUTES",
+                              help="with --video: minutes of prepare's photometric head tracking (a quick avatar fit "
+                                   "with per-frame pose corrections; trainer/prepare.py --refine-poses); 0 = keep "
+                                   "the landmark poses")
+    refine_steps: int = arg(40, help="with --video: pose-refinement steps per validation/test frame of that tracking")
     field: str = arg("fast", choices=["nerface", "fast"],
                      help="fast: expression-blended tri-planes + occupancy culling, trains in minutes and renders "
                           "live; nerface: the paper's MLP (days on a GPU, ~1 minute per frame on a CPU)")
