@@ -260,7 +260,12 @@ def prepare_output(cfg: FitConfig, resuming: bool, ddp: Distributed) -> None:
         if cfg.video and not (Path(cfg.data) / "transforms_train.json").is_file():
             prepare_dataset(PrepareConfig(video=cfg.video, out=cfg.data, background=cfg.background, size=cfg.size,
                                           landmarker=cfg.landmarker, overwrite=True))
-            if cfg.refine_poses > 0:  # as trainer/prepare.py (and run_live.py --record) does after the dataset
+            # As trainer/prepare.py (and run_live.py --record) after the dataset. Its quick fit runs in this
+            # process: not under torchrun, where it would join the ranks' process group.
+            if cfg.refine_poses > 0 and ddp.world > 1:
+                print("note: no photometric head tracking under torchrun (landmark poses); for it, run "
+                      "trainer/prepare.py first and train with --data", file=sys.stderr)
+            elif cfg.refine_poses > 0:
                 from trainer.prepare import refine_dataset_poses  # (it trains with this module: imported late)
 
                 refine_dataset_poses(cfg.data, cfg.refine_poses, cfg.refine_steps, cfg.device)
