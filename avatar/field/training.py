@@ -19,9 +19,11 @@ PRESETS: dict[str, dict] = {
     # The paper: 512², 2048 rays, 64 + 64 samples, 400k steps (about 2 days on a 2021 GPU).
     "paper": dict(size=512, width=256, rays_per_step=2048, coarse_samples=64, fine_samples=64, max_steps=400_000,
                   lr_decay_steps=250_000, checkpoint_every=5000, val_every=10_000),
-    # Minutes on a laptop CPU: a narrower backbone, fewer rays and samples.
+    # Minutes on a laptop CPU: a narrower backbone, fewer rays and samples. The final evaluation scores 20 test
+    # frames spread over the held-out part (each refined for eval_pose_steps: ~7 s a frame at 256²; all 171 of a
+    # 33-second clip took 20 minutes); trainer/evaluate.py --frames 0 scores them all.
     "cpu": dict(size=128, width=128, rays_per_step=1024, coarse_samples=32, fine_samples=32, max_steps=1500,
-                lr_decay_steps=3000, checkpoint_every=100, val_every=500),
+                lr_decay_steps=3000, checkpoint_every=100, val_every=500, eval_frames=20),
     # A pipeline check in about a minute: learns the background/foreground split and a blurry head.
     "smoke": dict(size=64, width=128, rays_per_step=512, coarse_samples=24, fine_samples=24, max_steps=200,
                   lr_decay_steps=600, checkpoint_every=50, val_every=100, eval_frames=6, log_every=5, eval_pose_steps=10,
@@ -55,7 +57,9 @@ class FitConfig:
                               help="with --video: minutes of prepare's photometric head tracking (a quick avatar fit "
                                    "with per-frame pose corrections; trainer/prepare.py --refine-poses); 0 = keep "
                                    "the landmark poses")
-    refine_steps: int = arg(40, help="with --video: pose-refinement steps per validation/test frame of that tracking")
+    refine_steps: int = arg(0, help="with --video: pose-refinement steps per validation/test frame of that tracking "
+                                    "(0 = none: the training frames' mean correction; evaluation refines the frames "
+                                    "it scores)")
     field: str = arg("fast", choices=["nerface", "fast"],
                      help="fast: expression-blended tri-planes + occupancy culling, trains in minutes and renders "
                           "live; nerface: the paper's MLP (days on a GPU, ~1 minute per frame on a CPU)")
