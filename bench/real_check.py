@@ -104,7 +104,9 @@ def peak_frames(driver: np.ndarray, names: list[str]) -> dict[str, int]:
     """Frame indices of the driver's calm moment and its jaw, smile and blink peaks (tracked frames only)."""
     ok = ~np.isnan(driver).any(1)
     g = group_table(np.where(ok[:, None], driver, 0.0), names, GROUPS)
-    activity = np.where(ok, sum(g.values()), np.inf)
+    # calm: held for a quarter second (the live loop's filter lags a fast change by a few frames)
+    held = np.convolve(np.pad(sum(g.values()), 3, mode="edge"), np.ones(7) / 7, mode="valid")
+    activity = np.where(ok, held, np.inf)
     return {"calm": int(np.argmin(activity)),
             **{k: int(np.argmax(np.where(ok, g[k], -np.inf))) for k in ("jaw", "smile", "blink")}}
 
