@@ -25,27 +25,35 @@ GAZE_WEIGHT = 0.25
 CALM_WINDOW = 7
 
 
+def _calm_weights(names: list[str] | tuple[str, ...] | None, count: int) -> np.ndarray:
+    """``[e]`` weight of each score in a face's activity: gaze ``GAZE_WEIGHT``, MediaPipe's ``_neutral`` 0."""
+    names = list(names) if names is not None else list(BLENDSHAPE_NAMES) if count == len(BLENDSHAPE_NAMES) else []
+    if not names:
+        weight = np.ones(count)
+        weight[0] = 0.0  # entry 0 is MediaPipe's `_neutral` score (as expression_activity assumes)
+        return weight
+    return np.array([0.0 if n == "_neutral" else GAZE_WEIGHT if n.startswith("eyeLook") else 1.0 for n in names])
+
+
 def calm_activity(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None
                   ) -> Float[np.ndarray, " t"]:
     """How far each frame of ``[t, e]`` (in time order) is from a held calm face: the summed scores (gaze
     weighted ``GAZE_WEIGHT``, MediaPipe's ``_neutral`` left out), averaged over ``CALM_WINDOW`` frames."""
     e = np.asarray(expressions, np.float64)
-    names = list(names) if names is not None else list(BLENDSHAPE_NAMES) if e.shape[1] == len(BLENDSHAPE_NAMES) else []
-    weight = np.ones(e.shape[1])
-    if names:
-        weight = np.array([0.0 if n == "_neutral" else GAZE_WEIGHT if n.startswith("eyeLook") else 1.0 for n in names])
-    else:
-        weight[0] = 0.0  # entry 0 is MediaPipe's `_neutral` score (as expression_activity assumes)
-    activity = e @ weight
+    activity = e @ _calm_weights(names, e.shape[1])
     k = min(CALM_WINDOW, len(activity))
     padded = np.pad(activity, (k // 2, k - 1 - k // 2), mode="edge")
     return np.convolve(padded, np.ones(k) / k, mode="valid")
 
 
 def neutral_index(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None) -> int:
-    """The avatar's neutral: the training frame (``[t, e]`` in time order) of the calmest held face
-    (:func:`calm_activity`)."""
-    return int(calm_activity(expressions, names).argmin())
+    """The avatar's neutral: in the calmest held stretch of ``CALM_WINDOW`` training frames (``[t, e]`` in time
+    order, :func:`calm_activity`), its calmest frame — so that a stretch that is calm on average does not hand
+    over a frame that squints."""
+    e = np.asarray(expressions, np.float64)
+    centre = int(calm_activity(e, names).argmin())
+    lo, hi = max(0, centre - CALM_WINDOW // 2), min(len(e), centre + CALM_WINDOW // 2 + 1)
+    return lo + int((e[lo:hi] @ _calm_weights(names, e.shape[1])).argmin())
 
 
 def expression_stats(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None
