@@ -119,7 +119,8 @@ def test_render_offline_video(smoke_bundle, tmp_path):
     yaws = [matrix_to_euler((np.linalg.inv(ref) @ pose)[:3, :3])[0] for pose, _ in frames]
     assert yaws == pytest.approx([-20, 0, 20], abs=0.5)
     # The mask panel is grey (alpha repeated), with foreground and background; normals are not the colour.
-    assert np.abs(mask[..., 0] - mask[..., 1]).max() < 4 and mask.max() > 128 and mask.min() < 64
+    # (H.264's subsampled chroma leaves grey a level or few off at sharp edges: compare the mean, not the max)
+    assert np.abs(mask[..., 0] - mask[..., 1]).mean() < 1 and mask.max() > 128 and mask.min() < 64
     assert np.abs(normals - rgb).mean() > 10
 
 
