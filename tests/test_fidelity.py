@@ -72,27 +72,6 @@ def test_reference_pose_is_the_resting_pose_not_the_most_frontal():
     assert any(np.allclose(mid, p) for p in poses)
 
 
-def test_the_neutral_is_a_held_calm_face_not_a_glancing_squint_or_a_transient():
-    """A real recording's least active frame was a squint with the eyes turned in (gaze scores counted as
-    expression) or a frame passing between two faces; the neutral is the calm face held for a moment."""
-    from avatar.bundle.reference import neutral_index
-
-    names = list(BLENDSHAPE_NAMES)
-    col = {n: i for i, n in enumerate(names)}
-    e = np.full((60, len(names)), 0.3)
-    e[:, col["_neutral"]] = 0.0
-    e[10:20] = 0.0  # calm with the eyes (gaze) turned well aside: still calm
-    e[10:20, col["eyeLookInRight"]], e[10:20, col["eyeLookOutLeft"]] = 0.9, 0.9
-    e[10:20, col["browOuterUpRight"]] = 0.2
-    e[35] = 0.0  # one frame passing low between two faces
-    e[45:50] = 0.0  # a squint with the gaze turned in, held
-    e[45:50, col["eyeSquintLeft"]], e[45:50, col["eyeLookInRight"]] = 0.45, 0.42
-    i = neutral_index(e, names)
-    assert 10 <= i < 20, i
-    assert neutral_index(e) == i  # the 52 MediaPipe names are the default
-    assert expression_stats(e, names)["neutral"] == e[i].tolist()
-
-
 def test_aed_zero_for_the_real_frame_positive_for_another_and_misses_counted(splits, tracker):
     train, test = splits
     truths = [as_float(test.images[k]) for k in range(3)]

@@ -1,14 +1,12 @@
-"""The avatar's reference, written into ``avatar.json``: the neutral (calmest held) training frame, the resting
+"""The avatar's reference, written into ``avatar.json``: the neutral (least active) training frame, the resting
 head pose, the trained expression range and its principal components.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from jaxtyping import Float
 
 from avatar.capture import camera
-from avatar.capture.tracking import BLENDSHAPE_NAMES
 
 
 def expression_activity(expressions: np.ndarray) -> np.ndarray:
@@ -16,49 +14,17 @@ def expression_activity(expressions: np.ndarray) -> np.ndarray:
     return expressions[:, 1:].sum(1)
 
 
-# Where the eyes look is no expression: a calm face glancing aside is calm. Real people's calm frames carry
-# eyeLook* scores of 0.3–0.9 (MediaPipe reads a slight squint of the gaze), which made a squint with a bitten
-# lip the least active frame of a real recording (a face-pulling phone clip); gaze counts a quarter.
-GAZE_WEIGHT = 0.25
-# A neutral is a state held for a moment, not a transient between two expressions (a frame where every score
-# passes low on its way from one face to another): the activity is averaged over this many neighbouring frames.
-CALM_WINDOW = 7
+def neutral_index(expressions: np.ndarray, names: list[str] | tuple[str, ...] | None = None) -> int:
+    """The training frame with the least expression: the avatar's neutral. (``names``: unused for now. A calmer
+    choice for real recordings — the calmest held stretch, gaze counted a quarter — picked a calm frame on a
+    real clip where this one picks a squint, but it broke the live test's jaw following on the synthetic
+    subject (r 0.82 → 0.58, a neutral at the jaw's minimum): docs/NOTES.md, 2026-12-07.)"""
+    return int(expression_activity(expressions).argmin())
 
 
-def _calm_weights(names: list[str] | tuple[str, ...] | None, count: int) -> np.ndarray:
-    """``[e]`` weight of each score in a face's activity: gaze ``GAZE_WEIGHT``, MediaPipe's ``_neutral`` 0."""
-    names = list(names) if names is not None else list(BLENDSHAPE_NAMES) if count == len(BLENDSHAPE_NAMES) else []
-    if not names:
-        weight = np.ones(count)
-        weight[0] = 0.0  # entry 0 is MediaPipe's `_neutral` score (as expression_activity assumes)
-        return weight
-    return np.array([0.0 if n == "_neutral" else GAZE_WEIGHT if n.startswith("eyeLook") else 1.0 for n in names])
-
-
-def calm_activity(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None
-                  ) -> Float[np.ndarray, " t"]:
-    """How far each frame of ``[t, e]`` (in time order) is from a held calm face: the summed scores (gaze
-    weighted ``GAZE_WEIGHT``, MediaPipe's ``_neutral`` left out), averaged over ``CALM_WINDOW`` frames."""
-    e = np.asarray(expressions, np.float64)
-    activity = e @ _calm_weights(names, e.shape[1])
-    k = min(CALM_WINDOW, len(activity))
-    padded = np.pad(activity, (k // 2, k - 1 - k // 2), mode="edge")
-    return np.convolve(padded, np.ones(k) / k, mode="valid")
-
-
-def neutral_index(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None) -> int:
-    """The avatar's neutral: in the calmest held stretch of ``CALM_WINDOW`` training frames (``[t, e]`` in time
-    order, :func:`calm_activity`), its calmest frame — so that a stretch that is calm on average does not hand
-    over a frame that squints."""
-    e = np.asarray(expressions, np.float64)
-    centre = int(calm_activity(e, names).argmin())
-    lo, hi = max(0, centre - CALM_WINDOW // 2), min(len(e), centre + CALM_WINDOW // 2 + 1)
-    return lo + int((e[lo:hi] @ _calm_weights(names, e.shape[1])).argmin())
-
-
-def expression_stats(expressions: Float[np.ndarray, "t e"], names: list[str] | tuple[str, ...] | None = None
+def expression_stats(expressions: np.ndarray, names: list[str] | tuple[str, ...] | None = None
                      ) -> dict[str, list[float]]:
-    """min, max, mean and a neutral expression (:func:`neutral_index`) of ``[t, e]``."""
+    """min, max, mean and a neutral expression (the training frame with the least expression) of ``[t, e]``."""
     return {"min": expressions.min(0).tolist(), "max": expressions.max(0).tolist(),
             "mean": expressions.mean(0).tolist(), "neutral": expressions[neutral_index(expressions, names)].tolist()}
 

@@ -202,8 +202,8 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
 
     Controllability renders with the model's normal renderer at the dataset's size, the first training
     frame's latent code (the evaluation protocol), the bundle's reference head pose (the resting pose: the
-    typical head rotation of the calmest training frames) and its neutral expression (the training frame of the
-    calmest held face: ``avatar.bundle.reference.neutral_index``) — the same pose and neutral that
+    typical head rotation of the calmest training frames) and its neutral expression (the training frame with
+    the least total blendshape activity: ``avatar.bundle.reference.neutral_index``) — the same pose and neutral that
     ``trainer/render.py --set`` edits from.
     """
     from avatar.capture.tracking import FaceTracker
@@ -231,7 +231,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
             values = np.array([t["frames"][int(k)]["expression"] for k in frame_indices], np.float64)
             truth = (list(t["expression_names"]), values.reshape(len(frame_indices), -1))
     notes = {"reference_pose": "the bundle's reference head pose (the resting pose: its calmest frames' typical head rotation)",
-             "neutral": "the neutral expression (the training frame of the calmest held face)",
+             "neutral": "the neutral expression (the training frame with the least total blendshape activity)",
              "neutral_frame_index": int(train.frame_indices[neutral_index])}
     block = fidelity.measure(lambda: FaceTracker("image"), truths, shown, names, cfg, render, train.expressions,
                              neutral, truth, notes, train.read_image, neutral_index,
