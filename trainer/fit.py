@@ -331,7 +331,7 @@ def start_loop(run: FitRun) -> None:
     run.intrinsics = torch.tensor(train_set.intrinsics, dtype=torch.float32, device=device)
     run.poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
     run.expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
-    run.calmest = neutral_index(train_set.expressions, train_set.expression_names)  # the neutral stand-in during --expression-warmup
+    run.calmest = neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
     run.boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
     run.rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + run.step)  # each rank its own frames and rays
 
@@ -481,7 +481,7 @@ def bundle_meta(run: FitRun, train_stats: dict) -> dict:
         "intrinsics": train_set.intrinsics.tolist(),
         "image_size": list(run.size),
         "expression_names": train_set.expression_names,
-        "expression_stats": expression_stats(train_set.expressions, train_set.expression_names),
+        "expression_stats": expression_stats(train_set.expressions),
         "reference_head_pose": reference.tolist(),
         "pose_range": pose_range(train_set.poses, reference),
         "expression_components": expression_components(train_set.expressions),

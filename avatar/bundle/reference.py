@@ -14,19 +14,15 @@ def expression_activity(expressions: np.ndarray) -> np.ndarray:
     return expressions[:, 1:].sum(1)
 
 
-def neutral_index(expressions: np.ndarray, names: list[str] | tuple[str, ...] | None = None) -> int:
-    """The training frame with the least expression: the avatar's neutral. (``names``: unused for now. A calmer
-    choice for real recordings — the calmest held stretch, gaze counted a quarter — picked a calm frame on a
-    real clip where this one picks a squint, but it broke the live test's jaw following on the synthetic
-    subject (r 0.82 → 0.58, a neutral at the jaw's minimum): docs/NOTES.md, 2026-12-07.)"""
+def neutral_index(expressions: np.ndarray) -> int:
+    """The training frame with the least expression: the avatar's neutral."""
     return int(expression_activity(expressions).argmin())
 
 
-def expression_stats(expressions: np.ndarray, names: list[str] | tuple[str, ...] | None = None
-                     ) -> dict[str, list[float]]:
+def expression_stats(expressions: np.ndarray) -> dict[str, list[float]]:
     """min, max, mean and a neutral expression (the training frame with the least expression) of ``[t, e]``."""
     return {"min": expressions.min(0).tolist(), "max": expressions.max(0).tolist(),
-            "mean": expressions.mean(0).tolist(), "neutral": expressions[neutral_index(expressions, names)].tolist()}
+            "mean": expressions.mean(0).tolist(), "neutral": expressions[neutral_index(expressions)].tolist()}
 
 
 def expression_components(expressions: np.ndarray, count: int = 8) -> list[list[float]]:

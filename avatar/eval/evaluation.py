@@ -210,7 +210,7 @@ def fidelity_block(loaded: LoadedAvatar, data_dir: str | Path, train: FrameSet, 
 
     meta = loaded.meta
     names = list(meta["expression_names"])
-    stats = meta.get("expression_stats") or expression_stats(train.expressions, train.expression_names)
+    stats = meta.get("expression_stats") or expression_stats(train.expressions)
     neutral = np.asarray(stats["neutral"], np.float32)
     neutral_index = int(np.abs(train.expressions - neutral).sum(1).argmin())
     pose = np.asarray(meta.get("reference_head_pose") or reference_pose(train.poses, train.expressions))
