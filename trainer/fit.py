@@ -125,6 +125,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg.setdefault("plane_tv_weight", 0.0)
         stored_cfg.setdefault("expression_init_zero", False)
         stored_cfg.setdefault("pose_refine", False)
+        stored_cfg.setdefault("expression_mlp", False)
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -539,7 +540,7 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
                             bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
                             expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map,
                             expression_resolution=cfg.expression_resolution,
-                            expression_init_zero=cfg.expression_init_zero)
+                            expression_init_zero=cfg.expression_init_zero, expression_mlp=cfg.expression_mlp)
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)

@@ -86,13 +86,15 @@ class FastField(nn.Module):
                  expression_map: str = "learned", expression_matrix: list[list[float]] | None = None,
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
                  expression_resolution: int = 0, expression_init_zero: bool = True,
-                 expression_low: list[float] | None = None, expression_high: list[float] | None = None, **_ignored):
+                 expression_low: list[float] | None = None, expression_high: list[float] | None = None,
+                 expression_mlp: bool = False, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
                             channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
                             expression_labels=list(expression_labels or []),
-                            expression_resolution=int(expression_resolution or resolution))
+                            expression_resolution=int(expression_resolution or resolution),
+                            expression_mlp=bool(expression_mlp))
         if expression_low is not None:  # bounds on the basis weights (see avatar.expressions.weight_limits)
             self.hparams.update(expression_low=list(map(float, expression_low)),
                                 expression_high=list(map(float, expression_high)))
@@ -137,18 +139,31 @@ class FastField(nn.Module):
         self.expression_map.requires_grad_(expression_map == "learned")
         self.layer1 = nn.Linear(3 * channels, hidden)
         self.latent_in = nn.Linear(latent_dim, hidden, bias=False)
+        # NerFace feeds the expression to its MLP's first layer beside the sample's features: a per-frame bias, so
+        # it costs nothing per sample here (it joins the latent code's share). It lets an expression change the
+        # decoding non-linearly (a mouth's inside, a fold) where the bases can only add features. It takes the
+        # basis weights, not the 52 scores: one bounded, disentangled number per group, as the planes do.
+        # Zero at the start: the field begins as it did without it.
+        self.expression_in = None
+        if expression_mlp:
+            self.expression_in = nn.Linear(bases, hidden, bias=False)
+            nn.init.zeros_(self.expression_in.weight)
         self.layer2 = nn.Linear(hidden, hidden)
         self.density = nn.Linear(hidden, 1)
         with torch.no_grad():  # start empty (density ≈ 0.007/cm): the loss grows the head where it is needed
             self.density.bias.fill_(-4.0)
         self.color = nn.Linear(hidden + 9, 3)
 
-    def blend(self, condition: Float[Tensor, " c"]) -> Float[Tensor, "3 ch r r"]:
-        """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
-        expression = condition[: self.hparams["expression_dim"]]
-        weights = self.expression_map(expression)
+    def basis_weights(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " bases"]:
+        """The expression's weight on each basis (the map, then the trained bounds)."""
+        weights = self.expression_map(condition[: self.hparams["expression_dim"]])
         if self.weight_low is not None:
             weights = torch.minimum(torch.maximum(weights, self.weight_low), self.weight_high)
+        return weights
+
+    def blend(self, condition: Float[Tensor, " c"]) -> Float[Tensor, "3 ch r r"]:
+        """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
+        weights = self.basis_weights(condition)
         if self.expression_planes is None:
             return torch.einsum("k,kpcij->pcij", torch.cat([torch.ones(1, device=condition.device), weights]), self.planes)
         offset = torch.einsum("k,kpcij->pcij", weights, self.expression_planes)
@@ -157,8 +172,12 @@ class FastField(nn.Module):
         return self.planes[0] + offset
 
     def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " hidden"]:
-        """The latent code's share of the first layer: the same for every sample of a frame."""
-        return self.latent_in(condition[self.hparams["expression_dim"]:])
+        """The frame's share of the first layer, the same for every sample of a frame: the latent code's, and
+        the expression's when the field has ``expression_mlp``."""
+        bias = self.latent_in(condition[self.hparams["expression_dim"]:])
+        if self.expression_in is not None:
+            bias = bias + self.expression_in(self.basis_weights(condition))
+        return bias
 
     def frame_state(self, expression: Float[Tensor, " e"], latent: Float[Tensor, " l"], channels_last: bool = False
                     ) -> tuple[Float[Tensor, "3 ch r r"] | Float[Tensor, "3 rr ch"], Float[Tensor, " hidden"]]:
