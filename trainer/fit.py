@@ -42,7 +42,7 @@ from avatar.data.reader import load_background, load_full_frame, load_split, rea
 from avatar.eval.evaluation import evaluate, format_table, pick, score, synthetic_subject
 from avatar.field import posefit
 from avatar.field.carve import carve_occupancy, culling_psnr_gap
-from avatar.field.expressions import disentangled_map, weight_limits
+from avatar.field.expressions import balanced_frame_table, disentangled_map, group_activity, pick_frame, weight_limits
 from avatar.field.model import Avatar, SamplingConfig
 from avatar.field.training import (
     CHECKPOINT_FILE,
@@ -126,6 +126,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg.setdefault("expression_init_zero", False)
         stored_cfg.setdefault("pose_refine", False)
         stored_cfg.setdefault("expression_mlp", False)
+        stored_cfg.setdefault("frame_balance", 0.0)
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -195,6 +196,7 @@ class FitRun:
     poses: torch.Tensor | None = None  # [t, 4, 4]
     expressions: torch.Tensor | None = None  # [t, e]
     calmest: int = 0
+    frame_table: np.ndarray | None = None  # [g, t] per expression group, a distribution over frames (frame_balance)
     boxes: np.ndarray | None = None  # [t, 4] padded face boxes
     rng: np.random.Generator | None = None
     writer: Any = None
@@ -333,6 +335,9 @@ def start_loop(run: FitRun) -> None:
     run.poses = torch.tensor(train_set.poses, dtype=torch.float32, device=device)
     run.expressions = torch.tensor(train_set.expressions, dtype=torch.float32, device=device)
     run.calmest = neutral_index(train_set.expressions)  # the neutral stand-in during --expression-warmup
+    if cfg.frame_balance > 0:
+        activity, _ = group_activity(train_set.expressions, train_set.expression_names)
+        run.frame_table = balanced_frame_table(activity)
     run.boxes = np.stack([padded_box(b, w, h) for b in train_set.bboxes])
     run.rng = np.random.default_rng(cfg.seed * 1000 + ddp.rank * 7919 + run.step)  # each rank its own frames and rays
 
@@ -373,7 +378,7 @@ def train_step(run: FitRun) -> tuple[torch.Tensor, torch.Tensor, float]:
     cfg, model, train_set, device = run.cfg, run.model, run.train_set, run.device
     w, h = run.size
     step, rng, pose_deltas = run.step, run.rng, run.pose_deltas
-    i = int(rng.integers(len(train_set)))
+    i = pick_frame(rng, len(train_set), run.frame_table, cfg.frame_balance)
     regions = train_set.regions[i] if train_set.regions is not None else None
     px = torch.from_numpy(sample_pixels(rng, cfg.rays_per_step, run.boxes[i], w, h, cfg.inside_fraction, regions,
                                         cfg.region_fraction)).to(device)

@@ -84,6 +84,40 @@ def disentangled_map(expressions: Float[np.ndarray, "t e"], names: tuple[str, ..
     return np.concatenate([a_groups, a_rest]), np.concatenate([b_groups, b_rest]), labels
 
 
+def group_activity(expressions: Float[np.ndarray, "t e"], names: tuple[str, ...] | list[str] = BLENDSHAPE_NAMES,
+                   min_span: float = 0.05, groups: dict[str, tuple[str, ...]] = EXPRESSION_GROUPS
+                   ) -> tuple[Float[np.ndarray, "g t"], list[str]]:
+    """How active each expression group is in each frame, in ``[0, 1]``: 0 at the group's rest (1st percentile),
+    1 at its 99th percentile — the scale of :func:`disentangled_map`'s group weights. Groups whose trained range
+    spans less than ``min_span`` are left out. Returns ``[g, t]`` and the groups' labels."""
+    e = np.asarray(expressions, dtype=np.float64)
+    labels_all, rows = group_rows(names, groups)
+    g_raw = e @ rows.T  # [t, g]
+    lo, hi = np.percentile(g_raw, 1, axis=0), np.percentile(g_raw, 99, axis=0)
+    keep = (hi - lo) >= min_span
+    active = np.clip((g_raw[:, keep] - lo[keep]) / (hi - lo)[keep], 0.0, 1.0).T
+    return active, [lab for lab, k in zip(labels_all, keep) if k]
+
+
+def balanced_frame_table(activity: Float[np.ndarray, "g t"], power: float = 2.0) -> Float[np.ndarray, "g t"]:
+    """Per group, a distribution over frames that favours the frames where that group is strongest
+    (``activity ** power``, normalised); a group active in no frame gets the uniform one."""
+    w = np.power(np.asarray(activity, np.float64), power)
+    total = w.sum(1, keepdims=True)
+    uniform = np.full_like(w, 1.0 / max(w.shape[1], 1))
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0), uniform)
+
+
+def pick_frame(rng: np.random.Generator, count: int, table: Float[np.ndarray, "g t"] | None, balance: float) -> int:
+    """A training frame for one step: with probability ``balance`` a random group's frame drawn from ``table``
+    (:func:`balanced_frame_table`), else any frame. A real recording shows a smile or a raised brow in few
+    frames; drawn uniformly those frames get few steps and their bases learn little."""
+    if table is None or table.shape[0] == 0 or rng.random() >= balance:
+        return int(rng.integers(count))
+    g = int(rng.integers(table.shape[0]))
+    return int(rng.choice(count, p=table[g]))
+
+
 def weight_limits(matrix: Float[np.ndarray, "k e"], offset: Float[np.ndarray, " k"], labels: list[str],
                   expressions: Float[np.ndarray, "t e"], margin: float = 0.1) -> tuple[list[float], list[float]] | None:
     """Per-weight ``(low, high)`` bounds: residual weights stay inside their trained range (plus ``margin`` of

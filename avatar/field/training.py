@@ -130,6 +130,9 @@ class FitConfig:
     expression_mlp: bool = arg(False, flag="--expression-mlp", values={"on": True, "off": False},
                                help="fast field: the expression's basis weights also enter the MLP's first layer "
                                     "(a per-frame bias, as NerFace; no per-sample cost)")
+    frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
+                                         "smile, blink, brows …) is strongest, a group picked at random; the rest "
+                                         "draw any frame (rare expressions get more steps)")
     expression_init_zero: bool = arg(True, flag="--expression-init", values={"zero": True, "random": False},
                                      help="fast field: expression bases start at zero or small random values")
     sparsity_weight: float = arg(5e-2, help="fast field: weight of the empty-space sparsity loss")
