@@ -96,3 +96,22 @@ def test_learning_rate_decays_over_the_time_budget_when_that_comes_first():
     assert learning_rate(cfg, 100, time_fraction=1.0) == pytest.approx(1e-3)  # budget spent: fully decayed
     assert learning_rate(cfg, 100, time_fraction=0.5) == pytest.approx(1e-2 * 0.1 ** 0.5)
     assert learning_rate(cfg, 6000, time_fraction=0.1) == pytest.approx(1e-2 * 0.1 ** 0.75)  # steps ahead of time
+
+
+def test_balanced_frames_favour_each_groups_strongest_frames():
+    """--frame-balance: a group's table puts its weight on the frames where that group is active, so a rare
+    expression (a blink in 20 % of frames) gets more of the steps; balance 0 is the uniform draw."""
+    from avatar.field.expressions import balanced_frame_table, group_activity, pick_frame
+
+    e = correlated_expressions()
+    activity, labels = group_activity(e, NAMES)
+    assert activity.shape == (len(labels), len(e)) and activity.min() >= 0 and activity.max() <= 1
+    table = balanced_frame_table(activity)
+    np.testing.assert_allclose(table.sum(1), 1.0)
+    blink = labels.index("eyeBlinkLeft")
+    blinking = activity[blink] > 0.5
+    assert table[blink, blinking].sum() > 0.99
+    rng = np.random.default_rng(0)
+    share = {b: np.mean([blinking[pick_frame(rng, len(e), table, b)] for _ in range(3000)]) for b in (0.0, 0.5)}
+    assert abs(share[0.0] - blinking.mean()) < 0.03 and share[0.5] > share[0.0] + 0.05
+    assert pick_frame(rng, 5, None, 1.0) in range(5)

@@ -104,3 +104,24 @@ def test_the_latent_code_conditions_the_field(field):
         a, b = (render_rays(model, rays, expression, latent, torch.zeros(16 * 16, 3), sampling)["rgb"]
                 for latent in (torch.zeros(8), 3 * torch.randn(8)))
     assert (a - b).abs().max() > 1e-5  # untrained, the effect is small (4e-4 for nerface), but never zero
+
+
+def test_the_expression_reaches_the_mlp_as_a_per_frame_bias():
+    """--expression-mlp: the expression's basis weights join the first layer's per-frame bias (NerFace feeds the
+    expression to its MLP), starting at zero (the field begins as without it); a field without it is unchanged."""
+    torch.manual_seed(0)
+    kw = dict(expression_dim=52, latent_dim=8, resolution=16, channels=4, bases=3, hidden=16)
+    plain, mlp = (FastField([-10, -10, -10], [10, 10, 10], expression_mlp=on, **kw) for on in (False, True))
+    assert plain.expression_in is None and "expression_in.weight" not in plain.state_dict()
+    expression, other, latent = torch.zeros(52), torch.zeros(52), torch.rand(8)
+    other[25] = 1.0
+    with torch.no_grad():
+        mlp.expression_map.weight.normal_()
+    bias = [mlp.frame_state(e, latent)[1] for e in (expression, other)]
+    torch.testing.assert_close(bias[0], bias[1])  # zero at the start
+    with torch.no_grad():
+        mlp.expression_in.weight.normal_()
+    a, b = (mlp.frame_state(e, latent)[1] for e in (expression, other))
+    assert a.shape == (16,) and (a - b).abs().max() > 1e-3
+    weights = mlp.basis_weights(torch.cat([other, latent]))
+    torch.testing.assert_close(b, mlp.latent_in(latent) + mlp.expression_in(weights))
