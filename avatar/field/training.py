@@ -127,7 +127,7 @@ class FitConfig:
     # Total variation of the frame's blended planes (mean squared difference of neighbouring texels): keeps texels
     # that few rays see from turning into grain, which MediaPipe reads as texture, not as a face.
     plane_tv_weight: float = arg(1e-2, help="fast field: weight of the planes' total-variation loss")
-    expression_mlp: bool = arg(False, flag="--expression-mlp", values={"on": True, "off": False},
+    expression_mlp: bool = arg(True, flag="--expression-mlp", values={"on": True, "off": False},
                                help="fast field: the expression's basis weights also enter the MLP's first layer "
                                     "(a per-frame bias, as NerFace; no per-sample cost)")
     frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
