@@ -145,3 +145,16 @@ def test_an_expression_warp_moves_the_neutral_planes_instead_of_cross_fading():
     moved = warped.blend(cond) - torch.einsum("k,kpcij->pcij", torch.tensor([1.0, 0, 0]), warped.planes[1:])
     torch.testing.assert_close(moved[..., :, :-1], warped.planes[0][..., :, 1:])
     assert "warp" not in plain.state_dict()
+
+
+def test_plane_gather_matches_grid_sample():
+    """The gathers the exported graphs use (no GridSample kernel in ONNX Runtime here) give grid_sample's numbers."""
+    from avatar.field.fast import plane_gather
+
+    torch.manual_seed(0)
+    planes = torch.randn(3, 5, 12, 12)
+    grid = torch.rand(3, 7, 9, 2) * 2 - 1
+    ref = torch.nn.functional.grid_sample(planes, grid, mode="bilinear", align_corners=True)  # [3, 5, 7, 9]
+    flat = grid.reshape(3, -1, 2)
+    got = plane_gather(FastField.channels_last(planes), flat[..., 0], flat[..., 1], 12)  # [3, 63, 5]
+    torch.testing.assert_close(got.permute(0, 2, 1).reshape(3, 5, 7, 9), ref)
