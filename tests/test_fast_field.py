@@ -125,3 +125,36 @@ def test_the_expression_reaches_the_mlp_as_a_per_frame_bias():
     assert a.shape == (16,) and (a - b).abs().max() > 1e-3
     weights = mlp.basis_weights(torch.cat([other, latent]))
     torch.testing.assert_close(b, mlp.latent_in(latent) + mlp.expression_in(weights))
+
+
+def test_an_expression_warp_moves_the_neutral_planes_instead_of_cross_fading():
+    """--expression-warp: each basis displaces the neutral planes; zero at the start (the same planes as without
+    it), and a basis whose warp is one texel to the right shows each texel's right neighbour when fully on."""
+    torch.manual_seed(0)
+    kw = dict(expression_dim=52, latent_dim=8, resolution=9, channels=2, bases=3, hidden=8)
+    plain, warped = (FastField([-10, -10, -10], [10, 10, 10], expression_warp=w, **kw) for w in (0, 4))
+    warped.load_state_dict({**plain.state_dict(), "warp": warped.warp.detach()})
+    cond = torch.zeros(60)
+    with torch.no_grad():
+        plain.expression_map.weight.zero_()
+        plain.expression_map.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        warped.expression_map.load_state_dict(plain.expression_map.state_dict())
+    torch.testing.assert_close(warped.blend(cond), plain.blend(cond))
+    with torch.no_grad():
+        warped.warp[0, :, 0] = 2.0 / 8  # one texel along x on every plane
+    moved = warped.blend(cond) - torch.einsum("k,kpcij->pcij", torch.tensor([1.0, 0, 0]), warped.planes[1:])
+    torch.testing.assert_close(moved[..., :, :-1], warped.planes[0][..., :, 1:])
+    assert "warp" not in plain.state_dict()
+
+
+def test_plane_gather_matches_grid_sample():
+    """The gathers the exported graphs use (no GridSample kernel in ONNX Runtime here) give grid_sample's numbers."""
+    from avatar.field.fast import plane_gather
+
+    torch.manual_seed(0)
+    planes = torch.randn(3, 5, 12, 12)
+    grid = torch.rand(3, 7, 9, 2) * 2 - 1
+    ref = torch.nn.functional.grid_sample(planes, grid, mode="bilinear", align_corners=True)  # [3, 5, 7, 9]
+    flat = grid.reshape(3, -1, 2)
+    got = plane_gather(FastField.channels_last(planes), flat[..., 0], flat[..., 1], 12)  # [3, 63, 5]
+    torch.testing.assert_close(got.permute(0, 2, 1).reshape(3, 5, 7, 9), ref)

@@ -127,6 +127,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg.setdefault("pose_refine", False)
         stored_cfg.setdefault("expression_mlp", False)
         stored_cfg.setdefault("frame_balance", 0.0)
+        stored_cfg.setdefault("expression_warp", 0)
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -545,7 +546,8 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
                             bases=cfg.expression_bases, hidden=cfg.hidden, expression_mean=mean.tolist(),
                             expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map,
                             expression_resolution=cfg.expression_resolution,
-                            expression_init_zero=cfg.expression_init_zero, expression_mlp=cfg.expression_mlp)
+                            expression_init_zero=cfg.expression_init_zero, expression_mlp=cfg.expression_mlp,
+                            expression_warp=cfg.expression_warp)
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)

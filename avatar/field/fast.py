@@ -43,18 +43,17 @@ def triplane_lookup(planes: Float[Tensor, "3 ch r r"], p: Float[Tensor, "n 3"]) 
     return feats.reshape(-1, n)
 
 
-def triplane_lookup_gather(planes_cl: Float[Tensor, "3 rr ch"], p: Float[Tensor, "n 3"],
-                           res: int) -> Float[Tensor, "n features"]:
-    """:func:`triplane_lookup` written as four gathers per plane on planes laid out channels-last (the same
-    numbers), samples-first: column ``plane · ch + channel``."""
-    n = p.shape[0]
-    u = torch.stack([p[:, axes[0]] for axes in PLANE_AXES])  # [3, n] width axis of each plane
-    v = torch.stack([p[:, axes[1]] for axes in PLANE_AXES])  # [3, n] height axis
+def plane_gather(planes_cl: Float[Tensor, "3 rr ch"], u: Float[Tensor, "3 n"], v: Float[Tensor, "3 n"],
+                 res: int) -> Float[Tensor, "3 n ch"]:
+    """Bilinear features of each plane at its own unit coordinates (``u`` along its width, ``v`` its height,
+    in [-1, 1]; ``grid_sample``'s numbers with ``align_corners=True``) as four gathers per plane: ONNX Runtime
+    has no CPU kernel for GridSample on this build, and is ~7× slower with it where it has."""
+    n = u.shape[1]
     fx, fy = (u + 1) * (0.5 * (res - 1)), (v + 1) * (0.5 * (res - 1))
     x0 = torch.floor(fx).clamp(0, res - 2)
     y0 = torch.floor(fy).clamp(0, res - 2)
     wx, wy = (fx - x0)[..., None], (fy - y0)[..., None]  # [3, n, 1]
-    base = (torch.arange(3, device=p.device) * (res * res))[:, None]
+    base = (torch.arange(3, device=u.device) * (res * res))[:, None]
     i00 = (y0.long() * res + x0.long() + base).reshape(-1)  # [3 n] rows of the flattened planes
     flat = planes_cl.reshape(-1, planes_cl.shape[-1])  # [3 rr, ch]
     ch = flat.shape[1]
@@ -62,8 +61,18 @@ def triplane_lookup_gather(planes_cl: Float[Tensor, "3 rr ch"], p: Float[Tensor,
     f01 = flat[i00 + 1].reshape(3, n, ch)
     f10 = flat[i00 + res].reshape(3, n, ch)
     f11 = flat[i00 + res + 1].reshape(3, n, ch)
-    feats = (f00 + (f01 - f00) * wx) * (1 - wy) + (f10 + (f11 - f10) * wx) * wy  # [3, n, ch]
-    return feats.permute(1, 0, 2).reshape(n, 3 * ch)
+    return (f00 + (f01 - f00) * wx) * (1 - wy) + (f10 + (f11 - f10) * wx) * wy  # [3, n, ch]
+
+
+def triplane_lookup_gather(planes_cl: Float[Tensor, "3 rr ch"], p: Float[Tensor, "n 3"],
+                           res: int) -> Float[Tensor, "n features"]:
+    """:func:`triplane_lookup` written as four gathers per plane on planes laid out channels-last (the same
+    numbers), samples-first: column ``plane · ch + channel``."""
+    n = p.shape[0]
+    u = torch.stack([p[:, axes[0]] for axes in PLANE_AXES])  # [3, n] width axis of each plane
+    v = torch.stack([p[:, axes[1]] for axes in PLANE_AXES])  # [3, n] height axis
+    feats = plane_gather(planes_cl, u, v, res)
+    return feats.permute(1, 0, 2).reshape(n, 3 * feats.shape[-1])
 
 
 class FastField(nn.Module):
@@ -87,14 +96,14 @@ class FastField(nn.Module):
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
                  expression_resolution: int = 0, expression_init_zero: bool = True,
                  expression_low: list[float] | None = None, expression_high: list[float] | None = None,
-                 expression_mlp: bool = False, **_ignored):
+                 expression_mlp: bool = False, expression_warp: int = 0, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
                             channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
                             expression_labels=list(expression_labels or []),
                             expression_resolution=int(expression_resolution or resolution),
-                            expression_mlp=bool(expression_mlp))
+                            expression_mlp=bool(expression_mlp), expression_warp=int(expression_warp))
         if expression_low is not None:  # bounds on the basis weights (see avatar.expressions.weight_limits)
             self.hparams.update(expression_low=list(map(float, expression_low)),
                                 expression_high=list(map(float, expression_high)))
@@ -122,6 +131,11 @@ class FastField(nn.Module):
             # symmetry breaking, and random values in texels no ray ever trains would show as grain and dark
             # speckles whenever a basis is weighted differently from the training frames (single-group edits).
             self.planes[1:] = 0.0 if expression_init_zero else self.planes[1:] * 0.1
+        # Additive bases cross-fade a feature that moves (a jaw that opens shows a ghost chin at half weight); a
+        # per-basis 2-D displacement of each neutral plane, blended like the bases and applied once per frame,
+        # moves it instead. Coarse (expression_warp² per plane, upsampled): a smooth motion, not new texture.
+        # Zero at the start: the field begins as without it.
+        self.warp = nn.Parameter(torch.zeros(bases, 3, 2, expression_warp, expression_warp)) if expression_warp else None
         self.expression_map = nn.Linear(expression_dim, bases)
         if expression_components is not None:
             comps = torch.tensor(expression_components, dtype=torch.float32)[:bases]
@@ -164,12 +178,28 @@ class FastField(nn.Module):
     def blend(self, condition: Float[Tensor, " c"]) -> Float[Tensor, "3 ch r r"]:
         """The frame's tri-plane: neutral + Σ_k w_k(expression) · basis_k. Once per frame."""
         weights = self.basis_weights(condition)
+        neutral = self.planes[0] if self.warp is None else self.warped_neutral(weights)
         if self.expression_planes is None:
-            return torch.einsum("k,kpcij->pcij", torch.cat([torch.ones(1, device=condition.device), weights]), self.planes)
+            return neutral + torch.einsum("k,kpcij->pcij", weights, self.planes[1:])
         offset = torch.einsum("k,kpcij->pcij", weights, self.expression_planes)
         res = self.planes.shape[-1]
         offset = torch.nn.functional.interpolate(offset, size=(res, res), mode="bilinear", align_corners=True)
-        return self.planes[0] + offset
+        return neutral + offset
+
+    def warped_neutral(self, weights: Float[Tensor, " bases"]) -> Float[Tensor, "3 ch r r"]:
+        """The neutral planes, each texel taking the features ``Σ_k w_k · warp_k`` away (plane units, [-1, 1])."""
+        res = self.planes.shape[-1]
+        shift = torch.einsum("k,kpdij->pdij", weights, self.warp)  # [3, 2, rw, rw]
+        shift = torch.nn.functional.interpolate(shift, size=(res, res), mode="bilinear", align_corners=True)
+        axis = torch.linspace(-1.0, 1.0, res, device=weights.device)
+        identity = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1)  # [r, r, 2]: (x, y) of each texel
+        grid = (identity + shift.permute(0, 2, 3, 1)).clamp(-1.0, 1.0)  # [3, r, r, 2]; clamped: border padding
+        if not torch.onnx.is_in_onnx_export():  # grid_sample: half the gathers' time in training (fwd + bwd)
+            return torch.nn.functional.grid_sample(self.planes[0], grid, mode="bilinear", align_corners=True)
+        # ONNX Runtime has no CPU GridSample kernel here: the same numbers as gathers
+        grid = grid.reshape(3, res * res, 2)
+        feats = plane_gather(self.channels_last(self.planes[0]), grid[..., 0], grid[..., 1], res)  # [3, rr, ch]
+        return feats.permute(0, 2, 1).reshape(self.planes[0].shape)
 
     def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " hidden"]:
         """The frame's share of the first layer, the same for every sample of a frame: the latent code's, and

@@ -130,6 +130,9 @@ class FitConfig:
     expression_mlp: bool = arg(True, flag="--expression-mlp", values={"on": True, "off": False},
                                help="fast field: the expression's basis weights also enter the MLP's first layer "
                                     "(a per-frame bias, as NerFace; no per-sample cost)")
+    expression_warp: int = arg(0, help="fast field: resolution of each expression basis's displacement of the "
+                                       "neutral planes (moves features instead of cross-fading them; 0 = off; an "
+                                       "experiment: +40 %% time per step at the cpu preset, effect not measured yet)")
     frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
                                          "smile, blink, brows …) is strongest, a group picked at random; the rest "
                                          "draw any frame (rare expressions get more steps)")
