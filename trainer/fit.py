@@ -143,6 +143,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
     # The preset's values, then the options given (explicit flags win).
     base = config_with_preset(args.preset or FitConfig.preset, args.field or FitConfig.field)
     cfg = config_from_namespace(FitConfig, args, base=base, out=str(out))
+    if not 0.0 <= cfg.frame_balance <= 1.0:
+        raise UserError(f"--frame-balance {cfg.frame_balance}: a share of the steps, 0–1")
+    if cfg.expression_warp < 0 or cfg.expression_warp == 1:
+        raise UserError(f"--expression-warp {cfg.expression_warp}: 0 (off) or a grid of 2 or more")
     if cfg.video:
         cfg.data = str(out / "dataset")
     return cfg, False

@@ -45,6 +45,15 @@ def group_rows(names: tuple[str, ...] | list[str] = BLENDSHAPE_NAMES,
     return labels, np.array(rows).reshape(len(rows), len(names))
 
 
+def _group_ranges(e: Float[np.ndarray, "t e"], names, groups, min_span: float):
+    """Each group's mean score per frame ``g_raw [t, g]`` (rows ``[g, e]``), its 1st / 99th percentiles and
+    whether that range spans ``min_span``: the scale both the fixed map and the frame balance use."""
+    labels_all, rows = group_rows(names, groups)
+    g_raw = e @ rows.T  # [t, g]
+    lo, hi = np.percentile(g_raw, 1, axis=0), np.percentile(g_raw, 99, axis=0)
+    return labels_all, rows, g_raw, lo, hi, (hi - lo) >= min_span
+
+
 def disentangled_map(expressions: Float[np.ndarray, "t e"], names: tuple[str, ...] | list[str] = BLENDSHAPE_NAMES,
                      residual: int = 4, min_span: float = 0.05, groups: dict[str, tuple[str, ...]] = EXPRESSION_GROUPS
                      ) -> tuple[Float[np.ndarray, "k e"], Float[np.ndarray, " k"], list[str]]:
@@ -58,10 +67,7 @@ def disentangled_map(expressions: Float[np.ndarray, "t e"], names: tuple[str, ..
       take over a group's look.
     """
     e = np.asarray(expressions, dtype=np.float64)
-    labels_all, rows = group_rows(names, groups)
-    g_raw = e @ rows.T  # [t, g]
-    lo, hi = np.percentile(g_raw, 1, axis=0), np.percentile(g_raw, 99, axis=0)
-    keep = (hi - lo) >= min_span
+    labels_all, rows, g_raw, lo, hi, keep = _group_ranges(e, names, groups, min_span)
     span = np.where(keep, hi - lo, 1.0)
     a_groups = (rows / span[:, None])[keep]  # [g', e]
     b_groups = (-lo / span)[keep]
@@ -90,11 +96,7 @@ def group_activity(expressions: Float[np.ndarray, "t e"], names: tuple[str, ...]
     """How active each expression group is in each frame, in ``[0, 1]``: 0 at the group's rest (1st percentile),
     1 at its 99th percentile — the scale of :func:`disentangled_map`'s group weights. Groups whose trained range
     spans less than ``min_span`` are left out. Returns ``[g, t]`` and the groups' labels."""
-    e = np.asarray(expressions, dtype=np.float64)
-    labels_all, rows = group_rows(names, groups)
-    g_raw = e @ rows.T  # [t, g]
-    lo, hi = np.percentile(g_raw, 1, axis=0), np.percentile(g_raw, 99, axis=0)
-    keep = (hi - lo) >= min_span
+    labels_all, _, g_raw, lo, hi, keep = _group_ranges(np.asarray(expressions, np.float64), names, groups, min_span)
     active = np.clip((g_raw[:, keep] - lo[keep]) / (hi - lo)[keep], 0.0, 1.0).T
     return active, [lab for lab, k in zip(labels_all, keep) if k]
 

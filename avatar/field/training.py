@@ -132,7 +132,8 @@ class FitConfig:
                                     "(a per-frame bias, as NerFace; no per-sample cost)")
     expression_warp: int = arg(0, help="fast field: resolution of each expression basis's displacement of the "
                                        "neutral planes (moves features instead of cross-fading them; 0 = off; an "
-                                       "experiment: +40 %% time per step at the cpu preset, effect not measured yet)")
+                                       "experiment: its blend costs ~40 ms more per step at the cpu preset, effect "
+                                       "not measured yet)")
     frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
                                          "smile, blink, brows …) is strongest, a group picked at random; the rest "
                                          "draw any frame (rare expressions get more steps)")
