@@ -6,7 +6,8 @@ engine that runs here (the CPU's fused engine included).
     python export/build.py avatars/me --build tensorrt --fp16
 
 Writes into the bundle: blend.onnx (once per frame: expression, latent code → blended tri-planes), model.onnx
-(per sample, dynamic sample count: colour and density), occupancy.safetensors (the grid the engines cull with),
+(per sample, dynamic sample count: colour and density; for a deferred-shading field its features and density, and
+shade.onnx: the per-pixel colour MLP), occupancy.safetensors (the grid the engines cull with),
 model.plan (TensorRT, when built) and engines.json (parity figures and the measured frames/s of every engine
 that runs here; `run_live.py --engine auto` takes the fastest), through avatar.bundle.files, each atomically.
 engines.json goes last and records the weights' SHA-256: retrain the avatar and its export is stale until this
@@ -35,6 +36,7 @@ from avatar.bundle.files import (
     OCCUPANCY_CACHE,
     ONNX_BLEND,
     ONNX_MODEL,
+    ONNX_SHADE,
     TRT_MODEL,
     begin_export,
     export_identity,
@@ -65,6 +67,15 @@ class _Decoder(nn.Module):
         return self.field.decode_gather(planes, latent_bias, points, dirs)
 
 
+class _Shade(nn.Module):
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+
+    def forward(self, features, dirs, latent_bias):
+        return self.field.shade(features, dirs, latent_bias)
+
+
 class _Blend(nn.Module):
     def __init__(self, field):
         super().__init__()
@@ -88,8 +99,14 @@ def _export_graph(module: nn.Module, args: tuple, directory: Path, name: str, in
                               opset_version=OPSET, dynamic_axes=dynamic_axes, dynamo=False)
 
 
+def onnx_graphs(field) -> list[str]:
+    """The ONNX graphs of an avatar with this field: a deferred-shading field has its per-pixel MLP apart."""
+    return [ONNX_BLEND, ONNX_MODEL, *([ONNX_SHADE] if field.deferred else [])]
+
+
 def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
-    """blend.onnx, model.onnx and the occupancy cache, each written atomically."""
+    """blend.onnx, model.onnx (per sample: colour and density, or a deferred field's features and density),
+    shade.onnx (a deferred field's per-pixel colour) and the occupancy cache, each written atomically."""
     field = loaded.model.field.eval()
     e = field.hparams["expression_dim"]
     l = field.hparams["latent_dim"]
@@ -98,9 +115,14 @@ def export_onnx(loaded: LoadedAvatar, directory: Path) -> None:
         n = 64
         pts = torch.rand(n, 3) * (field.half_extent * 2) + field.center - field.half_extent
         dirs = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)
+        first = "features" if field.deferred else "rgb"
         _export_graph(_Decoder(field), (planes, bias, pts, dirs), directory, ONNX_MODEL,
-                      ["planes", "latent_bias", "points", "dirs"], ["rgb", "sigma"],
-                      {"points": {0: "samples"}, "dirs": {0: "samples"}, "rgb": {0: "samples"}, "sigma": {0: "samples"}})
+                      ["planes", "latent_bias", "points", "dirs"], [first, "sigma"],
+                      {"points": {0: "samples"}, "dirs": {0: "samples"}, first: {0: "samples"}, "sigma": {0: "samples"}})
+        if field.deferred:
+            feats = torch.randn(n, field.feature_width)
+            _export_graph(_Shade(field), (feats, dirs, bias), directory, ONNX_SHADE, ["features", "dirs", "latent_bias"],
+                          ["rgb"], {"features": {0: "pixels"}, "dirs": {0: "pixels"}, "rgb": {0: "pixels"}})
         _export_graph(_Blend(field), (torch.zeros(e), torch.zeros(l)), directory, ONNX_BLEND, ["expression", "latent"],
                       ["planes", "latent_bias"], {})
     save_occupancy_cache(directory / OCCUPANCY_CACHE, loaded.model.occupancy, loaded.sampling.step)
@@ -240,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         parity[f"torch_{device.type}_max_abs_255"] = max_pixel_difference(reference, torch_engine, frames, size)
         print(f"parity at {size}²: torch on {device} vs torch (CPU): {parity[f'torch_{device.type}_max_abs_255']:.0f}/255")
     engines: dict[str, RenderEngine] = {"torch": torch_engine, "onnxruntime": ort_engine}
-    files = {"onnx": [ONNX_BLEND, ONNX_MODEL], "occupancy": OCCUPANCY_CACHE}
+    files = {"onnx": onnx_graphs(loaded.model.field), "occupancy": OCCUPANCY_CACHE}
     if TRT_MODEL in listed_files(previous):  # built from these weights by an earlier run: still valid
         files["tensorrt"] = TRT_MODEL
     if device.type == "cpu":  # the fused engine is the CPU's (numba kernels)
@@ -279,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     save_engines_record(directory, record, identity)
     print(f"frames/s at {size}² (median of {len(frames)}): " + ", ".join(f"{k} {v:.1f}" for k, v in fps.items())
           + f"; --engine auto will use {best}")
-    print(f"wrote {ONNX_BLEND}, {ONNX_MODEL}, {OCCUPANCY_CACHE}, {ENGINES_FILE} into {directory}")
+    print(f"wrote {', '.join(files['onnx'])}, {OCCUPANCY_CACHE}, {ENGINES_FILE} into {directory}")
     return 0
 
 

@@ -128,6 +128,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg.setdefault("expression_mlp", False)
         stored_cfg.setdefault("frame_balance", 0.0)
         stored_cfg.setdefault("expression_warp", 0)
+        stored_cfg.setdefault("shading", "volumetric")
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -147,6 +148,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         raise UserError(f"--frame-balance {cfg.frame_balance}: a share of the steps, 0–1")
     if cfg.expression_warp < 0 or cfg.expression_warp == 1:
         raise UserError(f"--expression-warp {cfg.expression_warp}: 0 (off) or a grid of 2 or more")
+    if cfg.density_hidden < 1:
+        raise UserError(f"--density-hidden {cfg.density_hidden}: the density head needs at least one unit")
     if cfg.video:
         cfg.data = str(out / "dataset")
     return cfg, False
@@ -551,7 +554,8 @@ def build_model(cfg: FitConfig, train_set) -> Avatar:
                             expression_components=vt[: cfg.expression_bases].tolist(), expression_map=cfg.expression_map,
                             expression_resolution=cfg.expression_resolution,
                             expression_init_zero=cfg.expression_init_zero, expression_mlp=cfg.expression_mlp,
-                            expression_warp=cfg.expression_warp)
+                            expression_warp=cfg.expression_warp, shading=cfg.shading,
+                            density_hidden=cfg.density_hidden)
         if cfg.expression_map == "fixed":
             matrix, offset, labels = disentangled_map(train_set.expressions, train_set.expression_names,
                                                       residual=cfg.residual_bases)

@@ -26,6 +26,7 @@ from avatar.bundle.bundle import BACKGROUND_FILE, BUNDLE_VERSION, META_FILE, PLA
 from avatar.render.grid import OccupancyGrid
 
 ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE, ENGINES_FILE = "model.onnx", "blend.onnx", "occupancy.safetensors", "engines.json"
+ONNX_SHADE = "shade.onnx"  # a deferred-shading field's per-pixel MLP
 
 
 TRT_MODEL = "model.plan"
@@ -35,7 +36,7 @@ METRICS_FILE = "metrics.json"  # the evaluation report (trainer/fit.py, trainer/
 
 
 # Files export/build.py writes; engines.json may list all but itself.
-EXPORT_FILES = (OCCUPANCY_CACHE, ONNX_BLEND, ONNX_MODEL, TRT_MODEL, ENGINES_FILE)
+EXPORT_FILES = (OCCUPANCY_CACHE, ONNX_BLEND, ONNX_MODEL, ONNX_SHADE, TRT_MODEL, ENGINES_FILE)
 
 
 # Every file a bundle may hold, in the order a listing shows them.
@@ -82,9 +83,9 @@ def load_occupancy_cache(path: str | Path) -> tuple[OccupancyGrid, float]:
 # -- ONNX graphs and the TensorRT plan ---------------------------------------------------------------------------
 @contextlib.contextmanager
 def onnx_destination(directory: str | Path, name: str) -> Iterator[Path]:
-    """A temporary path to export the graph ``name`` (:data:`ONNX_MODEL` or :data:`ONNX_BLEND`) to; when the
-    block ends normally it is moved into place atomically, on an exception it is removed."""
-    if name not in (ONNX_MODEL, ONNX_BLEND):
+    """A temporary path to export the graph ``name`` (:data:`ONNX_MODEL`, :data:`ONNX_BLEND` or :data:`ONNX_SHADE`)
+    to; when the block ends normally it is moved into place atomically, on an exception it is removed."""
+    if name not in (ONNX_MODEL, ONNX_BLEND, ONNX_SHADE):
         raise ValueError(f"{name!r} is not an ONNX graph of a bundle")
     with atomic_path(Path(directory) / name) as tmp:
         yield tmp

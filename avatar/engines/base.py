@@ -18,6 +18,7 @@ from torch import Tensor
 from avatar.base.devices import chunk_for
 from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
+from avatar.field.fast import deferred_composite
 from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import block_plan, march_culled, max_blocks
@@ -83,6 +84,10 @@ class RenderEngine:
     def decode(self, state, points: Float[Tensor, "m 3"], dirs: Float[Tensor, "m 3"]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def shade(self, state, features: Float[Tensor, "m f"], dirs: Float[Tensor, "m 3"]) -> Float[Tensor, "m 3"]:
+        """A deferred field's per-pixel colour (the field's own MLP; engines with a graph of it override)."""
+        return self.model.field.shade(features, dirs, torch.as_tensor(state[1], device=features.device))
+
     # -- everything else, shared -------------------------------------------------------------------------------
     def front(self, size: int, expression: Float[Tensor, " e"], head_pose: Float[Tensor, "4 4"],
               latent: Float[Tensor, " l"]) -> tuple[dict, object, dict]:
@@ -130,10 +135,18 @@ class RenderEngine:
         """One frame: ``rgb [size, size, 3]`` and ``alpha [size, size]``, floats in [0, 1], on the CPU."""
         expression, head_pose, latent = self._inputs(expression, head_pose, latent, size)
         rays, state, plan = self.front(size, expression, head_pose, latent)
+        field = self.model.field
+        bg = self.background(size, background)
+        # a deferred field composites its features (onto a zero "background") and shades each pixel after
+        behind = bg.new_zeros(bg.shape[0], field.feature_width) if field.deferred else bg
         out = march_culled(lambda p, d: self.decode(state, p, d), self.grid, rays["origins"], rays["dirs"],
-                           rays["near"], rays["far"], self.background(size, background), self.step,
+                           rays["near"], rays["far"], behind, self.step,
                            blocks_per_round=self.blocks_per_round, chunk_samples=self.chunk, plan=plan)
         self.last_samples = out["samples"]
+        if field.deferred:
+            dirs = rays["dirs"]
+            out["rgb"] = deferred_composite(out["rgb"], out["alpha"], bg,
+                                            lambda feats, rows: self.shade(state, feats, dirs[rows]))
         # one copy back to the host (each copy from a GPU is a sync), into page-locked memory on CUDA (about twice
         # as fast as pageable memory; torch's caching host allocator reuses the buffers)
         frame = torch.cat([out["rgb"].clamp(0, 1), out["alpha"][:, None]], 1).reshape(size, size, 4)

@@ -16,6 +16,7 @@ from avatar.bundle.bundle import LoadedAvatar
 from avatar.bundle.files import (
     ONNX_BLEND,
     ONNX_MODEL,
+    ONNX_SHADE,
     TRT_MODEL,
     check_engine_files,
     current_export,
@@ -75,7 +76,7 @@ def open_engine(loaded: LoadedAvatar, directory: str | Path, name: str = "auto",
         check_engine_files(directory)  # as the torch engine
         return FusedEngine(loaded, device=device)
     if name == "onnxruntime":
-        current_export(directory, (ONNX_MODEL, ONNX_BLEND))
+        current_export(directory, (ONNX_MODEL, ONNX_BLEND, *([ONNX_SHADE] if loaded.model.field.deferred else [])))
         return OnnxEngine(loaded, directory, device=device)
     if name == "tensorrt":
         current_export(directory, (TRT_MODEL,), "tensorrt")

@@ -12,7 +12,7 @@ from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.engines.base import RenderEngine
 from avatar.field.encoding import spherical_harmonics_deg2
-from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT
+from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT, deferred_composite
 from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import MIN_TRANSMITTANCE
@@ -55,10 +55,14 @@ class FusedEngine(RenderEngine):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         hidden = field.layer1.weight.shape[0]
         with torch.no_grad():
-            self._w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype),
-                       torch.cat([field.density.weight, field.color.weight[:, :hidden]]).to(dtype)]
-            self._b2 = field.layer2.bias.to(dtype)
-            self._bh = torch.cat([field.density.bias, field.color.bias]).to(dtype)
+            if field.deferred:  # per sample only the density head; the colour MLP runs per pixel (field.shade)
+                self._w = [field.density_layer.weight.to(dtype), field.density.weight.to(dtype)]
+                self._b2 = field.density.bias.to(dtype)
+            else:
+                self._w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype),
+                           torch.cat([field.density.weight, field.color.weight[:, :hidden]]).to(dtype)]
+                self._b2 = field.layer2.bias.to(dtype)
+                self._bh = torch.cat([field.density.bias, field.color.bias]).to(dtype)
             self._view_weight = field.color.weight[:, hidden:].T.contiguous()  # [9, 3]: the SH view term
         self._dtype = dtype
         self._workspace = Workspace()
@@ -68,10 +72,21 @@ class FusedEngine(RenderEngine):
         return self.model.field.frame_state(expression, latent, channels_last=True)
 
     def _mlp(self, latent_bias: Tensor):
-        """The decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's latent bias."""
+        """The decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's latent bias (a
+        deferred field's density head: ``→ raw [m, 1]``)."""
+        linear, relu = torch.nn.functional.linear, torch.relu
+        field = self.model.field
+        if field.deferred:
+            wd, wo = self._w
+            bd = (field.density_layer.bias + latent_bias[field.layer1.weight.shape[0]:]).to(self._dtype)
+
+            def density(feats: np.ndarray, out: np.ndarray) -> None:
+                x = torch.from_numpy(feats).to(self._dtype)
+                torch.from_numpy(out).copy_(linear(relu(linear(x, wd, bd)), wo, self._b2))
+
+            return density
         w1, w2, wh = self._w
         b1 = (self.model.field.layer1.bias + latent_bias).to(self._dtype)
-        linear, relu = torch.nn.functional.linear, torch.relu
 
         def mlp(feats: np.ndarray, out: np.ndarray) -> None:
             x = torch.from_numpy(feats).to(self._dtype)
@@ -100,11 +115,21 @@ class FusedEngine(RenderEngine):
         if threads > 1:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         rays = self._rays(size, head_pose)
+        field = self.model.field
+        bg = self.background(size, background)
+        # calloc'd: only the pages of rays that meet the head are ever touched
+        feature_sum = np.zeros((size * size, field.feature_width), np.float32) if field.deferred else None
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                           np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
-                          rays["view_rgb"], self.background(size, background).numpy(), self._occupied, self._distance,
+                          rays["view_rgb"], bg.numpy(), self._occupied, self._distance,
                           *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
-                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
+                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT, feature_sum=feature_sum)
         self.last_samples = out["samples"]
-        rgb = torch.from_numpy(out["rgb"]).clamp_(0, 1).reshape(size, size, 3)
+        if field.deferred:
+            dirs = torch.from_numpy(rays["dirs"])
+            rgb = deferred_composite(torch.from_numpy(feature_sum), torch.from_numpy(out["alpha"]), bg,
+                                     lambda feats, rows: field.shade(feats, dirs[rows], latent_bias))
+        else:
+            rgb = torch.from_numpy(out["rgb"])
+        rgb = rgb.clamp_(0, 1).reshape(size, size, 3)
         return {"rgb": rgb, "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}

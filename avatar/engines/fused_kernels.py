@@ -118,13 +118,40 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
+def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw, feats, feature_sum, depth,
+                        trans, min_transmittance, density_clamp, density_shift):
+    """:func:`_composite` for a deferred-shading field, on one chunk of a round: rows ``first …first + len(raw)``
+    (``raw [c, 1]`` density logits, ``feats [c, F]`` their plane features), of active rays ``a_lo …a_hi``. The
+    features are composited onto ``feature_sum [n, F]`` as colours would be; a ray stopped in an earlier chunk
+    (transmittance below ``min_transmittance``) takes nothing more."""
+    last = first + raw.shape[0]
+    width = feats.shape[1]
+    for j in prange(a_hi - a_lo):
+        a = a_lo + j
+        r = active[a]
+        tr = trans[r]
+        if tr < min_transmittance:
+            continue
+        for row in range(max(offsets[a], first), min(offsets[a + 1], last)):
+            sigma = math.exp(min(raw[row - first, 0], density_clamp) - density_shift)
+            alpha = 1.0 - math.exp(-sigma * step)
+            w = tr * alpha
+            for c in range(width):
+                feature_sum[r, c] += w * feats[row - first, c]
+            depth[r] += w * (near[r] + (out_k[a, row - offsets[a]] + 0.5) * step)
+            tr *= 1.0 - alpha
+            if tr < min_transmittance:
+                break
+        trans[r] = tr
+
+
 def _compile(fn, parallel: bool):
     # cache=True: compiled once per machine (next to this file), not in every process.
     return njit(cache=True, fastmath=True, nogil=True, parallel=parallel)(fn)
 
 
 # One serial and one parallel build of each kernel: one thread skips the threading layer's overhead.
-KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _gather, _composite))
+KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _gather, _composite, _composite_features))
            for parallel in (False, True)}
 
 
@@ -162,15 +189,20 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
                 background: Float[np.ndarray, "n 3"], occupied: np.ndarray, distance: np.ndarray,
                 box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
                 parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
-                density_clamp: float, density_shift: float) -> dict:
+                density_clamp: float, density_shift: float, feature_sum: np.ndarray | None = None) -> dict:
     """Render rays through one frame's field. ``mlp(features [m, 3C] float32, out [m, 4] float32)`` is the
     field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
     field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
     frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term.
     Features are gathered and decoded ``chunk`` samples at a time, so that they are still in cache when the MLP
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
-    ``samples`` (field evaluations)."""
-    plan_round, pack, gather, composite = KERNELS[parallel]
+    ``samples`` (field evaluations).
+
+    A deferred-shading field passes ``feature_sum [n, F]`` (zeros): ``mlp`` then writes only the density logit
+    (``out [m, 1]``), the samples' features are composited into ``feature_sum`` chunk by chunk while still in
+    cache, and ``rgb`` is the background times the transmittance left — the caller shades the pixels
+    (:func:`avatar.field.fast.deferred_composite`)."""
+    plan_round, pack, gather, composite, composite_features = KERNELS[parallel]
     ws = workspace or Workspace()
     n = origins.shape[0]
     g = occupied.shape[0]
@@ -200,13 +232,20 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
             break
         row_ray, row_k = ws.get("row_ray", (m,), np.int64), ws.get("row_k", (m,), np.int64)
         pack(active, out_k, offsets, row_ray, row_k)
-        raw = ws.get("raw", (m, 4))
+        raw = ws.get("raw", (m, 1 if feature_sum is not None else 4))
         for first in range(0, m, chunk):
             feats = ws.get("feats", (min(chunk, m - first), width))
             gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, inv_half, feats)
-            mlp(feats, raw[first:first + feats.shape[0]])
-        composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
-                  density_clamp, density_shift)
+            part = raw[first:first + feats.shape[0]]
+            mlp(feats, part)
+            if feature_sum is not None:
+                a_lo = int(np.searchsorted(offsets, first, "right")) - 1
+                a_hi = int(np.searchsorted(offsets, first + feats.shape[0], "left"))
+                composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, part, feats, feature_sum,
+                                   depth, trans, min_transmittance, density_clamp, density_shift)
+        if feature_sum is None:
+            composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
+                      density_clamp, density_shift)
         samples += m
         active = active[(trans[active] >= min_transmittance) & (out_n > 0)]
     color += trans[:, None] * background

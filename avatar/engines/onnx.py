@@ -16,6 +16,7 @@ from avatar.bundle.files import (
     OCCUPANCY_CACHE,
     ONNX_BLEND,
     ONNX_MODEL,
+    ONNX_SHADE,
     exported_files,
     load_occupancy_cache,
 )
@@ -73,7 +74,9 @@ class OnnxEngine(RenderEngine):
                  threads: int = 0, device: str | torch.device = "cpu"):
         import onnxruntime as ort
 
-        model_path, blend_path, cache = exported_files(directory, (ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE))
+        deferred = loaded.model.field.deferred
+        model_path, blend_path, cache, *shade_path = exported_files(
+            directory, (ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE, *([ONNX_SHADE] if deferred else [])))
         grid, step = load_occupancy_cache(cache)
         device = torch.device(device)
         opts = ort.SessionOptions()
@@ -84,6 +87,7 @@ class OnnxEngine(RenderEngine):
         try:
             self.model_session = _ort_session(ort, model_path, opts, providers)
             self.blend = _ort_session(ort, blend_path, opts, providers)
+            self.shade_session = _ort_session(ort, shade_path[0], opts, providers) if deferred else None
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt/mismatched graphs
             raise UserError(f"{model_path}: ONNX Runtime cannot load it ({exc}); re-export it") from None
         self.providers = self.model_session.get_providers()
@@ -98,13 +102,25 @@ class OnnxEngine(RenderEngine):
         return planes, bias
 
     def decode(self, state, points, dirs):
+        field = self.model.field
+        # a deferred field's samples do not see the view direction (its graph has no dirs input): its pixels do
+        inputs = {"planes": state[0], "latent_bias": state[1], "points": points,
+                  **({} if field.deferred else {"dirs": dirs})}
         if self.device.type == "cuda":
-            rgb = torch.empty(points.shape[0], 3, device=self.device)
+            first, width = ("features", field.feature_width) if field.deferred else ("rgb", 3)
+            rgb = torch.empty(points.shape[0], width, device=self.device)
             sigma = torch.empty(points.shape[0], device=self.device)
-            run_bound(self.model_session, {"planes": state[0], "latent_bias": state[1], "points": points, "dirs": dirs},
-                      {"rgb": rgb, "sigma": sigma})
+            run_bound(self.model_session, inputs, {first: rgb, "sigma": sigma})
             return rgb, sigma
-        rgb, sigma = self.model_session.run(None, {"planes": state[0], "latent_bias": state[1],
-                                                   "points": points.contiguous().numpy(),
-                                                   "dirs": dirs.contiguous().numpy()})
+        rgb, sigma = self.model_session.run(None, {k: v.contiguous().numpy() if torch.is_tensor(v) else v
+                                                   for k, v in inputs.items()})
         return torch.from_numpy(rgb), torch.from_numpy(sigma)
+
+    def shade(self, state, features, dirs):
+        if self.device.type == "cuda":
+            rgb = torch.empty(features.shape[0], 3, device=self.device)
+            run_bound(self.shade_session, {"features": features, "dirs": dirs, "latent_bias": state[1]}, {"rgb": rgb})
+            return rgb
+        (rgb,) = self.shade_session.run(None, {"features": features.contiguous().numpy(),
+                                               "dirs": dirs.contiguous().numpy(), "latent_bias": np.asarray(state[1])})
+        return torch.from_numpy(rgb)

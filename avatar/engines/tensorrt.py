@@ -71,10 +71,15 @@ class TensorRTEngine(RenderEngine):
 
     def decode(self, state, points, dirs):
         n = points.shape[0]
-        inputs = {"planes": state[0], "latent_bias": state[1], "points": points.contiguous(), "dirs": dirs.contiguous()}
-        outputs = {"rgb": torch.empty(n, 3, device=self.device), "sigma": torch.empty(n, device=self.device)}
+        field = self.model.field
+        inputs = {"planes": state[0], "latent_bias": state[1], "points": points.contiguous(),
+                  **({} if field.deferred else {"dirs": dirs.contiguous()})}  # (a deferred field's samples: no dirs)
+        # a deferred field's plan gives the samples' features; its per-pixel MLP runs in torch on the GPU (the base
+        # engine's shade: one small matmul chain per frame, next to the samples' work)
+        first, width = ("features", field.feature_width) if field.deferred else ("rgb", 3)
+        outputs = {first: torch.empty(n, width, device=self.device), "sigma": torch.empty(n, device=self.device)}
         run_plan(self.context, inputs, outputs, torch.cuda.current_stream(self.device).cuda_stream)
-        return outputs["rgb"], outputs["sigma"]
+        return outputs[first], outputs["sigma"]
 
 
 def load_plan(trt, plan: bytes, directory: Path):

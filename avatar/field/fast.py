@@ -16,6 +16,11 @@ DENSITY_CLAMP = 15.0
 DENSITY_SHIFT = 1.0
 # The three planes (xy, xz, yz) as (width axis, height axis) of a point in the grid cube.
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+# Deferred shading: a pixel whose accumulated opacity is below this shows the background (times its
+# transmittance) and is not shaded: its colour would weigh < 1/4 of a level of 255, and skipping it spares the
+# per-pixel MLP on the head box's empty rays. One rule for training and every engine.
+SHADE_MIN_ALPHA = 1e-3
+SHADINGS = ("volumetric", "deferred")
 
 
 def density_activation(raw: Float[Tensor, "*s"]) -> Float[Tensor, "*s"]:
@@ -41,6 +46,23 @@ def triplane_lookup(planes: Float[Tensor, "3 ch r r"], p: Float[Tensor, "n 3"]) 
     coords = torch.stack([p[:, list(axes)] for axes in PLANE_AXES])[:, None]  # [3, 1, n, 2]
     feats = torch.nn.functional.grid_sample(planes, coords, mode="bilinear", align_corners=True)  # [3, ch, 1, n]
     return feats.reshape(-1, n)
+
+
+def deferred_composite(feature_sum: Float[Tensor, "n f"], alpha: Float[Tensor, " n"],
+                       background: Float[Tensor, "n 3"], shade) -> Float[Tensor, "n 3"]:
+    """A deferred-shading field's pixels: ``alpha · shade(features / alpha) + (1 − alpha) · background`` where
+    ``alpha ≥`` :data:`SHADE_MIN_ALPHA`, the background times ``1 − alpha`` elsewhere. ``feature_sum`` is each
+    ray's compositing-weighted sum of sample features and ``alpha`` the sum of the weights (so ``1 − alpha`` is the
+    transmittance left for the background); ``shade(features [m, f], rows [m]) → colour [m, 3]`` is the per-pixel
+    MLP on the shaded rays (``rows`` index them). Dividing by ``alpha`` shades the surface's mean feature, so a
+    faint edge gets the colour of its surface, only fainter."""
+    rgb = (1.0 - alpha)[:, None] * background
+    rows = torch.nonzero(alpha >= SHADE_MIN_ALPHA)[:, 0]
+    if rows.numel():
+        a = alpha[rows]
+        colour = shade(feature_sum[rows] / a[:, None], rows)
+        rgb = rgb.index_add(0, rows, a[:, None] * colour)
+    return rgb
 
 
 def plane_gather(planes_cl: Float[Tensor, "3 rr ch"], u: Float[Tensor, "3 n"], v: Float[Tensor, "3 n"],
@@ -96,14 +118,18 @@ class FastField(nn.Module):
                  expression_offset: list[float] | None = None, expression_labels: list[str] | None = None,
                  expression_resolution: int = 0, expression_init_zero: bool = True,
                  expression_low: list[float] | None = None, expression_high: list[float] | None = None,
-                 expression_mlp: bool = False, expression_warp: int = 0, **_ignored):
+                 expression_mlp: bool = False, expression_warp: int = 0, shading: str = "volumetric",
+                 density_hidden: int = 16, **_ignored):
         super().__init__()
         self.hparams = dict(box_min=list(map(float, box_min)), box_max=list(map(float, box_max)),
                             expression_dim=expression_dim, latent_dim=latent_dim, resolution=resolution,
                             channels=channels, bases=bases, hidden=hidden, expression_map=expression_map,
                             expression_labels=list(expression_labels or []),
                             expression_resolution=int(expression_resolution or resolution),
-                            expression_mlp=bool(expression_mlp), expression_warp=int(expression_warp))
+                            expression_mlp=bool(expression_mlp), expression_warp=int(expression_warp),
+                            shading=shading, density_hidden=int(density_hidden))
+        if shading not in SHADINGS:
+            raise ValueError(f"shading must be one of {SHADINGS}, not {shading!r}")
         if expression_low is not None:  # bounds on the basis weights (see avatar.expressions.weight_limits)
             self.hparams.update(expression_low=list(map(float, expression_low)),
                                 expression_high=list(map(float, expression_high)))
@@ -163,7 +189,22 @@ class FastField(nn.Module):
             self.expression_in = nn.Linear(bases, hidden, bias=False)
             nn.init.zeros_(self.expression_in.weight)
         self.layer2 = nn.Linear(hidden, hidden)
-        self.density = nn.Linear(hidden, 1)
+        # Deferred shading (SNeRG): per sample only a density, from a small head of its own on the plane features;
+        # the features themselves are composited along the ray like colours and the MLP above (layer1, layer2,
+        # color) runs once per pixel on their mean (:func:`deferred_composite`). The per-sample work falls from a
+        # 2×64 MLP to a 3C×density_hidden one; the features are linear in the planes, so compositing them first
+        # and decoding after is what this field is trained as — every engine renders it exactly.
+        self.deferred = shading == "deferred"
+        self.density_layer = self.density_latent = self.density_expression = None
+        if self.deferred:
+            self.density_layer = nn.Linear(3 * channels, density_hidden)
+            # the frame's share of the density head's first layer (latent code, expression): zero at the start
+            self.density_latent = nn.Linear(latent_dim, density_hidden, bias=False)
+            nn.init.zeros_(self.density_latent.weight)
+            if expression_mlp:
+                self.density_expression = nn.Linear(bases, density_hidden, bias=False)
+                nn.init.zeros_(self.density_expression.weight)
+        self.density = nn.Linear(density_hidden if self.deferred else hidden, 1)
         with torch.no_grad():  # start empty (density ≈ 0.007/cm): the loss grows the head where it is needed
             self.density.bias.fill_(-4.0)
         self.color = nn.Linear(hidden + 9, 3)
@@ -201,13 +242,40 @@ class FastField(nn.Module):
         feats = plane_gather(self.channels_last(self.planes[0]), grid[..., 0], grid[..., 1], res)  # [3, rr, ch]
         return feats.permute(0, 2, 1).reshape(self.planes[0].shape)
 
-    def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " hidden"]:
+    def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " b"]:
         """The frame's share of the first layer, the same for every sample of a frame: the latent code's, and
-        the expression's when the field has ``expression_mlp``."""
-        bias = self.latent_in(condition[self.hparams["expression_dim"]:])
+        the expression's when the field has ``expression_mlp``. ``b = hidden``; a deferred field appends its
+        density head's share (``b = hidden + density_hidden``)."""
+        latent = condition[self.hparams["expression_dim"]:]
+        bias = self.latent_in(latent)
         if self.expression_in is not None:
             bias = bias + self.expression_in(self.basis_weights(condition))
-        return bias
+        if not self.deferred:
+            return bias
+        density_bias = self.density_latent(latent)
+        if self.density_expression is not None:
+            density_bias = density_bias + self.density_expression(self.basis_weights(condition))
+        return torch.cat([bias, density_bias])
+
+    @property
+    def feature_width(self) -> int:
+        """Per-sample features a deferred field composites along a ray (3 planes × channels)."""
+        return 3 * self.channels
+
+    def shade(self, features: Float[Tensor, "m f"], dirs: Float[Tensor, "m 3"], latent_bias: Float[Tensor, " b"]
+              ) -> Float[Tensor, "m 3"]:
+        """A deferred field's per-pixel MLP: colour from a ray's mean feature and its view direction."""
+        hidden = self.layer1.weight.shape[0]
+        h = torch.relu(torch.nn.functional.linear(features, self.layer1.weight, self.layer1.bias + latent_bias[:hidden]))
+        h = torch.relu(self.layer2(h))
+        return colour_activation(self.color(torch.cat([h, spherical_harmonics_deg2(dirs)], -1)))
+
+    def density_head(self, features: Float[Tensor, "n f"], latent_bias: Float[Tensor, " b"]) -> Float[Tensor, " n"]:
+        """A deferred field's per-sample density from the sample's plane features (samples-first)."""
+        hidden = self.layer1.weight.shape[0]
+        h = torch.relu(torch.nn.functional.linear(features, self.density_layer.weight,
+                                                  self.density_layer.bias + latent_bias[hidden:]))
+        return density_activation(self.density(h)[:, 0])
 
     def frame_state(self, expression: Float[Tensor, " e"], latent: Float[Tensor, " l"], channels_last: bool = False
                     ) -> tuple[Float[Tensor, "3 ch r r"] | Float[Tensor, "3 rr ch"], Float[Tensor, " hidden"]]:
@@ -226,6 +294,8 @@ class FastField(nn.Module):
         transposed copies, and the latent bias folds into the first matmul.
         """
         feats = triplane_lookup(planes, unit_points(points, self.center, self.half_extent))  # [3 ch, n]
+        if self.deferred:  # (features [n, 3 ch], density): the features are composited, shaded per pixel
+            return feats.T, self.density_head(feats.T, latent_bias)
         h = torch.relu(torch.addmm((self.layer1.bias + latent_bias)[:, None], self.layer1.weight, feats))
         h = torch.relu(torch.addmm(self.layer2.bias[:, None], self.layer2.weight, h))  # [hidden, n]
         hidden = h.shape[0]
@@ -247,6 +317,8 @@ class FastField(nn.Module):
         this CPU than four Gathers per plane."""
         feats = triplane_lookup_gather(planes_cl, unit_points(points, self.center, self.half_extent),
                                        self.hparams["resolution"])  # [n, 3 ch]
+        if self.deferred:
+            return feats, self.density_head(feats, latent_bias)
         h = torch.relu(torch.nn.functional.linear(feats, self.layer1.weight, self.layer1.bias + latent_bias))
         h = torch.relu(self.layer2(h))  # [n, hidden]
         sigma = density_activation(self.density(h)[:, 0])

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from avatar.field.fast import FastField
+from avatar.field.fast import FastField, deferred_composite
 from avatar.field.paper import NerfaceField
 from avatar.render import rays as ray_utils
 from avatar.render import volrend
@@ -83,17 +83,23 @@ def render_rays(model: Avatar, rays: dict[str, Tensor], expression: Float[Tensor
     if model.field_name == "fast":
         from avatar.render.march import march_culled, march_dense
 
-        planes, bias = model.field.blend(condition), model.field.latent_bias(condition)  # once per frame
+        field = model.field
+        planes, bias = field.blend(condition), field.latent_bias(condition)  # once per frame
 
         def query(points: Tensor, view: Tensor) -> tuple[Tensor, Tensor]:
-            return model.field.decode(planes, bias, points, view)
+            return field.decode(planes, bias, points, view)
 
+        # a deferred field composites its features (onto a zero "background") and shades each pixel after
+        behind = background.new_zeros(n, field.feature_width) if field.deferred else background
         if sampling.culling:
-            out = march_culled(query, model.occupancy, origins, dirs, near, far, background, sampling.step,
+            out = march_culled(query, model.occupancy, origins, dirs, near, far, behind, sampling.step,
                                blocks_per_round=sampling.blocks_per_round, perturb=perturb, on_samples=on_samples,
                                distortion=distortion)
         else:
-            out = march_dense(query, origins, dirs, near, far, background, sampling.step)
+            out = march_dense(query, origins, dirs, near, far, behind, sampling.step)
+        if field.deferred:
+            out["rgb"] = deferred_composite(out["rgb"], out["alpha"], background,
+                                            lambda feats, rows: field.shade(feats, dirs[rows], bias))
         return {**out, "planes": planes}  # the frame's blended planes: the trainer's regularisers reuse them
 
     def run(field: nn.Module, t: Tensor) -> dict[str, Tensor]:

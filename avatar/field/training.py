@@ -134,6 +134,11 @@ class FitConfig:
                                        "neutral planes (moves features instead of cross-fading them; 0 = off; an "
                                        "experiment: its blend costs ~40 ms more per step at the cpu preset, effect "
                                        "not measured yet)")
+    shading: str = arg("volumetric", choices=["volumetric", "deferred"],
+                       help="fast field: volumetric = colour and density from the MLP at every sample; deferred = "
+                            "per sample only a density (a small head), the plane features composited along the ray "
+                            "and the MLP run once per pixel (SNeRG): several times faster to render on a CPU")
+    density_hidden: int = arg(16, help="fast field, deferred shading: width of the per-sample density head")
     frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
                                          "smile, blink, brows …) is strongest, a group picked at random; the rest "
                                          "draw any frame (rare expressions get more steps)")

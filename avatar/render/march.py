@@ -59,7 +59,8 @@ def composite_packed(ray_indices: Int[Tensor, " m"], t: Float[Tensor, " m"], sig
     total = torch.zeros(n_rays, device=t.device, dtype=t.dtype).index_add_(0, ray_indices, log_t)
     excl = exclusive_ray_scan(ray_indices, log_t, n_rays)
     weights = start_transmittance[ray_indices] * torch.exp(excl) * alpha
-    color = torch.zeros(n_rays, 3, device=t.device, dtype=rgb.dtype).index_add_(0, ray_indices, weights[:, None] * rgb)
+    color = torch.zeros(n_rays, rgb.shape[1], device=t.device, dtype=rgb.dtype).index_add_(
+        0, ray_indices, weights[:, None] * rgb)
     depth = torch.zeros(n_rays, device=t.device, dtype=t.dtype).index_add_(0, ray_indices, weights * t)
     acc = torch.zeros(n_rays, device=t.device, dtype=t.dtype).index_add_(0, ray_indices, weights)
     return {"rgb": color, "depth": depth, "alpha": acc, "transmittance": start_transmittance * torch.exp(total),
@@ -117,7 +118,9 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     ``blocks_per_round <= 0`` marches every occupied block in one pass (no early termination: few launches
     and host syncs, for GPUs).
 
-    ``query(points [m, 3], dirs [m, 3]) → (rgb [m, 3], sigma [m])`` is the field for this frame. With
+    ``query(points [m, 3], dirs [m, 3]) → (rgb [m, 3], sigma [m])`` is the field for this frame; it may return
+    any number of channels in place of the colour (a deferred field's features, with a zero ``background`` of
+    that width: the sums come back as ``rgb``). With
     ``grid=None`` nothing is culled (rays still terminate early). ``on_samples(points, weights)`` sees every
     evaluated sample (for visibility carving). Returns ``rgb``, ``depth``, ``alpha`` per ray and the number
     of field samples evaluated (``samples``). ``chunk_samples``: samples per field call (default: per device,
@@ -127,7 +130,7 @@ def march_culled(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], grid:
     as few samples as possible.
     """
     march = _March.start(query, grid, origins, dirs, near, step, chunk_samples or chunk_for(origins.device),
-                         on_samples, distortion)
+                         on_samples, distortion, background.shape[1])
     if plan is None:
         plan = block_plan(grid, origins, dirs, near, far, step, perturb)
     march.plan(plan)
@@ -174,13 +177,14 @@ class _March:
 
     @classmethod
     def start(cls, query, grid: OccupancyGrid | None, origins: Tensor, dirs: Tensor, near: Tensor, step: float,
-              chunk_samples: int, on_samples, distortion: bool) -> "_March":
-        """Nothing composited yet: zero colour, depth and opacity, full transmittance for the ``n`` rays."""
+              chunk_samples: int, on_samples, distortion: bool, width: int = 3) -> "_March":
+        """Nothing composited yet: zero colour (``width`` channels), depth and opacity, full transmittance for the
+        ``n`` rays."""
         n = origins.shape[0]
         device = origins.device
         zeros = torch.zeros(n, device=device)  # (the distortion sums start as one shared zero tensor)
         return cls(query, grid, origins, dirs, near, step, chunk_samples, on_samples, distortion,
-                   color=torch.zeros(n, 3, device=device), depth=torch.zeros(n, device=device),
+                   color=torch.zeros(n, width, device=device), depth=torch.zeros(n, device=device),
                    acc=torch.zeros(n, device=device), trans=torch.ones(n, device=device),
                    dist=zeros, weight_sum=zeros, weighted_t=zeros)
 
@@ -307,6 +311,6 @@ def march_dense(query: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], origin
     rgb, sigma = query(pts.reshape(-1, 3), dirs[:, None, :].expand_as(pts).reshape(-1, 3))
     sigma = sigma.reshape(n, count) * inside
     # Fixed steps: every sample's interval is `step`, as in the culled renderer.
-    out = composite(rgb.reshape(n, count, 3), sigma, t, t[:, -1] + step, background)
+    out = composite(rgb.reshape(n, count, -1), sigma, t, t[:, -1] + step, background)
     depth = out["depth"] - (1 - out["alpha"]) * (t[:, -1] + step) + (1 - out["alpha"]) * far
     return {"rgb": out["rgb"], "depth": depth, "alpha": out["alpha"], "samples": n * count}
