@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args.render_size)
     scores = []
     for frame, c in zip(frames, log["frames"]):
-        out = engine.render(c["expression"], c["head_pose"], loaded.latent(c["latent"]), c["render_size"], BLACK)
+        render = engine.render_upsampled if c.get("upsampled") else engine.render
+        out = render(c["expression"], c["head_pose"], loaded.latent(c["latent"]), c["render_size"], BLACK)
         scores.append(psnr(frame / 255.0, compositor(out["rgb"], out["alpha"]) / 255.0))
     w, h = log["output"]
     print(f"Live loop, {date.today()}, {platform.processor() or platform.machine()}, engine {log['engine']}, "
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     stages = ", ".join(f"{k} {v:.0f}" for k, v in stats["stages_ms_median"].items())
     print(f"| {len(frames)} | {min(scores):.1f} / {np.median(scores):.1f} dB | {stats['fps']:.1f} | "
-          f"{stats['latency_ms_median']:.0f} | {stats['latency_ms_p95']:.0f} | {stats['render_size_median']}² | "
+          f"{stats['latency_ms_median']:.0f} | {stats['latency_ms_p95']:.0f} | {stats['render_size_median']}²"
+          f"{' (%.0f %% learned-upsampled)' % (100 * stats['upsampled_share']) if stats.get('upsampled_share') else ''} | "
           f"{stages} |")
     return 0
 

@@ -1,13 +1,14 @@
 """Rendering speed of the fast field against the paper's field, side by side in one process.
 
-    python bench/render_speed.py --fast avatars/fast --data DATASET [--paper avatars/paper] [--frames 20]
+    python bench/render_speed.py --fast avatars/fast [avatars/deferred …] --data DATASET [--paper avatars/paper]
 
 Renders held-out test frames with each method at 128² and 256² on this machine and prints a Markdown table:
 method, output size, PSNR (where the dataset has ground truth at that size; every row over the same frames),
-median seconds per frame after a warm-up frame, frames per second and the ratio to the paper field. The fast
-field is rendered through each render engine (torch and fused; ONNX Runtime and TensorRT after
-export/build.py), with occupancy culling off (the dense reference), and rendered at half size + bilinear
-upsampling (labelled with its render size). The paper field skips rays that miss the head box, as the fast
+median seconds per frame after a warm-up frame, frames per second and the ratio to the paper field. Each fast-field
+avatar (volumetric or deferred shading, side by side in this one process) is rendered through each render engine
+(torch and fused; ONNX Runtime and TensorRT after export/build.py), with occupancy culling off (the dense
+reference), at half size + bilinear upsampling, and at 1/factor + its learned upsampler where it has one
+(trainer/upsample.py) — the last two labelled with the size they were rendered at. The paper field skips rays that miss the head box, as the fast
 rows do; its speed does not depend on its weights, so without --paper an untrained paper-sized field is timed.
 """
 
@@ -81,6 +82,11 @@ def time_engine_frames(engine, loaded: LoadedAvatar, frames, size: int, truth=No
                          truth, upsample_from)
 
 
+def bundle_label(loaded: LoadedAvatar) -> str:
+    """How a table names an avatar's field."""
+    return "deferred field" if loaded.model.field.deferred else "fast field"
+
+
 def main(argv: list[str] | None = None) -> int:
     from avatar.engines.fused import FusedEngine
     from avatar.engines.onnx import OnnxEngine
@@ -88,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     from avatar.engines.torch_engine import TorchEngine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", required=True, help="bundle of a fast-field avatar (export/build.py adds the engine rows)")
+    p.add_argument("--fast", required=True, nargs="+",
+                   help="bundle(s) of fast-field avatars trained on --data, e.g. a volumetric and a deferred-shading "
+                        "one (--shading deferred): timed side by side (export/build.py adds the ONNX/TensorRT rows, "
+                        "trainer/upsample.py the learned-upsampler rows)")
     p.add_argument("--paper", help="bundle of a paper-field avatar (default: an untrained stand-in, timing only)")
     p.add_argument("--data", required=True, help="its dataset (test frames give the conditioning and the truth)")
     p.add_argument("--frames", type=int, default=10, help="held-out frames: every PSNR in the table is their mean")
@@ -102,25 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    fast = load_bundle(args.fast)
-    paper = load_bundle(args.paper) if args.paper else paper_stand_in(fast)
+    bundles = {path: load_bundle(path) for path in args.fast}
+    first = next(iter(bundles.values()))
+    paper = load_bundle(args.paper) if args.paper else paper_stand_in(first)
     test = load_split(args.data, "test")
     idx = np.linspace(0, len(test) - 1, min(args.frames, len(test))).astype(int)
     frames = [(test.poses[i], test.expressions[i]) for i in idx]
     data_size = test.image_size[1]
     truth_all = [test.images[i].astype(np.float32) / 255.0 for i in idx]
-    engines = {"torch": TorchEngine(fast), "fused": FusedEngine(fast)}
-    if (Path(args.fast) / "model.onnx").is_file():
-        engines["onnxruntime"] = OnnxEngine(fast, args.fast)
-    if tensorrt_unavailable_reason() is None and (Path(args.fast) / "model.plan").is_file():
-        engines["tensorrt"] = TensorRTEngine(fast, args.fast)
-    described = {"torch": "torch engine (culled, packed, early termination)",
-                 "fused": f"fused engine (numba kernels, {engines['fused'].precision} MLP)",
-                 "onnxruntime": "onnxruntime engine", "tensorrt": "tensorrt engine"}
+    engines = {}
+    for path, loaded in bundles.items():
+        engines[path] = {"torch": TorchEngine(loaded), "fused": FusedEngine(loaded)}
+        if (Path(path) / "model.onnx").is_file():
+            engines[path]["onnxruntime"] = OnnxEngine(loaded, path)
+        if tensorrt_unavailable_reason() is None and (Path(path) / "model.plan").is_file():
+            engines[path]["tensorrt"] = TensorRTEngine(loaded, path)
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         truth = truth_all if size == data_size else None
-        sampling = SamplingConfig(**{**fast.sampling.__dict__, "chunk": size * size})
         # The paper field gets the same head-box ray skipping (render_rays) and warm-up as every other row; a
         # trained one is scored on the same frames, the untrained stand-in only timed.
         t_paper = None
@@ -129,16 +137,28 @@ def main(argv: list[str] | None = None) -> int:
             t_paper, p_paper = time_frames(paper, paper_frames, size, paper.sampling, truth if args.paper else None)
             rows.append(("paper field (8×256 MLP, 64+64 samples)" + ("" if args.paper else ", untrained stand-in: "
                          f"timing only, {len(paper_frames)} frame(s)"), size, p_paper, t_paper, t_paper))
-            t_dense, p_dense = time_frames(fast, frames, size, SamplingConfig(**{**sampling.__dict__, "culling": False}),
-                                           truth)
-            rows.append(("fast field, culling off (dense reference, torch)", size, p_dense, t_dense, t_paper))
-        for name, engine in engines.items():
-            t, ps = time_engine_frames(engine, fast, frames, size, truth)
-            rows.append((f"fast field, {described[name]}", size, ps, t, t_paper))
-        for name in ("torch", "fused"):
-            t_half, p_half = time_engine_frames(engines[name], fast, frames, size, truth, upsample_from=size // 2)
-            rows.append((f"fast field, {name} engine **rendered at {size // 2}²**, bilinear ×2 to {size}²", size,
+        for path, loaded in bundles.items():
+            label = bundle_label(loaded)
+            if not args.engines_only:
+                sampling = SamplingConfig(**{**loaded.sampling.__dict__, "chunk": size * size, "culling": False})
+                t_dense, p_dense = time_frames(loaded, frames, size, sampling, truth)
+                rows.append((f"{label}, culling off (dense reference, torch)", size, p_dense, t_dense, t_paper))
+            described = {"torch": "torch engine (culled, packed, early termination)",
+                         "fused": f"fused engine (numba kernels, {engines[path]['fused'].precision} MLP)",
+                         "onnxruntime": "onnxruntime engine", "tensorrt": "tensorrt engine"}
+            for name, engine in engines[path].items():
+                t, ps = time_engine_frames(engine, loaded, frames, size, truth)
+                rows.append((f"{label}, {described[name]}", size, ps, t, t_paper))
+            fused = engines[path]["fused"]
+            t_half, p_half = time_engine_frames(fused, loaded, frames, size, truth, upsample_from=size // 2)
+            rows.append((f"{label}, fused engine **rendered at {size // 2}², bilinear ×2** to {size}²", size,
                          p_half, t_half, t_paper))
+            if loaded.upsampler is not None:
+                f = loaded.upsampler.factor
+                t_up, p_up = _time_renders(lambda pose, expr, s: fused.render_upsampled(expr, pose, loaded.latent(0), s)
+                                           ["rgb"], frames, size, truth)
+                rows.append((f"{label}, fused engine **rendered at {size // f}², learned upsampler ×{f}** to {size}²",
+                             size, p_up, t_up, t_paper))
 
     print(f"Rendering speed, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__} (CPU); median of {len(frames)} held-out "

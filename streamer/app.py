@@ -341,7 +341,7 @@ def deliver(live: LiveRun, frame, out) -> tuple[dict, float]:
     done = time.monotonic()
     rec = {"capture_to_sink_ms": (done - frame.captured) * 1000, "deliver_ms": (done - t_deliver) * 1000,
            **{f"{k}_ms": v * 1000 for k, v in out.timings.items()}, "render_size": out.render_size,
-           "source_index": frame.index, "t": done - live.started}
+           "upsampled": out.upsampled, "source_index": frame.index, "t": done - live.started}
     return rec, done
 
 
@@ -352,14 +352,15 @@ def note_frame(live: LiveRun, frame, out, rec: dict, done: float) -> None:
     records.append(rec)
     if cfg.conditioning_log:
         live.conditioning.append({"expression": out.expression.tolist(), "head_pose": out.head_pose.tolist(),
-                                  "render_size": out.render_size, "latent": cfg.latent,
+                                  "render_size": out.render_size, "upsampled": out.upsampled, "latent": cfg.latent,
                                   "source_index": frame.index, "state": out.state})
     fps = _recent_fps(records)
     live.latest.update(state=out.state, render_size=out.render_size, fps=round(fps, 1),
                        latency_ms=round(rec["capture_to_sink_ms"], 1), frames=len(records))
     if not cfg.quiet and done - live.last_status > 0.5:
         _status(f"{len(records)} frames  {fps:5.1f} fps  latency {rec['capture_to_sink_ms']:5.0f} ms  "
-                f"track {rec['track_ms']:4.0f}  render {rec['render_ms']:4.0f} ms @ {out.render_size}²  "
+                f"track {rec['track_ms']:4.0f}  render {rec['render_ms']:4.0f} ms @ {out.render_size}²"
+                f"{' (upsampled)' if out.upsampled else ''}  "
                 f"{out.state}")
         live.last_status = done
 
@@ -416,7 +417,9 @@ def summarize(records: list[dict], frames_read: int) -> dict:
     return {"frames": len(records), "fps": round((len(records) - 1) / span, 2) if span > 0 else 0.0,
             "latency_ms_median": round(float(np.median(lat)), 1), "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
             "dropped_frames": max(0, frames_read - len(records)), "stages_ms_median": stages,
-            "render_size_median": int(np.median([r["render_size"] for r in records]))}
+            "render_size_median": int(np.median([r["render_size"] for r in records])),
+            # the head's size as shown; this share of frames was rendered at 1/factor and learned-upsampled to it
+            "upsampled_share": round(float(np.mean([bool(r.get("upsampled")) for r in records])), 3)}
 
 
 def _status(text: str) -> None:

@@ -134,23 +134,40 @@ class Retargeter:
 
 
 class RenderSizeController:
-    """Adapts the render resolution to hold a frame-rate target (output size stays fixed; frames are upscaled)."""
+    """Adapts the head render to hold a frame-rate target (the output size stays fixed; frames are scaled to it).
 
-    def __init__(self, size: int, fps: float, minimum: int = 64, step: int = 16):
+    With a learned upsampler (``factor`` > 0) the head is shown at its full size as long as possible: when the
+    native render at the largest size misses the budget, the controller switches to rendering at 1/factor and
+    upsampling (the same output size) before it shrinks anything; it tries native again after ``retry`` frames
+    when the upsampled frames leave room. Without one, it shrinks and grows the render size in ``step`` pixels.
+    """
+
+    def __init__(self, size: int, fps: float, minimum: int = 64, step: int = 16, factor: int = 0, retry: int = 150):
         self.size, self.max, self.min, self.step_px = size, size, min(minimum, size), step
         self.budget = 1.0 / fps if fps > 0 else 0.0
+        self.factor, self.retry = factor, retry
+        self.upsampled = False
         self._avg: float | None = None
+        self._since_switch = 0
 
     def update(self, seconds: float) -> int:
         if self.budget <= 0:
             return self.size
+        self._since_switch += 1
         self._avg = seconds if self._avg is None else 0.8 * self._avg + 0.2 * seconds
-        if self._avg > self.budget * 1.05 and self.size > self.min:
-            self.size = max(self.min, self.size - self.step_px)
+        if self._avg > self.budget * 1.05:
+            if self.factor and not self.upsampled:
+                self.upsampled, self._since_switch = True, 0  # the same size, rendered at 1/factor
+            elif self.size > self.min:
+                self.size = max(self.min, self.size - self.step_px)
             self._avg = None
-        elif self._avg < self.budget * 0.6 and self.size < self.max:
-            self.size = min(self.max, self.size + self.step_px)
-            self._avg = None
+        elif self._avg < self.budget * 0.6:
+            if self.size < self.max:
+                self.size = min(self.max, self.size + self.step_px)
+                self._avg = None
+            elif self.upsampled and self._since_switch >= self.retry:
+                self.upsampled, self._since_switch = False, 0
+                self._avg = None
         return self.size
 
 
@@ -293,6 +310,7 @@ class LiveFrame:
     render_size: int
     state: str
     timings: dict = field(default_factory=dict)  # seconds per stage
+    upsampled: bool = False  # rendered at 1/factor of render_size and brought to it by the learned upsampler
 
 
 BLACK = torch.zeros(1, 1, 3)  # one instance: engines cache the background they scale by its identity
@@ -314,7 +332,8 @@ class LivePipeline:
         self.compositor = compositor or make_compositor(loaded, None, size)
         self.size, self.controls = render_cap(size, self.compositor.layout), controls
         self.retargeter = Retargeter(loaded.meta, retarget, controls)
-        self.sizer = RenderSizeController(self.size, fps)
+        upsampler = getattr(loaded, "upsampler", None)
+        self.sizer = RenderSizeController(self.size, fps, factor=upsampler.factor if upsampler is not None else 0)
         self.latent = loaded.latent(latent_index)
 
     def step(self, rgb: np.ndarray, captured: float, tracked: tuple[FaceObservation | None, float] | None = None
@@ -330,11 +349,12 @@ class LivePipeline:
         t1 = time.monotonic()
         expr, pose = self.retargeter(obs, captured)
         t2 = time.monotonic()
-        render_size = self.sizer.size
-        out = self.engine.render(expr, pose, self.latent, render_size, BLACK)  # premultiplied: over black
+        render_size, upsampled = self.sizer.size, self.sizer.upsampled
+        render = self.engine.render_upsampled if upsampled else self.engine.render
+        out = render(expr, pose, self.latent, render_size, BLACK)  # premultiplied: over black
         frame = self.compositor(out["rgb"], out["alpha"])
         t3 = time.monotonic()
         # overlapped: the frame rate is the slower stage's; in sequence: both together
         self.sizer.update(max(t3 - t1, track_seconds) if tracked is not None else t3 - t0)
         return LiveFrame(frame, captured, expr, pose, render_size, self.retargeter.state,
-                         {"track": track_seconds, "retarget": t2 - t1, "render": t3 - t2})
+                         {"track": track_seconds, "retarget": t2 - t1, "render": t3 - t2}, upsampled)

@@ -50,3 +50,13 @@ def fast_bundle(dataset64, tmp_path_factory) -> Path:
                    "--max-steps", "200", "--eval-frames", "3", "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def deferred_bundle(dataset64, tmp_path_factory) -> Path:
+    """A deferred-shading fast-field avatar (--shading deferred) trained briefly on the 64² subject."""
+    out = tmp_path_factory.mktemp("deferred") / "avatar"
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "fast", "--preset", "smoke", "--shading",
+                   "deferred", "--max-steps", "200", "--eval-frames", "2", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

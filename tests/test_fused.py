@@ -20,9 +20,13 @@ def conditions(loaded, count=4, seed=3):
     return parity_frames(loaded, count, seed)
 
 
-@pytest.mark.parametrize("precision,threads,limit", [("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 1, 8)])
-def test_fused_engine_renders_what_the_torch_engine_renders(fast_bundle, precision, threads, limit):
-    loaded = load_bundle(fast_bundle)
+@pytest.mark.parametrize("precision,threads,limit,bundle", [("fp32", 1, 2, "fast_bundle"), ("fp32", 2, 2, "fast_bundle"),
+                                                             ("bf16", 1, 8, "fast_bundle"),
+                                                             ("fp32", 1, 2, "deferred_bundle"),
+                                                             ("fp32", 2, 2, "deferred_bundle")])
+def test_fused_engine_renders_what_the_torch_engine_renders(request, precision, threads, limit, bundle):
+    loaded = load_bundle(request.getfixturevalue(bundle))
+    assert loaded.model.field.deferred == (bundle == "deferred_bundle")
     reference = TorchEngine(loaded)
     fused = FusedEngine(loaded, precision=precision, threads=threads)
     for expr, pose, latent in conditions(loaded):

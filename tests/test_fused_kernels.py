@@ -9,7 +9,7 @@ from avatar.engines import fused_twins as twins
 from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT
 
 kernels = pytest.importorskip("avatar.engines.fused_kernels")
-plan_round, pack, gather, composite = kernels.KERNELS[False]  # the serial builds (same Python source as parallel)
+plan_round, pack, gather, composite, composite_features = kernels.KERNELS[False]  # the serial builds (same Python source as parallel)
 T = torch.from_numpy
 
 
@@ -96,4 +96,30 @@ def test_composite_kernel_blends_front_to_back_and_stops_rays():
     composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_t, DENSITY_CLAMP,
               DENSITY_SHIFT)
     for got, want in zip((color, depth, trans), twin):
+        torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [37, 10_000])  # rays split across chunks, and one chunk for the round
+def test_feature_composite_kernel_blends_a_deferred_fields_features_chunk_by_chunk(chunk):
+    rng = np.random.default_rng(5)
+    n, most, step, min_t, width = 200, 6, 0.25, 0.05, 5
+    active, out_k, out_n, offsets = round_layout(rng, n, most)
+    m = int(offsets[-1])
+    near = rng.uniform(0, 2, n).astype(np.float32)
+    raw = rng.uniform(-4, 6, (m, 1)).astype(np.float32)
+    feats = rng.normal(size=(m, width)).astype(np.float32)
+    feature_sum, depth = rng.normal(size=(n, width)).astype(np.float32), rng.uniform(0, 1, n).astype(np.float32)
+    trans = rng.uniform(0.3, 1, n).astype(np.float32)
+    twin = twins.composite_features(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(feats), T(feature_sum),
+                                    T(depth), T(trans), min_t)
+    never_stopping = twins.composite_features(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(feats),
+                                              T(feature_sum), T(depth), T(trans), 0.0)
+    assert (never_stopping[2] < twin[2]).any()  # these inputs stop some rays inside the round
+    for first in range(0, m, chunk):
+        last = min(m, first + chunk)
+        a_lo = int(np.searchsorted(offsets, first, "right")) - 1
+        a_hi = int(np.searchsorted(offsets, last, "left"))
+        composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw[first:last],
+                           feats[first:last], feature_sum, depth, trans, min_t, DENSITY_CLAMP, DENSITY_SHIFT)
+    for got, want in zip((feature_sum, depth, trans), twin):
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)

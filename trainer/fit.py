@@ -129,6 +129,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         stored_cfg.setdefault("frame_balance", 0.0)
         stored_cfg.setdefault("expression_warp", 0)
         stored_cfg.setdefault("shading", "volumetric")
+        stored_cfg.setdefault("upsample", 0)
         base = FitConfig(**{k: v for k, v in stored_cfg.items() if k in {f.name for f in fields(FitConfig)}})
         # Only the length of the run may change on resume.
         if args.max_steps is not None:
@@ -148,6 +149,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         raise UserError(f"--frame-balance {cfg.frame_balance}: a share of the steps, 0–1")
     if cfg.expression_warp < 0 or cfg.expression_warp == 1:
         raise UserError(f"--expression-warp {cfg.expression_warp}: 0 (off) or a grid of 2 or more")
+    if cfg.upsample not in (0, 2, 4):
+        raise UserError(f"--upsample {cfg.upsample}: 0 (none), 2 or 4")
+    if cfg.upsample and cfg.field != "fast":
+        raise UserError("--upsample is for the fast field (the live engines)")
     if cfg.density_hidden < 1:
         raise UserError(f"--density-hidden {cfg.density_hidden}: the density head needs at least one unit")
     if cfg.video:
@@ -255,6 +260,11 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         finalize_fast_field(run, poses, meta)
     save_bundle(run.out, run.model, meta, run.background_np, full_frame=load_full_frame(cfg.data))
     print(f"trained {run.step} steps ({train_stats['steps_per_second']} steps/s); avatar bundle in {run.out}")
+    if cfg.field == "fast" and cfg.upsample:
+        from trainer.upsample import UpsampleConfig, build_upsampler
+
+        build_upsampler(load_bundle(run.out), run.out, cfg.data,
+                        UpsampleConfig(bundle=str(run.out), data=cfg.data, factor=cfg.upsample, seed=cfg.seed))
     if evaluate_at_end:
         evaluate_bundle(run, train_stats)
     return 0

@@ -28,6 +28,7 @@ from avatar.base.fileio import (
     write_json_atomic,
 )
 from avatar.field.model import Avatar, SamplingConfig
+from avatar.field.upsample import UPSAMPLER_FILE, load_upsampler
 
 BUNDLE_FORMAT = "nerface-avatar-bundle"
 
@@ -47,6 +48,7 @@ class LoadedAvatar:
     meta: dict
     background: torch.Tensor  # [h, w, 3] float in [0, 1]
     plate: np.ndarray | None = None  # [H, W, 3] uint8: the empty scene at the recording's framing (version ≥ 2)
+    upsampler: object | None = None  # avatar.field.upsample.Upsampler when the bundle has one (trainer/upsample.py)
 
     @property
     def full_frame(self) -> dict | None:
@@ -193,4 +195,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Lo
             raise UserError(f"{directory} lacks a readable {PLATE_FILE} (its avatar.json says it has one): copy the "
                             "whole bundle again")
         plate = np.ascontiguousarray(plate_bgr[..., ::-1])
-    return LoadedAvatar(model, meta, background, plate)
+    upsampler = None
+    if (directory / UPSAMPLER_FILE).is_file():  # optional: trained after the field (trainer/upsample.py)
+        upsampler, _ = load_upsampler(directory / UPSAMPLER_FILE)
+    return LoadedAvatar(model, meta, background, plate, upsampler)

@@ -23,6 +23,7 @@ import torch
 from avatar.base.errors import DamagedFile, UserError
 from avatar.base.fileio import atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from avatar.bundle.bundle import BACKGROUND_FILE, BUNDLE_VERSION, META_FILE, PLATE_FILE, WEIGHTS_FILE
+from avatar.field.upsample import UPSAMPLER_FILE
 from avatar.render.grid import OccupancyGrid
 
 ONNX_MODEL, ONNX_BLEND, OCCUPANCY_CACHE, ENGINES_FILE = "model.onnx", "blend.onnx", "occupancy.safetensors", "engines.json"
@@ -40,7 +41,7 @@ EXPORT_FILES = (OCCUPANCY_CACHE, ONNX_BLEND, ONNX_MODEL, ONNX_SHADE, TRT_MODEL, 
 
 
 # Every file a bundle may hold, in the order a listing shows them.
-BUNDLE_FILES = (META_FILE, WEIGHTS_FILE, BACKGROUND_FILE, PLATE_FILE, *EXPORT_FILES, METRICS_FILE)
+BUNDLE_FILES = (META_FILE, WEIGHTS_FILE, BACKGROUND_FILE, PLATE_FILE, UPSAMPLER_FILE, *EXPORT_FILES, METRICS_FILE)
 
 
 def bundle_files(directory: str | Path) -> list[Path]:

@@ -19,6 +19,7 @@ from avatar.base.devices import chunk_for
 from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.field.fast import deferred_composite
+from avatar.field.upsample import over, upsample_render
 from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import block_plan, march_culled, max_blocks
@@ -34,6 +35,9 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+
+
+_BLACK = torch.zeros(1, 1, 3)  # one instance: the engines cache a background by its identity
 
 
 def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -128,6 +132,24 @@ class RenderEngine:
             k = torch.as_tensor(self.loaded.intrinsics * (size / h), dtype=torch.float32, device=dev)
             self._pixels = {size: (ray_utils.pixel_grid(size, size, dev), k)}
         return as_t(expression), as_t(head_pose), as_t(latent)
+
+    @torch.inference_mode()
+    def render_upsampled(self, expression: np.ndarray | Tensor, head_pose: np.ndarray | Tensor,
+                         latent: np.ndarray | Tensor, size: int, background: Tensor | None = None) -> dict[str, Tensor]:
+        """:meth:`render`'s frame at ``size`` from a render at ``size / factor`` through the avatar's learned
+        upsampler (:mod:`avatar.field.upsample`): the head is rendered over black, upsampled, then laid over the
+        background at full size (which stays sharp)."""
+        upsampler = self.loaded.upsampler
+        if upsampler is None:
+            raise UserError("this avatar has no upsampler; train one with trainer/upsample.py")
+        low = self.render(expression, head_pose, latent, max(8, size // upsampler.factor), _BLACK)
+        rgb, alpha = upsample_render(upsampler, low["rgb"], low["alpha"])
+        if rgb.shape[0] != size:  # a size the factor does not divide: the last pixel or so, bilinear
+            rgba = torch.cat([rgb, alpha[..., None]], -1).permute(2, 0, 1)[None]
+            rgba = torch.nn.functional.interpolate(rgba, size=(size, size), mode="bilinear", align_corners=False)[0]
+            rgb, alpha = rgba[:3].permute(1, 2, 0), rgba[3]
+        bg = self.background(size, background).cpu().reshape(size, size, 3)
+        return {"rgb": over(rgb, alpha, bg).clamp(0, 1), "alpha": alpha}
 
     @torch.inference_mode()
     def render(self, expression: np.ndarray | Tensor, head_pose: np.ndarray | Tensor, latent: np.ndarray | Tensor,

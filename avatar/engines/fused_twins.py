@@ -68,6 +68,25 @@ def gather(origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Floa
     return triplane_lookup(planes.permute(0, 3, 1, 2), p).T
 
 
+def _round_weights(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], out_n: Int[Tensor, " a"],
+                   raw_density: Float[Tensor, " m"], step: float, trans: Float[Tensor, " n"], min_transmittance: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """One round's compositing weights ``[a, most]`` (padded with 0), the rows ``[a, most]`` of each (clamped) and
+    each active ray's transmittance after the round ``[a]``: front to back, no sample taken after the first that
+    left a ray's transmittance below ``min_transmittance``."""
+    most = out_k.shape[1]
+    j = torch.arange(most)[None, :]
+    valid = j < out_n[:, None]  # [a, most]
+    rows = ((torch.cumsum(out_n, 0) - out_n)[:, None] + j).clamp(max=max(raw_density.shape[0] - 1, 0))
+    alpha = torch.where(valid, 1.0 - torch.exp(-density_activation(raw_density.double()[rows]) * step), 0.0)
+    start = trans[active].double()[:, None]
+    after = start * torch.cumprod(1.0 - alpha, 1)  # transmittance after each sample
+    before = torch.cat([start, after[:, :-1]], 1)
+    keep = valid & ((j == 0) | (before >= min_transmittance))
+    w = torch.where(keep, before * alpha, 0.0)
+    return w, rows, start[:, 0] * torch.where(keep, 1.0 - alpha, 1.0).prod(1)
+
+
 def composite(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], out_n: Int[Tensor, " a"],
               near: Float[Tensor, " n"], step: float, raw: Float[Tensor, "m 4"], view_rgb: Float[Tensor, "n 3"],
               color: Float[Tensor, "n 3"], depth: Float[Tensor, " n"], trans: Float[Tensor, " n"],
@@ -75,21 +94,26 @@ def composite(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], out_n: In
     """Twin of ``_composite``: one round's samples (``raw`` rows in ray order, ``out_n`` per active ray) composited
     front to back onto ``color``, ``depth`` and ``trans`` with the field's activations; a ray takes no sample
     after the first that left its transmittance below ``min_transmittance``. Returns the three, updated."""
-    most = out_k.shape[1]
-    j = torch.arange(most)[None, :]
-    valid = j < out_n[:, None]  # [a, most]
-    rows = (torch.cumsum(out_n, 0) - out_n)[:, None] + j
-    raw_p = raw.double()[rows.clamp(max=max(raw.shape[0] - 1, 0))]  # [a, most, 4]
-    alpha = torch.where(valid, 1.0 - torch.exp(-density_activation(raw_p[..., 0]) * step), 0.0)
-    start = trans[active].double()[:, None]
-    after = start * torch.cumprod(1.0 - alpha, 1)  # transmittance after each sample
-    before = torch.cat([start, after[:, :-1]], 1)
-    keep = valid & ((j == 0) | (before >= min_transmittance))
-    w = torch.where(keep, before * alpha, 0.0)
-    rgb = colour_activation(raw_p[..., 1:] + view_rgb[active].double()[:, None, :])
+    w, rows, after = _round_weights(active, out_k, out_n, raw[:, 0], step, trans, min_transmittance)
+    rgb = colour_activation(raw.double()[rows][..., 1:] + view_rgb[active].double()[:, None, :])
     t = step_depths(near[active][:, None], out_k, step)
     color, depth, trans = color.clone(), depth.clone(), trans.clone()
     color[active] += (w[..., None] * rgb).sum(1).float()
     depth[active] += (w * t).sum(1).float()
-    trans[active] = (start[:, 0] * torch.where(keep, 1.0 - alpha, 1.0).prod(1)).float()
+    trans[active] = after.float()
     return color, depth, trans
+
+
+def composite_features(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], out_n: Int[Tensor, " a"],
+                       near: Float[Tensor, " n"], step: float, raw: Float[Tensor, "m 1"], feats: Float[Tensor, "m f"],
+                       feature_sum: Float[Tensor, "n f"], depth: Float[Tensor, " n"], trans: Float[Tensor, " n"],
+                       min_transmittance: float) -> tuple[Float[Tensor, "n f"], Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """Twin of ``_composite_features`` over a whole round (the kernel takes it a chunk of rows at a time): the
+    samples' features composited onto ``feature_sum`` as :func:`composite` composites colours."""
+    w, rows, after = _round_weights(active, out_k, out_n, raw[:, 0], step, trans, min_transmittance)
+    t = step_depths(near[active][:, None], out_k, step)
+    feature_sum, depth, trans = feature_sum.clone(), depth.clone(), trans.clone()
+    feature_sum[active] += (w[..., None] * feats.double()[rows]).sum(1).float()
+    depth[active] += (w * t).sum(1).float()
+    trans[active] = after.float()
+    return feature_sum, depth, trans

@@ -139,6 +139,9 @@ class FitConfig:
                             "per sample only a density (a small head), the plane features composited along the ray "
                             "and the MLP run once per pixel (SNeRG): several times faster to render on a CPU")
     density_hidden: int = arg(16, help="fast field, deferred shading: width of the per-sample density head")
+    upsample: int = arg(0, help="fast field: also train a learned upsampler (trainer/upsample.py) that brings renders "
+                                "at 1/UPSAMPLE of the frame size to full size (2 or 4; 0 = none): the live loop uses it "
+                                "when the head's box is larger than what renders at the frame rate")
     frame_balance: float = arg(0.0, help="share of steps whose frame is drawn where one expression group (jaw, "
                                          "smile, blink, brows …) is strongest, a group picked at random; the rest "
                                          "draw any frame (rare expressions get more steps)")
