@@ -21,7 +21,7 @@ from avatar.base.cli import add_config_arguments, arg, command_parser, config_fr
 from avatar.base.errors import UserError, run_cli
 
 PRESETS: dict[str, dict] = {
-    "cpu": dict(size=256, fps=15.0),  # a laptop without a GPU
+    "cpu": dict(size=256, fps=25.0),  # a laptop without a GPU (a deferred field with an upsampler holds this)
     "gpu": dict(size=512, fps=30.0),  # TensorRT / CUDA
 }
 
@@ -36,10 +36,10 @@ class LiveConfig:
                                    "measured) | fused | torch | onnxruntime | tensorrt")
     device: str = arg("auto", help="where the engine renders: auto (CUDA when available), cpu, cuda, cuda:N")
     preset: str = arg("cpu", flag="--live-preset", deprecated=("--preset",), choices=sorted(PRESETS),
-                      help="cpu: 256² at 15 fps; gpu: 512² at 30 (trainer/fit.py's --preset is another thing)")
+                      help="cpu: 256² at 25 fps; gpu: 512² at 30 (trainer/fit.py's --preset is another thing)")
     size: int = arg(256, flag="--render-size", deprecated=("--size",),
                     help="largest side of the rendered head in pixels (never more than the head's box in the output)")
-    fps: float = arg(15.0, help="frame-rate target; the render resolution adapts to hold it (0: always render at "
+    fps: float = arg(25.0, help="frame-rate target; the render resolution adapts to hold it (0: always render at "
                                 "--render-size)")
     output: str | None = arg(None, metavar="WxH",
                              help="output frame size, e.g. 1280x720 or 640x480 (default: the recording's own framing, "

@@ -18,6 +18,9 @@ from avatar.render.grid import OccupancyGrid
 from avatar.render.march import MIN_TRANSMITTANCE
 
 
+_NO_VIEW = np.zeros((1, 3), np.float32)  # the view term march_fused takes, unused for a deferred field
+
+
 class FusedEngine(RenderEngine):
     """The fast field on the CPU through compiled per-ray kernels (:mod:`avatar.fused`): the same samples, the
     same field, ~2–3× faster than the torch engine's marcher, whose per-sample bookkeeping dominates a CPU frame.
@@ -99,7 +102,8 @@ class FusedEngine(RenderEngine):
         """This frame's rays at ``size`` as arrays, with each ray's view-dependent colour term."""
         pixels, k = self._pixels[size]
         rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max)
-        rays["view_rgb"] = spherical_harmonics_deg2(rays["dirs"]) @ self._view_weight
+        if not self.model.field.deferred:  # (a deferred field's view term is its pixels', in field.shade)
+            rays["view_rgb"] = spherical_harmonics_deg2(rays["dirs"]) @ self._view_weight
         return {key: value.numpy() for key, value in rays.items()}
 
     @torch.inference_mode()
@@ -121,7 +125,7 @@ class FusedEngine(RenderEngine):
         feature_sum = np.zeros((size * size, field.feature_width), np.float32) if field.deferred else None
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                           np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
-                          rays["view_rgb"], bg.numpy(), self._occupied, self._distance,
+                          rays.get("view_rgb", _NO_VIEW), bg.numpy(), self._occupied, self._distance,
                           *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
                           density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT, feature_sum=feature_sum)
         self.last_samples = out["samples"]
