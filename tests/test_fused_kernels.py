@@ -115,11 +115,14 @@ def test_feature_composite_kernel_blends_a_deferred_fields_features_chunk_by_chu
     never_stopping = twins.composite_features(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(feats),
                                               T(feature_sum), T(depth), T(trans), 0.0)
     assert (never_stopping[2] < twin[2]).any()  # these inputs stop some rays inside the round
+    slot = rng.permutation(n).astype(np.int64)  # each ray's row of the (compact) sums
+    sums = np.empty_like(feature_sum)
+    sums[slot] = feature_sum
     for first in range(0, m, chunk):
         last = min(m, first + chunk)
         a_lo = int(np.searchsorted(offsets, first, "right")) - 1
         a_hi = int(np.searchsorted(offsets, last, "left"))
         composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw[first:last],
-                           feats[first:last], feature_sum, depth, trans, min_t, DENSITY_CLAMP, DENSITY_SHIFT)
-    for got, want in zip((feature_sum, depth, trans), twin):
+                           feats[first:last], sums, slot, depth, trans, min_t, DENSITY_CLAMP, DENSITY_SHIFT)
+    for got, want in zip((sums[slot], depth, trans), twin):
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)

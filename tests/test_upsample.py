@@ -73,7 +73,7 @@ def test_trainer_upsample_adds_an_upsampler_the_engines_and_the_live_loop_use(de
     out = tmp_path / "avatar"
     shutil.copytree(deferred_bundle, out)
     r = run_script("trainer/upsample.py", str(out), "--data", str(dataset64), "--steps", "60", "--frames", "16",
-                   "--test-frames", "2", timeout=600)
+                   "--test-frames", "2", "--eval-pose-steps", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "upsampler.safetensors").is_file()
     assert "learned upsampler ×2" in r.stdout and "bilinear ×2" in r.stdout and "(native)" in r.stdout

@@ -264,7 +264,8 @@ def train(cfg: FitConfig, resuming: bool, device: torch.device, ddp: Distributed
         from trainer.upsample import UpsampleConfig, build_upsampler
 
         build_upsampler(load_bundle(run.out), run.out, cfg.data,
-                        UpsampleConfig(bundle=str(run.out), data=cfg.data, factor=cfg.upsample, seed=cfg.seed))
+                        UpsampleConfig(bundle=str(run.out), data=cfg.data, factor=cfg.upsample, seed=cfg.seed,
+                                       eval_pose_steps=cfg.eval_pose_steps))
     if evaluate_at_end:
         evaluate_bundle(run, train_stats)
     return 0

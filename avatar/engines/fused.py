@@ -12,34 +12,45 @@ from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.engines.base import RenderEngine
 from avatar.field.encoding import spherical_harmonics_deg2
-from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT, deferred_composite
+from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT, colour_activation, deferred_composite
 from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import MIN_TRANSMITTANCE
 
-
 _NO_VIEW = np.zeros((1, 3), np.float32)  # the view term march_fused takes, unused for a deferred field
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check: avx512_bf16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class FusedEngine(RenderEngine):
     """The fast field on the CPU through compiled per-ray kernels (:mod:`avatar.fused`): the same samples, the
     same field, ~2–3× faster than the torch engine's marcher, whose per-sample bookkeeping dominates a CPU frame.
 
-    ``precision``: ``fp32`` (default: 1/255 from the torch engine) or ``bf16`` (bfloat16 matrix products: ~20 %
-    faster on one thread of this CPU, which has AMX, no faster on two, and up to 11/255 off at the edges of the
-    expression range; slower than fp32 on CPUs without native bf16). ``threads``: for its kernels and the MLP
-    (0 = torch's current setting, read at each frame).
+    ``precision``: ``fp32`` (1/255 from the torch engine) or ``bf16`` (bfloat16 matrix products: ~20 % faster on
+    one thread of this CPU, no faster on two, and up to 11/255 off at the edges of the expression range for the
+    volumetric field; slower than fp32 on CPUs without native bf16). ``auto`` (default): fp32, except a deferred
+    field's per-pixel MLP on a CPU with native bfloat16 (avx512_bf16 / AMX), where bf16 is ~4× faster on its
+    tens of thousands of pixels (its density head stays fp32: it is overhead-bound, and exp magnifies errors).
+    ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
     """
 
     name = "fused"
 
     def __init__(self, loaded: LoadedAvatar, grid: OccupancyGrid | None = None, step: float | None = None,
-                 device: str | torch.device = "cpu", precision: str = "fp32", threads: int = 0,
+                 device: str | torch.device = "cpu", precision: str = "auto", threads: int = 0,
                  min_transmittance: float = MIN_TRANSMITTANCE):
         if torch.device(device).type != "cpu":
             raise UserError(f"the fused engine runs on the CPU, not {device}; use --engine torch or tensorrt there")
-        if precision not in ("bf16", "fp32"):
-            raise UserError(f"precision must be bf16 or fp32, not {precision!r}")
+        if precision not in ("bf16", "fp32", "auto"):
+            raise UserError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        if precision == "auto":
+            precision = "bf16" if loaded.model.field.deferred and native_bf16() else "fp32"
         try:  # numba: imported only when this engine is used
             from avatar.engines.fused_kernels import Workspace, distance_field
         except ImportError as exc:
@@ -58,9 +69,11 @@ class FusedEngine(RenderEngine):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         hidden = field.layer1.weight.shape[0]
         with torch.no_grad():
-            if field.deferred:  # per sample only the density head; the colour MLP runs per pixel (field.shade)
-                self._w = [field.density_layer.weight.to(dtype), field.density.weight.to(dtype)]
-                self._b2 = field.density.bias.to(dtype)
+            if field.deferred:  # per sample only the density head (fp32); the colour MLP runs per pixel (_shader)
+                self._w = [field.density_layer.weight, field.density.weight]
+                self._b2 = field.density.bias
+                self._shade_w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype), field.layer2.bias.to(dtype),
+                                 field.color.weight[:, :hidden].T.contiguous(), field.color.bias]
             else:
                 self._w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype),
                            torch.cat([field.density.weight, field.color.weight[:, :hidden]]).to(dtype)]
@@ -81,11 +94,10 @@ class FusedEngine(RenderEngine):
         field = self.model.field
         if field.deferred:
             wd, wo = self._w
-            bd = (field.density_layer.bias + latent_bias[field.layer1.weight.shape[0]:]).to(self._dtype)
+            bd = field.density_layer.bias + latent_bias[field.layer1.weight.shape[0]:]
 
             def density(feats: np.ndarray, out: np.ndarray) -> None:
-                x = torch.from_numpy(feats).to(self._dtype)
-                torch.from_numpy(out).copy_(linear(relu(linear(x, wd, bd)), wo, self._b2))
+                torch.from_numpy(out).copy_(linear(relu(linear(torch.from_numpy(feats), wd, bd)), wo, self._b2))
 
             return density
         w1, w2, wh = self._w
@@ -97,6 +109,20 @@ class FusedEngine(RenderEngine):
             torch.from_numpy(out).copy_(linear(h, wh, self._bh))
 
         return mlp
+
+    def _shader(self, latent_bias: Tensor):
+        """A deferred field's per-pixel MLP (:meth:`avatar.field.fast.FastField.shade`), its two hidden layers in
+        this engine's precision, for this frame's latent bias: ``(features [m, F], dirs [m, 3]) → colour [m, 3]``."""
+        w1, w2, b2, wc, bc = self._shade_w
+        field = self.model.field
+        b1 = (field.layer1.bias + latent_bias[:w1.shape[0]]).to(self._dtype)
+
+        def shade(feats: Tensor, dirs: Tensor) -> Tensor:
+            h = torch.relu(torch.addmm(b1, feats.to(self._dtype), w1.T))
+            h = torch.relu(torch.addmm(b2, h, w2.T)).float()
+            return colour_activation(torch.addmm(bc, h, wc) + spherical_harmonics_deg2(dirs) @ self._view_weight)
+
+        return shade
 
     def _rays(self, size: int, head_pose: Tensor) -> dict[str, np.ndarray]:
         """This frame's rays at ``size`` as arrays, with each ray's view-dependent colour term."""
@@ -121,18 +147,28 @@ class FusedEngine(RenderEngine):
         rays = self._rays(size, head_pose)
         field = self.model.field
         bg = self.background(size, background)
-        # calloc'd: only the pages of rays that meet the head are ever touched
-        feature_sum = np.zeros((size * size, field.feature_width), np.float32) if field.deferred else None
+        feature_sum, slot = None, None
+        if field.deferred:  # a row per ray that meets the head box (reused buffers, zeroed here)
+            hit_rows = np.flatnonzero(rays["hit"])
+            feature_sum = self._workspace.get("feature_sum", (hit_rows.size, field.feature_width))
+            feature_sum.fill(0.0)
+            slot = self._workspace.get("slot", (size * size,), np.int64)
+            slot[hit_rows] = np.arange(hit_rows.size)
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                           np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
                           rays.get("view_rgb", _NO_VIEW), bg.numpy(), self._occupied, self._distance,
                           *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
-                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT, feature_sum=feature_sum)
+                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT, feature_sum=feature_sum,
+                          feature_slot=slot)
         self.last_samples = out["samples"]
         if field.deferred:
-            dirs = torch.from_numpy(rays["dirs"])
-            rgb = deferred_composite(torch.from_numpy(feature_sum), torch.from_numpy(out["alpha"]), bg,
-                                     lambda feats, rows: field.shade(feats, dirs[rows], latent_bias))
+            hit = torch.from_numpy(hit_rows)
+            alpha = torch.from_numpy(out["alpha"])
+            rgb = (1.0 - alpha)[:, None] * bg
+            dirs = torch.from_numpy(rays["dirs"])[hit]
+            shade = self._shader(latent_bias)
+            rgb[hit] = deferred_composite(torch.from_numpy(feature_sum), alpha[hit], bg[hit],
+                                          lambda feats, rows: shade(feats, dirs[rows]))
         else:
             rgb = torch.from_numpy(out["rgb"])
         rgb = rgb.clamp_(0, 1).reshape(size, size, 3)

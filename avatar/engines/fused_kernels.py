@@ -118,11 +118,12 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
-def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw, feats, feature_sum, depth,
+def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw, feats, feature_sum, slot, depth,
                         trans, min_transmittance, density_clamp, density_shift):
     """:func:`_composite` for a deferred-shading field, on one chunk of a round: rows ``first …first + len(raw)``
     (``raw [c, 1]`` density logits, ``feats [c, F]`` their plane features), of active rays ``a_lo …a_hi``. The
-    features are composited onto ``feature_sum [n, F]`` as colours would be; a ray stopped in an earlier chunk
+    features are composited onto row ``slot[r]`` of ``feature_sum`` as colours would be (a row per ray that meets
+    the head box: a frame-sized buffer would cost a page fault per 21 rays); a ray stopped in an earlier chunk
     (transmittance below ``min_transmittance``) takes nothing more."""
     last = first + raw.shape[0]
     width = feats.shape[1]
@@ -136,8 +137,9 @@ def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, r
             sigma = math.exp(min(raw[row - first, 0], density_clamp) - density_shift)
             alpha = 1.0 - math.exp(-sigma * step)
             w = tr * alpha
+            s = slot[r]
             for c in range(width):
-                feature_sum[r, c] += w * feats[row - first, c]
+                feature_sum[s, c] += w * feats[row - first, c]
             depth[r] += w * (near[r] + (out_k[a, row - offsets[a]] + 0.5) * step)
             tr *= 1.0 - alpha
             if tr < min_transmittance:
@@ -189,7 +191,8 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
                 background: Float[np.ndarray, "n 3"], occupied: np.ndarray, distance: np.ndarray,
                 box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
                 parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
-                density_clamp: float, density_shift: float, feature_sum: np.ndarray | None = None) -> dict:
+                density_clamp: float, density_shift: float, feature_sum: np.ndarray | None = None,
+                feature_slot: np.ndarray | None = None) -> dict:
     """Render rays through one frame's field. ``mlp(features [m, 3C] float32, out [m, 4] float32)`` is the
     field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
     field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
@@ -198,9 +201,9 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
     ``samples`` (field evaluations).
 
-    A deferred-shading field passes ``feature_sum [n, F]`` (zeros): ``mlp`` then writes only the density logit
-    (``out [m, 1]``), the samples' features are composited into ``feature_sum`` chunk by chunk while still in
-    cache, and ``rgb`` is the background times the transmittance left — the caller shades the pixels
+    A deferred-shading field passes ``feature_sum [h, F]`` (zeros) and ``feature_slot [n]`` (the row of each ray
+    that meets the head box): ``mlp`` then writes only the density logit (``out [m, 1]``), the samples' features
+    are composited into ``feature_sum`` chunk by chunk while still in cache, and ``rgb`` is the background times the transmittance left — the caller shades the pixels
     (:func:`avatar.field.fast.deferred_composite`)."""
     plan_round, pack, gather, composite, composite_features = KERNELS[parallel]
     ws = workspace or Workspace()
@@ -242,7 +245,7 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
                 a_lo = int(np.searchsorted(offsets, first, "right")) - 1
                 a_hi = int(np.searchsorted(offsets, first + feats.shape[0], "left"))
                 composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, part, feats, feature_sum,
-                                   depth, trans, min_transmittance, density_clamp, density_shift)
+                                   feature_slot, depth, trans, min_transmittance, density_clamp, density_shift)
         if feature_sum is None:
             composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
                       density_clamp, density_shift)
