@@ -69,7 +69,8 @@ def test_an_upsampler_file_round_trips_and_a_bad_one_is_one_line(tmp_path):
         load_upsampler(tmp_path / "bad.safetensors")
 
 
-def test_trainer_upsample_adds_an_upsampler_the_engines_and_the_live_loop_use(deferred_bundle, dataset64, tmp_path):
+def test_trainer_upsample_adds_an_upsampler_the_engines_and_the_live_loop_use(deferred_bundle, dataset64, subject,
+                                                                              tmp_path):
     out = tmp_path / "avatar"
     shutil.copytree(deferred_bundle, out)
     r = run_script("trainer/upsample.py", str(out), "--data", str(dataset64), "--steps", "60", "--frames", "16",
@@ -90,7 +91,8 @@ def test_trainer_upsample_adds_an_upsampler_the_engines_and_the_live_loop_use(de
     assert float((frame["alpha"] - native["alpha"]).abs().mean()) < 0.1  # the same head, at the same place
     # the live loop at a frame rate nothing holds: upsampled frames, said in the stats
     stats = tmp_path / "s.json"
-    r = run_script("run_live.py", "--target", str(out), "--demo", "--sink", f"file:{tmp_path / 'o.mp4'}",
+    r = run_script("run_live.py", "--target", str(out), "--source", str(subject / "video.mp4"),
+                   "--sink", f"file:{tmp_path / 'o.mp4'}",
                    "--max-frames", "12", "--every-frame", "--fps", "1000", "--render-size", "64", "--stats", str(stats),
                    timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
