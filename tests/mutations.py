@@ -37,6 +37,29 @@ class Mutation:
 
 
 MUTATIONS = (
+    Mutation("deferred_no_mean_feature", "a deferred field shades the summed features, not their mean (faint edges "
+             "and opaque skin get different colours for one surface)",
+             "avatar/field/fast.py", "        colour = shade(feature_sum[rows] / a[:, None], rows)",
+             "        colour = shade(feature_sum[rows], rows)",
+             ("tests/test_fast_field.py::test_a_deferred_field_shades_each_pixel_once_from_its_mean_feature",)),
+    Mutation("deferred_stopped_rays_continue", "the fused feature compositing keeps adding samples to a ray that "
+             "stopped in an earlier chunk",
+             "avatar/engines/fused_kernels.py", "        if tr < min_transmittance:\n            continue",
+             "        if tr < 0.0:\n            continue",
+             ("tests/test_fused_kernels.py::test_feature_composite_kernel_blends_a_deferred_fields_features_chunk_by_chunk",)),
+    Mutation("upsampler_not_premultiplied", "the upsampler can output colour brighter than its opacity",
+             "avatar/field/upsample.py", "        return torch.cat([torch.minimum(out[:, :3], out[:, 3:]), out[:, 3:]], 1)",
+             "        return out",
+             ("tests/test_upsample.py::test_an_untrained_upsampler_is_bilinear_and_keeps_colour_premultiplied",)),
+    Mutation("live_never_upsamples", "the live loop shrinks the render instead of switching to the upsampler",
+             "streamer/pipeline.py", "            if self.factor and not self.upsampled:",
+             "            if False:",
+             ("tests/test_upsample.py::test_the_live_loop_upsamples_before_it_shrinks_and_goes_back_to_native_when_there_is_room",)),
+    Mutation("upsampler_loss_ignores_background", "the upsampler is fitted to the frames without the background "
+             "behind its alpha",
+             "avatar/field/upsample.py", "        pred = out[:, :3] + (1.0 - out[:, 3:]) * torch.stack(bgs)",
+             "        pred = out[:, :3]",
+             ("tests/test_upsample.py::test_training_beats_bilinear_on_held_out_images_of_what_it_was_trained_on",)),
     Mutation("resume_ignores_checkpoint", "fit.py --resume starts from scratch instead of the checkpoint",
              "trainer/fit.py", "    if resuming and ckpt_path.is_file():", "    if False:",
              ("tests/test_fit.py::test_interrupted_training_resumes_from_the_checkpoints_weights",)),

@@ -36,18 +36,23 @@ def stripes(size: int, phase: float) -> torch.Tensor:
 
 
 def test_training_beats_bilinear_on_held_out_images_of_what_it_was_trained_on():
+    """A semi-transparent layer of fine stripes over a grey background: the network sees the layer at half size
+    (premultiplied RGBA) and is fitted to the full-size composite, so it must bring back the stripes and leave the
+    background to the compositing."""
+    alpha, grey = 0.6, torch.full((3, 32, 32), 0.5)
+
     def pair(phase):
-        full = stripes(32, phase)
-        low = torch.nn.functional.avg_pool2d(full[None], 2)[0]
-        return torch.cat([low, torch.ones(1, 16, 16)]), full, torch.zeros(3, 32, 32)
+        layer = stripes(32, phase) * alpha  # premultiplied
+        low = torch.nn.functional.avg_pool2d(layer[None], 2)[0]
+        return torch.cat([low, torch.full((1, 16, 16), alpha)]), layer + (1 - alpha) * grey, grey
 
     pairs = [pair(p) for p in np.linspace(0, 6, 12)]
     up, report = train_upsampler(pairs, 2, steps=250, crop=12, batch=8, channels=16)
     assert report["steps"] == 250 and report["final_l1"] > 0
     low, truth, _ = pair(1.234)  # a phase it has not seen
 
-    def err(img):
-        return float((img[:3] - truth).abs().mean())
+    def err(rgba):
+        return float((rgba[:3] + (1 - rgba[3:]) * grey - truth).abs().mean())
 
     bilinear = torch.nn.functional.interpolate(low[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
     with torch.no_grad():
