@@ -73,7 +73,7 @@ class FusedEngine(RenderEngine):
                 self._w = [field.density_layer.weight, field.density.weight]
                 self._b2 = field.density.bias
                 self._shade_w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype), field.layer2.bias.to(dtype),
-                                 field.color.weight[:, :hidden].T.contiguous(), field.color.bias]
+                                 field.color.weight[:, :hidden].to(dtype).contiguous(), field.color.bias.detach()]
             else:
                 self._w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype),
                            torch.cat([field.density.weight, field.color.weight[:, :hidden]]).to(dtype)]
@@ -97,7 +97,7 @@ class FusedEngine(RenderEngine):
             bd = field.density_layer.bias + latent_bias[field.layer1.weight.shape[0]:]
 
             def density(feats: np.ndarray, out: np.ndarray) -> None:
-                torch.from_numpy(out).copy_(linear(relu(linear(torch.from_numpy(feats), wd, bd)), wo, self._b2))
+                torch.from_numpy(out).copy_(linear(linear(torch.from_numpy(feats), wd, bd).relu_(), wo, self._b2))
 
             return density
         w1, w2, wh = self._w
@@ -117,10 +117,13 @@ class FusedEngine(RenderEngine):
         field = self.model.field
         b1 = (field.layer1.bias + latent_bias[:w1.shape[0]]).to(self._dtype)
 
+        linear = torch.nn.functional.linear
+
         def shade(feats: Tensor, dirs: Tensor) -> Tensor:
-            h = torch.relu(torch.addmm(b1, feats.to(self._dtype), w1.T))
-            h = torch.relu(torch.addmm(b2, h, w2.T)).float()
-            return colour_activation(torch.addmm(bc, h, wc) + spherical_harmonics_deg2(dirs) @ self._view_weight)
+            # (weights as [out, in] through linear, ReLUs in place: addmm on transposed bf16 weights and out-of-place
+            # ReLUs copied more than they multiplied, ~3× this)
+            h = linear(linear(feats.to(self._dtype), w1, b1).relu_(), w2, b2).relu_()
+            return colour_activation(linear(h, wc).float() + bc + spherical_harmonics_deg2(dirs) @ self._view_weight)
 
         return shade
 
