@@ -161,11 +161,14 @@ class RenderSizeController:
             elif self.size > self.min:
                 self.size = max(self.min, self.size - self.step_px)
             self._avg = None
-        elif self._avg < self.budget * 0.6:
-            if self.size < self.max:
-                self.size = min(self.max, self.size + self.step_px)
+        else:
+            grown = min(self.max, self.size + self.step_px)
+            # a frame's cost grows with the pixels: grow when the larger size should still leave 15 % of the budget
+            if self.size < self.max and self._avg * (grown / self.size) ** 2 < self.budget * 0.85:
+                self.size = grown
                 self._avg = None
-            elif self.upsampled and self._since_switch >= self.retry:
+            elif (self.size == self.max and self.upsampled and self._since_switch >= self.retry
+                  and self._avg < self.budget * 0.6):  # native costs several times more: only with much room
                 self.upsampled, self._since_switch = False, 0
                 self._avg = None
         return self.size

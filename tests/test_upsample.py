@@ -108,6 +108,8 @@ def test_trainer_upsample_adds_an_upsampler_the_engines_and_the_live_loop_use(de
     # bad input: one line, nothing written
     r = run_script("trainer/upsample.py", str(out), "--data", str(dataset64), "--factor", "3")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--factor 3" in r.stderr
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--out", str(tmp_path / "x"), "--upsample", "3")
+    assert r.returncode != 0 and "--upsample 3" in r.stderr and not (tmp_path / "x").exists()
 
 
 def test_the_live_loop_upsamples_before_it_shrinks_and_goes_back_to_native_when_there_is_room():

@@ -7,7 +7,8 @@ Renders the training frames at 1/FACTOR of the dataset's size (premultiplied col
 render) with the avatar's fastest CPU engine, fits the network so that its output laid over the background
 matches each full-size training frame, and writes upsampler.safetensors into the bundle (atomically). Then scores
 it on held-out test frames (each tracked pose first refined against its frame, as trainer/evaluate.py does)
-beside plain bilinear upsampling of the same renders and the native full-size render, and prints that table (every row labelled with the size it was rendered at).
+beside plain bilinear upsampling of the same renders and the native full-size render, and prints that table
+(every row labelled with the size it was rendered at).
 `run_live.py` uses the upsampler when the head's box is larger than what the renderer holds at the frame rate;
 `bench/render_speed.py` times it. `trainer/fit.py --upsample FACTOR` runs this at the end of training.
 """

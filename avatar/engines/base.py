@@ -110,8 +110,10 @@ class RenderEngine:
             src = self.loaded.background if image is None else image
             bg = torch.nn.functional.interpolate(src.permute(2, 0, 1)[None].float().cpu(), size=(size, size),
                                                  mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
-            # one cached size (sizes change rarely), already on the marching device
-            self._backgrounds = {key: bg.reshape(-1, 3).contiguous().to(self.device)}
+            # a few cached sizes (sizes change rarely; an upsampled frame takes two), on the marching device
+            if len(self._backgrounds) >= 4:
+                self._backgrounds.pop(next(iter(self._backgrounds)))
+            self._backgrounds[key] = bg.reshape(-1, 3).contiguous().to(self.device)
         return self._backgrounds[key]
 
     def warm_up(self, size: int) -> float:
