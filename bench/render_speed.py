@@ -30,6 +30,8 @@ from avatar.bundle.bundle import LoadedAvatar, load_bundle
 from avatar.data.reader import load_split
 from avatar.field.model import Avatar, SamplingConfig, render_image
 
+_BLACK = torch.zeros(1, 1, 3)  # one instance: the engines cache a background by its identity
+
 
 def scaled(loaded: LoadedAvatar, size: int) -> tuple[np.ndarray, torch.Tensor]:
     w, h = loaded.image_size
@@ -76,15 +78,74 @@ def paper_stand_in(loaded_fast: LoadedAvatar) -> LoadedAvatar:
     return LoadedAvatar(model, meta, loaded_fast.background)
 
 
-def time_engine_frames(engine, loaded: LoadedAvatar, frames, size: int, truth=None, upsample_from: int = 0):
-    """Through a render engine (the live loop's path)."""
-    return _time_renders(lambda pose, expr, s: engine.render(expr, pose, loaded.latent(0), s)["rgb"], frames, size,
-                         truth, upsample_from)
+def bundle_label(loaded: LoadedAvatar, path: str) -> str:
+    """How a table names an avatar: its field and its directory."""
+    return f"{'deferred field' if loaded.model.field.deferred else 'fast field'} (`{Path(path).name}`)"
 
 
-def bundle_label(loaded: LoadedAvatar) -> str:
-    """How a table names an avatar's field."""
-    return "deferred field" if loaded.model.field.deferred else "fast field"
+def render_head_bilinear(engine, loaded: LoadedAvatar, pose, expr, size: int, factor: int = 2) -> torch.Tensor:
+    """The baseline of the learned upsampler, as the live loop would do without one: the head rendered at
+    ``size / factor`` over black, its premultiplied RGBA scaled up bilinearly, laid over the full-size background."""
+    from avatar.field.upsample import over
+
+    low = engine.render(expr, pose, loaded.latent(0), size // factor, _BLACK)
+    rgba = torch.cat([low["rgb"], low["alpha"][..., None]], -1).permute(2, 0, 1)[None]
+    up = torch.nn.functional.interpolate(rgba, size=(size, size), mode="bilinear", align_corners=False)[0]
+    bg = engine.background(size).reshape(size, size, 3)
+    return over(up[:3].permute(1, 2, 0), up[3], bg).clamp(0, 1)
+
+
+def engine_methods(label: str, loaded: LoadedAvatar, engines: dict, size: int) -> list[tuple[str, object]]:
+    """(row name, ``render(pose, expr) → rgb [size, size, 3]``) for one avatar: each engine natively, then the fused
+    engine at half size with the whole frame bilinear, the head bilinear over the full-size background, and the
+    avatar's learned upsampler where it has one."""
+    described = {"torch": "torch engine (culled, packed, early termination)",
+                 "fused": f"fused engine (numba kernels, {engines['fused'].precision} MLP)",
+                 "onnxruntime": "onnxruntime engine", "tensorrt": "tensorrt engine"}
+    latent = loaded.latent(0)
+    out = [(f"{label}, {described[name]}", lambda pose, expr, e=engine: e.render(expr, pose, latent, size)["rgb"])
+           for name, engine in engines.items()]
+    from avatar.engines.fused import FusedEngine
+
+    # its own engine for the half-size rows: an engine keeps one size's pixel grid, and rows timed in turns would
+    # otherwise rebuild it at every call (the live loop changes size rarely)
+    fused = FusedEngine(loaded)
+
+    def whole_bilinear(pose, expr):
+        rgb = fused.render(expr, pose, latent, size // 2)["rgb"]
+        return torch.nn.functional.interpolate(rgb.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                                               align_corners=False)[0].permute(1, 2, 0)
+
+    out.append((f"{label}, fused engine **rendered at {size // 2}², the whole frame bilinear ×2** to {size}²",
+                whole_bilinear))
+    out.append((f"{label}, fused engine **rendered at {size // 2}², the head bilinear ×2** over the {size}² "
+                "background", lambda pose, expr: render_head_bilinear(fused, loaded, pose, expr, size)))
+    if loaded.upsampler is not None:
+        f = loaded.upsampler.factor
+        out.append((f"{label}, fused engine **rendered at {size // f}², learned upsampler ×{f}** to {size}²",
+                    lambda pose, expr: fused.render_upsampled(expr, pose, latent, size)["rgb"]))
+    return out
+
+
+def time_interleaved(methods: list[tuple[str, object]], frames, truth, rounds: int) -> list[tuple[float, float | None]]:
+    """(median seconds per frame, mean PSNR or None) per method, timed in turns — every frame rendered by each
+    method in a row, ``rounds`` times over the frames — so that a slow spell of this shared machine falls on all
+    of them alike; one untimed warm-up frame each first."""
+    with torch.inference_mode():
+        for _, render in methods:
+            render(*frames[0])
+    times = [[] for _ in methods]
+    scores = [[] for _ in methods]
+    for r in range(rounds):
+        for j, (pose, expr) in enumerate(frames):
+            for i, (_, render) in enumerate(methods):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    rgb = render(pose, expr)
+                times[i].append(time.perf_counter() - start)
+                if r == 0 and truth is not None:
+                    scores[i].append(psnr(rgb.clamp(0, 1).numpy(), truth[j]))
+    return [(statistics.median(t), float(np.mean(sc)) if sc else None) for t, sc in zip(times, scores)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="frames timed for the untrained paper stand-in (~30 s+ each on a CPU; it has no PSNR)")
     p.add_argument("--sizes", default="128,256")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the engine rows are timed in turns, frame by frame, this many times over the frames")
     p.add_argument("--eval-pose-steps", type=int, default=40, metavar="STEPS",
                    help="refine each held-out frame's tracked pose against it first, with the first --fast avatar, "
                         "as trainer/evaluate.py does (every row then renders the same refined poses; at the tracked "
@@ -150,32 +213,22 @@ def main(argv: list[str] | None = None) -> int:
             t_paper, p_paper = time_frames(paper, paper_frames, size, paper.sampling, truth if args.paper else None)
             rows.append(("paper field (8×256 MLP, 64+64 samples)" + ("" if args.paper else ", untrained stand-in: "
                          f"timing only, {len(paper_frames)} frame(s)"), size, p_paper, t_paper, t_paper))
+        methods = []
         for path, loaded in bundles.items():
-            label = bundle_label(loaded)
+            label = bundle_label(loaded, path)
             if not args.engines_only:
                 sampling = SamplingConfig(**{**loaded.sampling.__dict__, "chunk": size * size, "culling": False})
                 t_dense, p_dense = time_frames(loaded, frames, size, sampling, truth)
                 rows.append((f"{label}, culling off (dense reference, torch)", size, p_dense, t_dense, t_paper))
-            described = {"torch": "torch engine (culled, packed, early termination)",
-                         "fused": f"fused engine (numba kernels, {engines[path]['fused'].precision} MLP)",
-                         "onnxruntime": "onnxruntime engine", "tensorrt": "tensorrt engine"}
-            for name, engine in engines[path].items():
-                t, ps = time_engine_frames(engine, loaded, frames, size, truth)
-                rows.append((f"{label}, {described[name]}", size, ps, t, t_paper))
-            fused = engines[path]["fused"]
-            t_half, p_half = time_engine_frames(fused, loaded, frames, size, truth, upsample_from=size // 2)
-            rows.append((f"{label}, fused engine **rendered at {size // 2}², bilinear ×2** to {size}²", size,
-                         p_half, t_half, t_paper))
-            if loaded.upsampler is not None:
-                f = loaded.upsampler.factor
-                t_up, p_up = _time_renders(lambda pose, expr, s: fused.render_upsampled(expr, pose, loaded.latent(0), s)
-                                           ["rgb"], frames, size, truth)
-                rows.append((f"{label}, fused engine **rendered at {size // f}², learned upsampler ×{f}** to {size}²",
-                             size, p_up, t_up, t_paper))
+            methods += engine_methods(label, loaded, engines[path], size)
+        if methods:
+            for (name, _), (t, ps) in zip(methods, time_interleaved(methods, frames, truth, args.rounds)):
+                rows.append((name, size, ps, t, t_paper))
 
     print(f"Rendering speed, {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__} (CPU); median of {len(frames)} held-out "
-          f"frames after one warm-up frame; every PSNR is the mean over the same {len(frames)} frames"
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__} (CPU); {len(frames)} held-out frames, "
+          f"the engine rows timed in turns ({args.rounds} rounds, frame by frame: medians; one warm-up frame each); "
+          f"every PSNR is the mean over the same {len(frames)} frames"
           + (f", their poses refined ({args.eval_pose_steps} steps) by {Path(args.fast[0]).name}" if args.eval_pose_steps > 0
              else ", at their tracked poses") + ".\n")
     print("| method | output | PSNR (dB) | s / frame | frames / s | × paper field |")

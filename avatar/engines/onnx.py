@@ -83,6 +83,9 @@ class OnnxEngine(RenderEngine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.log_severity_level = 3
+        # no busy-waiting between runs: ORT's spinning threads took the CPU from whatever ran next in this process
+        # (the marcher between two decoder calls; in bench/render_speed.py, the next engine: 2–3× slower)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers or onnx_providers("gpu" if device.type == "cuda" else "cpu")
         try:
             self.model_session = _ort_session(ort, model_path, opts, providers)
