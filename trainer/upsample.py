@@ -71,12 +71,6 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
 
 
-def _background(loaded: LoadedAvatar, size: int) -> torch.Tensor:
-    """The avatar's background at ``size``² as ``[size, size, 3]`` (as the engines scale it)."""
-    return torch.nn.functional.interpolate(loaded.background.permute(2, 0, 1)[None].float(), size=(size, size),
-                                           mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
-
-
 def training_pairs(loaded: LoadedAvatar, engine: RenderEngine, data: str, factor: int, frames: int
                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(low render ``[4, h, w]``, full-size frame ``[3, H, W]``, background ``[3, H, W]``) per training frame, at
@@ -92,7 +86,7 @@ def training_pairs(loaded: LoadedAvatar, engine: RenderEngine, data: str, factor
     if "pose_corrections" in loaded.meta:
         poses = posefit.apply(poses, torch.as_tensor(loaded.meta["pose_corrections"], dtype=torch.float32))
     idx = np.linspace(0, len(train) - 1, min(frames, len(train)) if frames else len(train)).astype(int)
-    bg = _background(loaded, size).permute(2, 0, 1).contiguous()
+    bg = engine.background(size).reshape(size, size, 3).permute(2, 0, 1).contiguous()
     pairs = []
     for i in tqdm(idx, desc="rendering training frames", unit="frame", leave=False):
         out = engine.render(train.expressions[i], poses[i], loaded.latent(int(i)), size // factor, BLACK)
@@ -108,7 +102,7 @@ def score(loaded: LoadedAvatar, engine: RenderEngine, upsampler, data: str, fram
     test = load_split(data, "test")
     size = test.image_size[1]
     factor = upsampler.factor
-    bg = _background(loaded, size)
+    bg = engine.background(size).reshape(size, size, 3)
     idx = np.linspace(0, len(test) - 1, min(frames, len(test)) if frames else len(test)).astype(int)
     items = [(test.poses[i], test.expressions[i], test.images[i].astype(np.float32) / 255.0) for i in idx]
     if pose_steps > 0:
