@@ -28,9 +28,8 @@ import torch
 from avatar.base.metrics import psnr
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
 from avatar.data.reader import load_split
+from avatar.engines.base import BLACK
 from avatar.field.model import Avatar, SamplingConfig, render_image
-
-_BLACK = torch.zeros(1, 1, 3)  # one instance: the engines cache a background by its identity
 
 
 def scaled(loaded: LoadedAvatar, size: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -88,7 +87,7 @@ def render_head_bilinear(engine, loaded: LoadedAvatar, pose, expr, size: int, fa
     ``size / factor`` over black, its premultiplied RGBA scaled up bilinearly, laid over the full-size background."""
     from avatar.field.upsample import over
 
-    low = engine.render(expr, pose, loaded.latent(0), size // factor, _BLACK)
+    low = engine.render(expr, pose, loaded.latent(0), size // factor, BLACK)
     rgba = torch.cat([low["rgb"], low["alpha"][..., None]], -1).permute(2, 0, 1)[None]
     up = torch.nn.functional.interpolate(rgba, size=(size, size), mode="bilinear", align_corners=False)[0]
     bg = engine.background(size).reshape(size, size, 3)

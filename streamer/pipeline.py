@@ -22,7 +22,7 @@ from avatar.base.errors import UserError
 from avatar.bundle.bundle import LoadedAvatar
 from avatar.capture.retarget import clamp_pose, relative_expression, relative_pose
 from avatar.capture.tracking import FaceObservation
-from avatar.engines.base import RenderEngine
+from avatar.engines.base import BLACK, RenderEngine  # (BLACK: imported from here by the live bench too)
 from streamer.filters import OneEuroFilter, PoseFilter, pose_to_vector, vector_to_pose
 
 
@@ -316,7 +316,6 @@ class LiveFrame:
     upsampled: bool = False  # rendered at 1/factor of render_size and brought to it by the learned upsampler
 
 
-BLACK = torch.zeros(1, 1, 3)  # one instance: engines cache the background they scale by its identity
 
 
 def render_cap(size: int, layout: FrameLayout) -> int:

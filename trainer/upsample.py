@@ -30,13 +30,11 @@ from avatar.base.errors import UserError, run_cli
 from avatar.base.metrics import psnr
 from avatar.bundle.bundle import LoadedAvatar, load_bundle
 from avatar.data.reader import load_split
-from avatar.engines.base import RenderEngine
+from avatar.engines.base import BLACK, RenderEngine
 from avatar.eval.evaluation import refine_poses
 from avatar.field import posefit
 from avatar.field.training import FitConfig, padded_box
 from avatar.field.upsample import UPSAMPLER_FILE, over, save_upsampler, train_upsampler, upsample_render
-
-BLACK = torch.zeros(1, 1, 3)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _stderr(line: str) -> None:
 
 
 
-_BLACK = torch.zeros(1, 1, 3)  # one instance: the engines cache a background by its identity
+BLACK = torch.zeros(1, 1, 3)  # "over black" (premultiplied); one instance: engines cache a background by its identity
 
 
 def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -144,7 +144,7 @@ class RenderEngine:
         upsampler = self.loaded.upsampler
         if upsampler is None:
             raise UserError("this avatar has no upsampler; train one with trainer/upsample.py")
-        low = self.render(expression, head_pose, latent, max(8, size // upsampler.factor), _BLACK)
+        low = self.render(expression, head_pose, latent, max(8, size // upsampler.factor), BLACK)
         rgb, alpha = upsample_render(upsampler, low["rgb"], low["alpha"])
         if rgb.shape[0] != size:  # a size the factor does not divide: the last pixel or so, bilinear
             rgba = torch.cat([rgb, alpha[..., None]], -1).permute(2, 0, 1)[None]

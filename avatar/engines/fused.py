@@ -35,7 +35,7 @@ class FusedEngine(RenderEngine):
     ``precision``: ``fp32`` (1/255 from the torch engine) or ``bf16`` (bfloat16 matrix products: ~20 % faster on
     one thread of this CPU, no faster on two, and up to 11/255 off at the edges of the expression range for the
     volumetric field; slower than fp32 on CPUs without native bf16). ``auto`` (default): fp32, except a deferred
-    field's per-pixel MLP on a CPU with native bfloat16 (avx512_bf16 / AMX), where bf16 is ~4× faster on its
+    field's per-pixel MLP on a CPU with native bfloat16 (avx512_bf16 / AMX), where bf16 is ~1.6× faster on its
     tens of thousands of pixels (its density head stays fp32: it is overhead-bound, and exp magnifies errors).
     ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
     """
