@@ -53,6 +53,18 @@ def fast_bundle(dataset64, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def linear_density_bundle(dataset64, tmp_path_factory) -> Path:
+    """A deferred-shading avatar with a linear density head (--density-hidden 0), trained briefly on the 64²
+    subject: the fused engine marches it in one pass per ray."""
+    out = tmp_path_factory.mktemp("linear") / "avatar"
+    r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "fast", "--preset", "smoke", "--shading",
+                   "deferred", "--density-hidden", "0", "--max-steps", "200", "--eval-frames", "2", "--out", str(out),
+                   timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def deferred_bundle(dataset64, tmp_path_factory) -> Path:
     """A deferred-shading fast-field avatar (--shading deferred) trained briefly on the 64² subject."""
     out = tmp_path_factory.mktemp("deferred") / "avatar"

@@ -25,11 +25,12 @@ def exported(fast_bundle, tmp_path_factory):
     return out, r.stdout
 
 
-def test_a_deferred_fields_export_has_its_shading_graph_and_matches_torch(deferred_bundle, subject, tmp_path):
+@pytest.mark.parametrize("bundle", ["deferred_bundle", "linear_density_bundle"])
+def test_a_deferred_fields_export_has_its_shading_graph_and_matches_torch(request, bundle, subject, tmp_path):
     """--shading deferred: model.onnx gives each sample's features and density (no view direction), shade.onnx
-    the per-pixel colour; ONNX Runtime renders what the torch engine renders."""
+    the per-pixel colour; ONNX Runtime renders what the torch engine renders (density head hidden or linear)."""
     out = tmp_path / "avatar"
-    shutil.copytree(deferred_bundle, out)
+    shutil.copytree(request.getfixturevalue(bundle), out)
     r = run_script("export/build.py", str(out), "--frames", "3", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((out / "engines.json").read_text())

@@ -160,14 +160,14 @@ def test_plane_gather_matches_grid_sample():
     torch.testing.assert_close(got.permute(0, 2, 1).reshape(3, 5, 7, 9), ref)
 
 
-def deferred_avatar(seed=0):
+def deferred_avatar(seed=0, density_hidden=8):
     """A small deferred-shading avatar whose box is filled with a dense, uneven fog (untrained fields are empty)."""
     from avatar.field.model import Avatar
 
     torch.manual_seed(seed)
     model = Avatar("fast", dict(box_min=[-10, -10, -10], box_max=[10, 10, 10], expression_dim=52, resolution=16,
                                 channels=4, bases=3, hidden=16, expression_mlp=True, shading="deferred",
-                                density_hidden=8), num_frames=2, latent_dim=8)
+                                density_hidden=density_hidden), num_frames=2, latent_dim=8)
     with torch.no_grad():
         for p in model.field.parameters():
             p.normal_(0, 0.3)
@@ -211,6 +211,27 @@ def test_a_deferred_field_shades_each_pixel_once_from_its_mean_feature():
     assert 0 < int(shaded.sum()) < n  # the empty and the faintest rays are not shaded
     torch.testing.assert_close(deferred[shaded], volumetric["rgb"][shaded], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(deferred[~shaded], ((1 - summed["alpha"])[:, None] * bg)[~shaded])
+
+
+def test_a_linear_density_head_reads_the_density_straight_from_the_features():
+    """--density-hidden 0: density = exp(w · features + the frame's share); the frame's share is one number (its
+    latent code's and expression's), and decode_gather (the ONNX graph) agrees."""
+    from avatar.field.fast import density_activation
+
+    model = deferred_avatar(2, density_hidden=0)
+    field = model.field
+    assert field.density_layer is None and field.density.weight.shape == (1, 12)
+    expression = torch.rand(52)
+    planes, bias = field.frame_state(expression, model.latents[0])
+    assert bias.shape == (16 + 1,)
+    share = field.density_latent(model.latents[0]) + field.density_expression(field.basis_weights(
+        torch.cat([expression, model.latents[0]])))
+    torch.testing.assert_close(bias[16:], share)
+    pts, dirs = torch.rand(40, 3) * 8 - 4, torch.nn.functional.normalize(torch.randn(40, 3), dim=-1)
+    feats, sigma = field.decode(planes, bias, pts, dirs)
+    torch.testing.assert_close(sigma, density_activation(feats @ field.density.weight[0] + field.density.bias + share))
+    g = field.decode_gather(field.channels_last(planes), bias, pts, dirs)
+    torch.testing.assert_close(g[1], sigma, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("blocks_per_round", [2, 0])

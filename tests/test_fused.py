@@ -23,10 +23,13 @@ def conditions(loaded, count=4, seed=3):
 @pytest.mark.parametrize("precision,threads,limit,bundle", [("fp32", 1, 2, "fast_bundle"), ("fp32", 2, 2, "fast_bundle"),
                                                              ("bf16", 1, 8, "fast_bundle"),
                                                              ("fp32", 1, 2, "deferred_bundle"),
-                                                             ("fp32", 2, 2, "deferred_bundle")])
+                                                             ("fp32", 2, 2, "deferred_bundle"),
+                                                             ("fp32", 1, 2, "linear_density_bundle"),
+                                                             ("auto", 2, 2, "linear_density_bundle")])
 def test_fused_engine_renders_what_the_torch_engine_renders(request, precision, threads, limit, bundle):
     loaded = load_bundle(request.getfixturevalue(bundle))
-    assert loaded.model.field.deferred == (bundle == "deferred_bundle")
+    assert loaded.model.field.deferred == (bundle != "fast_bundle")
+    assert (loaded.model.field.density_layer is None) == (bundle != "deferred_bundle")  # (a linear head or none)
     reference = TorchEngine(loaded)
     fused = FusedEngine(loaded, precision=precision, threads=threads)
     for expr, pose, latent in conditions(loaded):

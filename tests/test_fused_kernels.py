@@ -126,3 +126,33 @@ def test_feature_composite_kernel_blends_a_deferred_fields_features_chunk_by_chu
                            feats[first:last], sums, slot, depth, trans, min_t, DENSITY_CLAMP, DENSITY_SHIFT)
     for got, want in zip((sums[slot], depth, trans), twin):
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass():
+    rng = np.random.default_rng(6)
+    g, res, ch, step, min_t = 16, 8, 3, 0.25, 0.05
+    occupied = np.zeros((g, g, g), bool)
+    for _ in range(5):
+        c = rng.integers(2, g - 2, 3)
+        occupied[c[0] - 2:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 2:c[2] + 1] = True
+    origins, dirs, near, far = rays(rng, 200)
+    hit = rng.uniform(size=200) < 0.8
+    planes = rng.normal(size=(3, res, res, ch)).astype(np.float32)
+    center, half = np.full(3, 5.0, np.float32), np.full(3, 5.0, np.float32)
+    box_min, box_max = np.zeros(3, np.float32), np.full(3, 10.0, np.float32)
+    w, b = rng.normal(size=3 * ch).astype(np.float32), 1.5
+    rays_hit = np.flatnonzero(hit)
+    cells = T(np.full(3, g / 10.0, np.float32))
+    twin = twins.march_deferred(T(origins), T(dirs), T(near), T(far), T(rays_hit), step, T(occupied), T(box_min),
+                                cells, T(planes), T(center), T(half), T(w), b, min_t)
+    never_stopping = twins.march_deferred(T(origins), T(dirs), T(near), T(far), T(rays_hit), step, T(occupied),
+                                          T(box_min), cells, T(planes), T(center), T(half), T(w), b, 0.0)
+    assert (never_stopping[1] > twin[1]).any() and (twin[1] > 0).any() and (twin[1] == 0).any()
+    for threads in (1, 3):
+        out = kernels.march_deferred(origins, dirs, near, far, hit, planes, center, (1 / half).astype(np.float32),
+                                     occupied.astype(np.uint8), kernels.distance_field(occupied), box_min, box_max,
+                                     step, (w, b), min_t, threads=threads, block=7, density_clamp=DENSITY_CLAMP,
+                                     density_shift=DENSITY_SHIFT)
+        assert out["rays"].tolist() == rays_hit.tolist()
+        for got, want in zip((out["feature_sum"], out["alpha"], out["depth"]), twin):
+            torch.testing.assert_close(T(np.array(got)), want, atol=1e-4, rtol=1e-4)

@@ -153,8 +153,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         raise UserError(f"--upsample {cfg.upsample}: 0 (none), 2 or 4")
     if cfg.upsample and cfg.field != "fast":
         raise UserError("--upsample is for the fast field (the live engines)")
-    if cfg.density_hidden < 1:
-        raise UserError(f"--density-hidden {cfg.density_hidden}: the density head needs at least one unit")
+    if cfg.density_hidden < 0:
+        raise UserError(f"--density-hidden {cfg.density_hidden}: 0 (a linear head) or more hidden units")
     if cfg.video:
         cfg.data = str(out / "dataset")
     return cfg, False

@@ -38,6 +38,11 @@ class FusedEngine(RenderEngine):
     field's per-pixel MLP on a CPU with native bfloat16 (avx512_bf16 / AMX), where bf16 is ~1.6× faster on its
     tens of thousands of pixels (its density head stays fp32: it is overhead-bound, and exp magnifies errors).
     ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
+
+    A deferred field with a linear density head (``fit.py --shading deferred --density-hidden 0``) is marched in
+    one pass per ray (:func:`avatar.engines.fused_kernels.march_deferred`: the density inside the march, no
+    sample lists, no feature buffer); with a hidden density layer, in rounds whose density head runs as one
+    matrix product per chunk (numba's scalar loops were slower than torch's matmul on a 3C × 16 layer).
     """
 
     name = "fused"
@@ -70,7 +75,8 @@ class FusedEngine(RenderEngine):
         hidden = field.layer1.weight.shape[0]
         with torch.no_grad():
             if field.deferred:  # per sample only the density head (fp32); the colour MLP runs per pixel (_shader)
-                self._w = [field.density_layer.weight, field.density.weight]
+                # (a linear head runs inside the march: _density_head)
+                self._w = [] if field.density_layer is None else [field.density_layer.weight, field.density.weight]
                 self._b2 = field.density.bias
                 self._shade_w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype), field.layer2.bias.to(dtype),
                                  field.color.weight[:, :hidden].to(dtype).contiguous(), field.color.bias.detach()]
@@ -150,6 +156,8 @@ class FusedEngine(RenderEngine):
         rays = self._rays(size, head_pose)
         field = self.model.field
         bg = self.background(size, background)
+        if field.deferred and field.density_layer is None:  # a linear density head: one pass per ray
+            return self._render_deferred(rays, planes.reshape(3, res, res, -1).numpy(), latent_bias, bg, size, threads)
         feature_sum, slot = None, None
         if field.deferred:  # a row per ray that meets the head box (reused buffers, zeroed here)
             hit_rows = np.flatnonzero(rays["hit"])
@@ -176,3 +184,32 @@ class FusedEngine(RenderEngine):
             rgb = torch.from_numpy(out["rgb"])
         rgb = rgb.clamp_(0, 1).reshape(size, size, 3)
         return {"rgb": rgb, "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}
+
+    def _density_head(self, latent_bias: Tensor) -> tuple[np.ndarray, float]:
+        """A linear density head for :func:`avatar.engines.fused_kernels.march_deferred`: ``(w [F], b)``, this
+        frame's share folded into ``b``."""
+        field = self.model.field
+        share = latent_bias[field.layer1.weight.shape[0]:]
+        return field.density.weight[0].contiguous().numpy(), float(field.density.bias + share[0])
+
+    def _render_deferred(self, rays: dict, planes: np.ndarray, latent_bias: Tensor, bg: Tensor, size: int,
+                         threads: int) -> dict:
+        """A frame of a deferred field with a linear density head: one marching pass per ray (the density inside
+        the march, features composited), then its per-pixel MLP."""
+        from avatar.engines.fused_kernels import march_deferred
+
+        out = march_deferred(rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
+                             planes, self._center, self._inv_half, self._occupied, self._distance,
+                             *self._box, self.step, self._density_head(latent_bias), self.min_transmittance,
+                             threads=threads, workspace=self._workspace, density_clamp=DENSITY_CLAMP,
+                             density_shift=DENSITY_SHIFT)
+        self.last_samples = out["samples"]
+        hit = torch.from_numpy(out["rays"])
+        alpha = torch.zeros(size * size)
+        alpha[hit] = torch.from_numpy(out["alpha"])
+        rgb = (1.0 - alpha)[:, None] * bg
+        dirs = torch.from_numpy(rays["dirs"])[hit]
+        shade = self._shader(latent_bias)
+        rgb[hit] = deferred_composite(torch.from_numpy(out["feature_sum"]), alpha[hit], bg[hit],
+                                      lambda feats, rows: shade(feats, dirs[rows]))
+        return {"rgb": rgb.clamp_(0, 1).reshape(size, size, 3), "alpha": alpha.reshape(size, size)}

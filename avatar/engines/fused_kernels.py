@@ -147,6 +147,92 @@ def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, r
         trans[r] = tr
 
 
+def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes,
+                    center, inv_half, w_density, b_density, min_transmittance, density_clamp, density_shift, block, part,
+                    parts, feature_sum, alpha, depth, samples):
+    """A deferred-shading field with a linear density head, marched in one pass per ray, for rays ``rays [h]``
+    (those that meet the head box; row ``a`` of every output is ray ``rays[a]``): the samples of
+    :func:`_plan_round` (fixed steps in occupied cells, empty cells skipped by the distance field), each sample's
+    tri-plane features as :func:`_gather`, its density ``exp(min(w_density · f + b_density, density_clamp) −
+    density_shift)`` (``w_density [F]``, ``b_density`` with the frame's share) and its features composited onto
+    ``feature_sum [h, F]`` as :func:`_composite_features` — until the transmittance falls below
+    ``min_transmittance``. Nothing per sample leaves the core: no sample lists, no feature buffer, no MLP. Writes
+    ``alpha [h]`` (opacity), ``depth [h]`` (far where empty) and ``samples [h]``.
+
+    Rays go in blocks of ``block``; this call takes blocks ``part, part + parts, …`` (threads run the parts:
+    :func:`_march_deferred_parallel`). Positions are float32
+    (float64 in the other kernels: here they would double the per-sample arithmetic for < 1e-6 cm)."""
+    g = occupied.shape[0]
+    res = planes.shape[1]
+    ch = planes.shape[3]
+    width = 3 * ch
+    half = np.float32(0.5 * (res - 1))
+    one = np.float32(1.0)
+    step32 = np.float32(step)
+    f = np.empty(width, np.float32)
+    acc = np.empty(width, np.float32)
+    n_blocks = (rays.shape[0] + block - 1) // block
+    for b in range(part, n_blocks, parts):
+        for a in range(b * block, min((b + 1) * block, rays.shape[0])):
+            r = rays[a]
+            steps = int(math.ceil((far[r] - near[r]) / step - 0.5))
+            acc[:] = 0.0
+            k = 0
+            tr = np.float32(1.0)
+            d = np.float32(0.0)
+            n = 0
+            while k < steps:
+                t = near[r] + (np.float32(k) + np.float32(0.5)) * step32
+                x = origins[r, 0] + dirs[r, 0] * t
+                y = origins[r, 1] + dirs[r, 1] * t
+                z = origins[r, 2] + dirs[r, 2] * t
+                ix = min(max(int((x - box_min[0]) * cells_per_cm[0]), 0), g - 1)
+                iy = min(max(int((y - box_min[1]) * cells_per_cm[1]), 0), g - 1)
+                iz = min(max(int((z - box_min[2]) * cells_per_cm[2]), 0), g - 1)
+                if not occupied[ix, iy, iz]:
+                    # Every point of this cell is at least (distance − √3) cells from every occupied point.
+                    k += max(1, int((distance[ix, iy, iz] - SQRT3) * cell_cm / step))
+                    continue
+                px = min(max((x - center[0]) * inv_half[0], -one), one)
+                py = min(max((y - center[1]) * inv_half[1], -one), one)
+                pz = min(max((z - center[2]) * inv_half[2], -one), one)
+                raw = b_density
+                for p in range(3):  # planes xy, xz, yz, as _gather
+                    u = px if p < 2 else py
+                    v = py if p == 0 else pz
+                    fx = (u + one) * half
+                    fy = (v + one) * half
+                    x0 = min(int(fx), res - 2)
+                    y0 = min(int(fy), res - 2)
+                    wx = fx - np.float32(x0)
+                    wy = fy - np.float32(y0)
+                    w00 = (one - wx) * (one - wy)
+                    w01 = wx * (one - wy)
+                    w10 = (one - wx) * wy
+                    w11 = wx * wy
+                    base = p * ch
+                    for c in range(ch):
+                        v_c = (w00 * planes[p, y0, x0, c] + w01 * planes[p, y0, x0 + 1, c]
+                               + w10 * planes[p, y0 + 1, x0, c] + w11 * planes[p, y0 + 1, x0 + 1, c])
+                        f[base + c] = v_c
+                        raw += w_density[base + c] * v_c
+                sigma = math.exp(min(raw, density_clamp) - density_shift)
+                opacity = one - np.float32(math.exp(-sigma * step))
+                w = tr * opacity
+                for c in range(width):
+                    acc[c] += w * f[c]
+                d += w * t
+                tr *= one - opacity
+                n += 1
+                k += 1
+                if tr < min_transmittance:
+                    break
+            feature_sum[a, :] = acc
+            alpha[a] = 1.0 - tr
+            depth[a] = d + tr * far[r]
+            samples[a] = n
+
+
 def _compile(fn, parallel: bool):
     # cache=True: compiled once per machine (next to this file), not in every process.
     return njit(cache=True, fastmath=True, nogil=True, parallel=parallel)(fn)
@@ -155,6 +241,30 @@ def _compile(fn, parallel: bool):
 # One serial and one parallel build of each kernel: one thread skips the threading layer's overhead.
 KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _gather, _composite, _composite_features))
            for parallel in (False, True)}
+MARCH_DEFERRED = _compile(_march_deferred, False)
+
+
+def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm,
+                             planes, center, inv_half, w_density, b_density, min_transmittance, density_clamp,
+                             density_shift, block, parts, feature_sum, alpha, depth, samples):
+    """:func:`_march_deferred` in ``parts`` parts on numba's threads. Numba hands a parallel loop's body its
+    arrays typed with any layout, and the march compiled for those ran ~1.8× slower per thread; each part is the
+    serial kernel on the same arrays typed C-contiguous again (``np.ascontiguousarray`` copies nothing: the
+    caller passes contiguous arrays, so the outputs are written in place). Numba's OpenMP threads, not a pool of
+    our own: torch's OpenMP threads spin for milliseconds after each op, and threads of another pool then share
+    the cores with them (the march ran ~40 % slower right after a torch op)."""
+    c = np.ascontiguousarray
+    for part in prange(parts):
+        MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(occupied), c(distance), c(box_min),
+                       c(cells_per_cm), cell_cm, c(planes), c(center), c(inv_half), c(w_density), b_density,
+                       min_transmittance, density_clamp, density_shift, block, part, parts, c(feature_sum), c(alpha),
+                       c(depth), c(samples))
+
+
+MARCH_DEFERRED_PARALLEL = _compile(_march_deferred_parallel, True)
+# Parts per thread: interleaved blocks of rays, so that each thread gets some of the face and some of the empty
+# corners of the head box (measured: 4 beat 1 and 16).
+PARTS_PER_THREAD = 4
 
 
 def distance_field(occupied: np.ndarray) -> np.ndarray:
@@ -256,3 +366,38 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
     depth += trans * far
     return {"rgb": color, "alpha": alpha, "depth": depth, "samples": samples}
 
+
+
+def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
+                   far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
+                   center: np.ndarray, inv_half: np.ndarray, occupied: np.ndarray, distance: np.ndarray,
+                   box_min: np.ndarray, box_max: np.ndarray, step: float, density_head: tuple,
+                   min_transmittance: float = MIN_TRANSMITTANCE, threads: int = 1,
+                   workspace: Workspace | None = None, block: int = 16, *, density_clamp: float,
+                   density_shift: float) -> dict:
+    """Render the rays of a deferred-shading field with a linear density head up to its per-pixel MLP
+    (:func:`_march_deferred`, one pass per ray). ``density_head = (w [F], b)``, the frame's share in ``b``;
+    ``planes`` the frame's blended planes laid out ``[3, y, x, C]``.
+    Returns ``rays [h]`` (the rays that meet the head box), their ``feature_sum [h, F]`` (weighted sums of the
+    samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
+    ``threads`` threads march the rays (numba's)."""
+    ws = workspace or Workspace()
+    g = occupied.shape[0]
+    extent = (box_max - box_min).astype(np.float32)
+    cells_per_cm = (g / extent).astype(np.float32)
+    cell_cm = float(extent.min() / g)
+    rays = np.flatnonzero(hit).astype(np.int64)
+    feature_sum = ws.get("feature_sum", (rays.size, planes.shape[0] * planes.shape[3]))  # (every row written)
+    alpha, depth = ws.get("alpha", (rays.size,)), ws.get("depth", (rays.size,))
+    samples = ws.get("samples", (rays.size,), np.int64)
+    w_density, b_density = density_head
+    # contiguous once here, not in every part of the parallel kernel (a camera's origin is one row broadcast)
+    origins, dirs, near, far, planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes))
+    args = (origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes, center,
+            inv_half, w_density, np.float32(b_density), min_transmittance, density_clamp, density_shift, block)
+    outs = (feature_sum, alpha, depth, samples)
+    if threads <= 1:
+        MARCH_DEFERRED(*args, 0, 1, *outs)
+    else:
+        MARCH_DEFERRED_PARALLEL(*args, PARTS_PER_THREAD * threads, *outs)
+    return {"rays": rays, "feature_sum": feature_sum, "alpha": alpha, "depth": depth, "samples": int(samples.sum())}

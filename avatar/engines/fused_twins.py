@@ -117,3 +117,25 @@ def composite_features(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], 
     depth[active] += (w * t).sum(1).float()
     trans[active] = after.float()
     return feature_sum, depth, trans
+
+
+def march_deferred(origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], near: Float[Tensor, " n"],
+                   far: Float[Tensor, " n"], rays: Int[Tensor, " h"], step: float, occupied: Bool[Tensor, "g g g"],
+                   box_min: Float[Tensor, " 3"], cells_per_cm: Float[Tensor, " 3"], planes: Float[Tensor, "3 r r ch"],
+                   center: Float[Tensor, " 3"], half_extent: Float[Tensor, " 3"], w_density: Float[Tensor, " f"],
+                   b_density: float, min_transmittance: float
+                   ) -> tuple[Float[Tensor, "h f"], Float[Tensor, " h"], Float[Tensor, " h"]]:
+    """Twin of ``_march_deferred``, from the twins above: every occupied step of each ray (:func:`plan_round` with
+    room for all of them), their features (:func:`gather`) and linear density logits, composited front to back
+    as one round (:func:`composite_features`). Returns the rays' ``feature_sum``, ``alpha`` and ``depth``."""
+    n = origins.shape[0]
+    most = max(int(ray_steps(near[rays], far[rays], step).max()) if rays.numel() else 1, 1)
+    out_k, out_n, _ = plan_round(origins, dirs, near, far, rays, torch.zeros(n, dtype=torch.long), step, most,
+                                 occupied, box_min, cells_per_cm)
+    row_ray, row_k = pack(rays, out_k, out_n)
+    feats = gather(origins, dirs, near, row_ray, row_k, step, planes, center, half_extent)
+    raw = (feats.double() @ w_density.double() + b_density).float()[:, None]
+    feature_sum, depth, trans = composite_features(rays, out_k, out_n, near, step, raw, feats,
+                                                   torch.zeros(n, feats.shape[1]), torch.zeros(n), torch.ones(n),
+                                                   min_transmittance)
+    return feature_sum[rays], 1.0 - trans[rays], depth[rays] + trans[rays] * far[rays]

@@ -194,17 +194,21 @@ class FastField(nn.Module):
         # color) runs once per pixel on their mean (:func:`deferred_composite`). The per-sample work falls from a
         # 2×64 MLP to a 3C×density_hidden one; the features are linear in the planes, so compositing them first
         # and decoding after is what this field is trained as — every engine renders it exactly.
+        # density_hidden = 0: a linear head, density = exp(w · features + the frame's share), as TensoRF reads its
+        # density straight from its factors: per sample 3C multiply-adds instead of 3C × density_hidden, cheap
+        # enough to run inside the fused engine's marching kernel.
         self.deferred = shading == "deferred"
         self.density_layer = self.density_latent = self.density_expression = None
         if self.deferred:
-            self.density_layer = nn.Linear(3 * channels, density_hidden)
+            units = density_hidden or 1  # the frame's share goes to the hidden units, or to the linear head's logit
+            self.density_layer = nn.Linear(3 * channels, density_hidden) if density_hidden else None
             # the frame's share of the density head's first layer (latent code, expression): zero at the start
-            self.density_latent = nn.Linear(latent_dim, density_hidden, bias=False)
+            self.density_latent = nn.Linear(latent_dim, units, bias=False)
             nn.init.zeros_(self.density_latent.weight)
             if expression_mlp:
-                self.density_expression = nn.Linear(bases, density_hidden, bias=False)
+                self.density_expression = nn.Linear(bases, units, bias=False)
                 nn.init.zeros_(self.density_expression.weight)
-        self.density = nn.Linear(density_hidden if self.deferred else hidden, 1)
+        self.density = nn.Linear((density_hidden or 3 * channels) if self.deferred else hidden, 1)
         with torch.no_grad():  # start empty (density ≈ 0.007/cm): the loss grows the head where it is needed
             self.density.bias.fill_(-4.0)
         self.color = nn.Linear(hidden + 9, 3)
@@ -245,7 +249,7 @@ class FastField(nn.Module):
     def latent_bias(self, condition: Float[Tensor, " c"]) -> Float[Tensor, " b"]:
         """The frame's share of the first layer, the same for every sample of a frame: the latent code's, and
         the expression's when the field has ``expression_mlp``. ``b = hidden``; a deferred field appends its
-        density head's share (``b = hidden + density_hidden``)."""
+        density head's share (``b = hidden + density_hidden``, or ``hidden + 1`` for a linear head)."""
         latent = condition[self.hparams["expression_dim"]:]
         bias = self.latent_in(latent)
         if self.expression_in is not None:
@@ -273,6 +277,9 @@ class FastField(nn.Module):
     def density_head(self, features: Float[Tensor, "n f"], latent_bias: Float[Tensor, " b"]) -> Float[Tensor, " n"]:
         """A deferred field's per-sample density from the sample's plane features (samples-first)."""
         hidden = self.layer1.weight.shape[0]
+        if self.density_layer is None:  # linear head
+            return density_activation(torch.nn.functional.linear(features, self.density.weight,
+                                                                 self.density.bias + latent_bias[hidden:])[:, 0])
         h = torch.relu(torch.nn.functional.linear(features, self.density_layer.weight,
                                                   self.density_layer.bias + latent_bias[hidden:]))
         return density_activation(self.density(h)[:, 0])

@@ -138,7 +138,8 @@ class FitConfig:
                        help="fast field: volumetric = colour and density from the MLP at every sample; deferred = "
                             "per sample only a density (a small head), the plane features composited along the ray "
                             "and the MLP run once per pixel (SNeRG): several times faster to render on a CPU")
-    density_hidden: int = arg(16, help="fast field, deferred shading: width of the per-sample density head")
+    density_hidden: int = arg(16, help="fast field, deferred shading: width of the per-sample density head (0 = a "
+                                       "linear head: cheapest per sample, computed inside the fused engine's march)")
     upsample: int = arg(0, help="fast field: also train a learned upsampler (trainer/upsample.py) that brings renders "
                                 "at 1/UPSAMPLE of the frame size to full size (2 or 4; 0 = none): the live loop uses it "
                                 "when the head's box is larger than what renders at the frame rate")
