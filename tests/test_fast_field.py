@@ -55,6 +55,32 @@ def test_culled_renderer_matches_the_dense_reference(blocks_per_round):
     torch.testing.assert_close(culled["alpha"], dense["alpha"], atol=2e-3, rtol=0)
 
 
+def test_a_refined_grid_is_finer_inside_the_coarse_one_and_still_renders_the_reference():
+    """The bundle's finer grid (fit.py --bundle-occupancy-resolution): inside the coarse grid's cells, fewer cells
+    (a thinner shell around the ball), and culled renders through it still match the dense reference."""
+    torch.manual_seed(1)
+    density = lambda p: sphere_query(p, p)[1]  # noqa: E731
+    coarse = OccupancyGrid(*BOX, resolution=16, threshold=0.01)
+    coarse.finalize([density])
+    coarse.mask[:, :, :8] = False  # as if carved: the refined grid stays inside what the coarse one keeps
+    fine = coarse.refined(32, [density])
+    inside = coarse.mask.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert fine.resolution == 32 and not (fine.mask & ~inside).any()
+    assert 0.2 < fine.mask.sum() / inside.sum() < 0.8  # thinner: the dilation is one fine cell, not one coarse cell
+    with pytest.raises(ValueError, match="multiple"):
+        coarse.refined(24, [density])
+    rays = camera_rays()
+    bg = torch.rand(rays["origins"].shape[0], 3)
+    args = (rays["origins"], rays["dirs"], rays["near"], rays["far"], bg)
+    full = OccupancyGrid(*BOX, resolution=16, threshold=0.01)
+    full.finalize([density])
+    dense = march_dense(sphere_query, *args, step=0.2)
+    coarse_out, fine_out = (march_culled(sphere_query, g, *args, step=0.2, min_transmittance=1e-4)
+                            for g in (full, full.refined(32, [density])))
+    assert fine_out["samples"] < 0.9 * coarse_out["samples"]
+    torch.testing.assert_close(fine_out["rgb"], dense["rgb"], atol=3e-3, rtol=0)
+
+
 @pytest.mark.parametrize("blocks_per_round", [2, 0])
 def test_rays_that_hit_nothing_and_empty_batches(blocks_per_round):
     rays = camera_rays(8)

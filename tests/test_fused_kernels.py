@@ -9,7 +9,7 @@ from avatar.engines import fused_twins as twins
 from avatar.field.fast import DENSITY_CLAMP, DENSITY_SHIFT
 
 kernels = pytest.importorskip("avatar.engines.fused_kernels")
-plan_round, pack, gather, composite, composite_features = kernels.KERNELS[False]  # the serial builds (same Python source as parallel)
+plan_round, pack, gather, composite = kernels.KERNELS[False]  # the serial builds (same Python source as parallel)
 T = torch.from_numpy
 
 
@@ -99,36 +99,8 @@ def test_composite_kernel_blends_front_to_back_and_stops_rays():
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [37, 10_000])  # rays split across chunks, and one chunk for the round
-def test_feature_composite_kernel_blends_a_deferred_fields_features_chunk_by_chunk(chunk):
-    rng = np.random.default_rng(5)
-    n, most, step, min_t, width = 200, 6, 0.25, 0.05, 5
-    active, out_k, out_n, offsets = round_layout(rng, n, most)
-    m = int(offsets[-1])
-    near = rng.uniform(0, 2, n).astype(np.float32)
-    raw = rng.uniform(-4, 6, (m, 1)).astype(np.float32)
-    feats = rng.normal(size=(m, width)).astype(np.float32)
-    feature_sum, depth = rng.normal(size=(n, width)).astype(np.float32), rng.uniform(0, 1, n).astype(np.float32)
-    trans = rng.uniform(0.3, 1, n).astype(np.float32)
-    twin = twins.composite_features(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(feats), T(feature_sum),
-                                    T(depth), T(trans), min_t)
-    never_stopping = twins.composite_features(T(active), T(out_k), T(out_n), T(near), step, T(raw), T(feats),
-                                              T(feature_sum), T(depth), T(trans), 0.0)
-    assert (never_stopping[2] < twin[2]).any()  # these inputs stop some rays inside the round
-    slot = rng.permutation(n).astype(np.int64)  # each ray's row of the (compact) sums
-    sums = np.empty_like(feature_sum)
-    sums[slot] = feature_sum
-    for first in range(0, m, chunk):
-        last = min(m, first + chunk)
-        a_lo = int(np.searchsorted(offsets, first, "right")) - 1
-        a_hi = int(np.searchsorted(offsets, last, "left"))
-        composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw[first:last],
-                           feats[first:last], sums, slot, depth, trans, min_t, DENSITY_CLAMP, DENSITY_SHIFT)
-    for got, want in zip((sums[slot], depth, trans), twin):
-        torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
-
-
-def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass():
+@pytest.mark.parametrize("hidden", [0, 5])  # a linear density head; a hidden layer read from per-frame planes
+def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass(hidden):
     rng = np.random.default_rng(6)
     g, res, ch, step, min_t = 16, 8, 3, 0.25, 0.05
     occupied = np.zeros((g, g, g), bool)
@@ -141,18 +113,23 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
     center, half = np.full(3, 5.0, np.float32), np.full(3, 5.0, np.float32)
     box_min, box_max = np.zeros(3, np.float32), np.full(3, 10.0, np.float32)
     w, b = rng.normal(size=3 * ch).astype(np.float32), 1.5
+    weight = rng.normal(size=(hidden, 3 * ch)).astype(np.float32)
+    bias, out_weight = rng.normal(size=hidden).astype(np.float32), rng.normal(size=hidden).astype(np.float32)
+    # the hidden layer moved onto each plane's texels (what the engine does once per frame)
+    hidden_planes = np.stack([planes[p] @ weight[:, p * ch:(p + 1) * ch].T for p in range(3)]).astype(np.float32)
     rays_hit = np.flatnonzero(hit)
     cells = T(np.full(3, g / 10.0, np.float32))
+    layer = dict(weight=T(weight), bias=T(bias), out_weight=T(out_weight)) if hidden else {}
     twin = twins.march_deferred(T(origins), T(dirs), T(near), T(far), T(rays_hit), step, T(occupied), T(box_min),
-                                cells, T(planes), T(center), T(half), T(w), b, min_t)
+                                cells, T(planes), T(center), T(half), T(w), b, min_t, **layer)
     never_stopping = twins.march_deferred(T(origins), T(dirs), T(near), T(far), T(rays_hit), step, T(occupied),
-                                          T(box_min), cells, T(planes), T(center), T(half), T(w), b, 0.0)
+                                          T(box_min), cells, T(planes), T(center), T(half), T(w), b, 0.0, **layer)
     assert (never_stopping[1] > twin[1]).any() and (twin[1] > 0).any() and (twin[1] == 0).any()
     for threads in (1, 3):
         out = kernels.march_deferred(origins, dirs, near, far, hit, planes, center, (1 / half).astype(np.float32),
                                      occupied.astype(np.uint8), kernels.distance_field(occupied), box_min, box_max,
-                                     step, (w, b), min_t, threads=threads, block=7, density_clamp=DENSITY_CLAMP,
-                                     density_shift=DENSITY_SHIFT)
+                                     step, (w, b, hidden_planes, bias, out_weight), min_t, threads=threads, block=7,
+                                     density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         assert out["rays"].tolist() == rays_hit.tolist()
         for got, want in zip((out["feature_sum"], out["alpha"], out["depth"]), twin):
             torch.testing.assert_close(T(np.array(got)), want, atol=1e-4, rtol=1e-4)

@@ -153,6 +153,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, bool]:
         raise UserError(f"--upsample {cfg.upsample}: 0 (none), 2 or 4")
     if cfg.upsample and cfg.field != "fast":
         raise UserError("--upsample is for the fast field (the live engines)")
+    if cfg.field == "fast" and (cfg.bundle_occupancy_resolution % cfg.occupancy_resolution
+                                or cfg.bundle_occupancy_resolution < cfg.occupancy_resolution):
+        raise UserError(f"--bundle-occupancy-resolution {cfg.bundle_occupancy_resolution}: a multiple of the training "
+                        f"grid's {cfg.occupancy_resolution}")
     if cfg.density_hidden < 0:
         raise UserError(f"--density-hidden {cfg.density_hidden}: 0 (a linear head) or more hidden units")
     if cfg.video:
@@ -535,6 +539,15 @@ def finalize_fast_field(run: FitRun, poses: torch.Tensor, meta: dict) -> None:
                                     intrinsics * s, round(w * s), round(h * s), run.sampling)
     meta["occupied_fraction"] = {"density": round(before, 4), "after_carving": round(after, 4)}
     meta["occupancy_threshold"] = {"density_per_cm": threshold, "psnr_gap_db_on_training_frames": round(gap, 4)}
+    resolution = run.cfg.bundle_occupancy_resolution
+    if resolution > model.occupancy.resolution:  # the finer grid, inside the carved cells, if it keeps the pictures
+        coarse = model.occupancy
+        model.occupancy = coarse.refined(resolution, [_density_fn(model, expressions[k]) for k in finalize_frames(expressions)])
+        gap = occupancy_gap(model, run.train_set, poses, expressions, intrinsics, run.background, run.sampling)
+        if gap > OCCUPANCY_MAX_GAP_DB:
+            model.occupancy = coarse
+        meta["occupied_fraction"][f"refined_{resolution}"] = round(model.occupancy.occupied_fraction(), 4)
+        meta["occupancy_threshold"][f"psnr_gap_db_refined_{resolution}"] = round(gap, 4)
 
 
 def evaluate_bundle(run: FitRun, train_stats: dict) -> None:
@@ -663,23 +676,32 @@ def finalize_frames(expressions: torch.Tensor, poses: torch.Tensor | None = None
 
 
 OCCUPANCY_THRESHOLDS = (0.3, 0.1, 0.03, 0.01, 0.0)  # density (1/cm): the largest that keeps the pictures is used
+OCCUPANCY_MAX_GAP_DB = 0.03  # what culling may cost on training frames, against the dense reference
 
 
 @torch.no_grad()
-def choose_occupancy_threshold(model: Avatar, train_set, poses: torch.Tensor, expressions: torch.Tensor,
-                               intrinsics: torch.Tensor, background: torch.Tensor, sampling: SamplingConfig,
-                               frames: int = 3, max_gap_db: float = 0.03) -> tuple[float, float]:
-    """The largest occupancy threshold whose culled renders of a few training frames score within
-    ``max_gap_db`` of the dense reference (a young or foggy field needs a lower one). Returns (threshold, gap)."""
+def occupancy_gap(model: Avatar, train_set, poses: torch.Tensor, expressions: torch.Tensor, intrinsics: torch.Tensor,
+                  background: torch.Tensor, sampling: SamplingConfig, frames: int = 3, cache: list | None = None) -> float:
+    """How far (dB) culled renders of a few training frames, through the model's grid as it is, score from the
+    dense reference (``cache`` keeps the dense renders between calls)."""
     picks = np.linspace(0, len(expressions) - 1, min(frames, len(expressions))).astype(int).tolist()
     truths = torch.from_numpy(train_set.images[picks].astype(np.float32) / 255.0)
+    return culling_psnr_gap(model, poses[picks], expressions[picks], model.latents[picks].detach(), truths,
+                            intrinsics, background, sampling, cache)
+
+
+def choose_occupancy_threshold(model: Avatar, train_set, poses: torch.Tensor, expressions: torch.Tensor,
+                               intrinsics: torch.Tensor, background: torch.Tensor, sampling: SamplingConfig
+                               ) -> tuple[float, float]:
+    """The largest occupancy threshold whose culled renders of a few training frames score within
+    :data:`OCCUPANCY_MAX_GAP_DB` of the dense reference (a young or foggy field needs a lower one). Returns
+    (threshold, gap)."""
     cache: list = []
     gap = 0.0
     for threshold in OCCUPANCY_THRESHOLDS:
         model.occupancy.set_threshold(threshold)
-        gap = culling_psnr_gap(model, poses[picks], expressions[picks], model.latents[picks].detach(), truths,
-                               intrinsics, background, sampling, cache)
-        if gap <= max_gap_db:
+        gap = occupancy_gap(model, train_set, poses, expressions, intrinsics, background, sampling, cache=cache)
+        if gap <= OCCUPANCY_MAX_GAP_DB:
             return threshold, gap
     return threshold, gap
 

@@ -17,8 +17,6 @@ from avatar.render import rays as ray_utils
 from avatar.render.grid import OccupancyGrid
 from avatar.render.march import MIN_TRANSMITTANCE
 
-_NO_VIEW = np.zeros((1, 3), np.float32)  # the view term march_fused takes, unused for a deferred field
-
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check: avx512_bf16 or AMX)."""
@@ -39,10 +37,9 @@ class FusedEngine(RenderEngine):
     tens of thousands of pixels (its density head stays fp32: it is overhead-bound, and exp magnifies errors).
     ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
 
-    A deferred field with a linear density head (``fit.py --shading deferred --density-hidden 0``) is marched in
-    one pass per ray (:func:`avatar.engines.fused_kernels.march_deferred`: the density inside the march, no
-    sample lists, no feature buffer); with a hidden density layer, in rounds whose density head runs as one
-    matrix product per chunk (numba's scalar loops were slower than torch's matmul on a 3C × 16 layer).
+    A deferred-shading field is marched in one pass per ray (:func:`avatar.engines.fused_kernels.march_deferred`:
+    its density head inside the march — a hidden layer read from per-frame planes —, no sample lists, no feature
+    buffer), then shaded per pixel (:meth:`_shader`).
     """
 
     name = "fused"
@@ -74,10 +71,7 @@ class FusedEngine(RenderEngine):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         hidden = field.layer1.weight.shape[0]
         with torch.no_grad():
-            if field.deferred:  # per sample only the density head (fp32); the colour MLP runs per pixel (_shader)
-                # (a linear head runs inside the march: _density_head)
-                self._w = [] if field.density_layer is None else [field.density_layer.weight, field.density.weight]
-                self._b2 = field.density.bias
+            if field.deferred:  # the density head runs inside the march (_density_head); colour per pixel (_shader)
                 self._shade_w = [field.layer1.weight.to(dtype), field.layer2.weight.to(dtype), field.layer2.bias.to(dtype),
                                  field.color.weight[:, :hidden].to(dtype).contiguous(), field.color.bias.detach()]
             else:
@@ -94,18 +88,9 @@ class FusedEngine(RenderEngine):
         return self.model.field.frame_state(expression, latent, channels_last=True)
 
     def _mlp(self, latent_bias: Tensor):
-        """The decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's latent bias (a
-        deferred field's density head: ``→ raw [m, 1]``)."""
+        """The volumetric field's decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's
+        latent bias."""
         linear, relu = torch.nn.functional.linear, torch.relu
-        field = self.model.field
-        if field.deferred:
-            wd, wo = self._w
-            bd = field.density_layer.bias + latent_bias[field.layer1.weight.shape[0]:]
-
-            def density(feats: np.ndarray, out: np.ndarray) -> None:
-                torch.from_numpy(out).copy_(linear(linear(torch.from_numpy(feats), wd, bd).relu_(), wo, self._b2))
-
-            return density
         w1, w2, wh = self._w
         b1 = (self.model.field.layer1.bias + latent_bias).to(self._dtype)
 
@@ -154,53 +139,47 @@ class FusedEngine(RenderEngine):
         if threads > 1:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         rays = self._rays(size, head_pose)
-        field = self.model.field
         bg = self.background(size, background)
-        if field.deferred and field.density_layer is None:  # a linear density head: one pass per ray
-            return self._render_deferred(rays, planes.reshape(3, res, res, -1).numpy(), latent_bias, bg, size, threads)
-        feature_sum, slot = None, None
-        if field.deferred:  # a row per ray that meets the head box (reused buffers, zeroed here)
-            hit_rows = np.flatnonzero(rays["hit"])
-            feature_sum = self._workspace.get("feature_sum", (hit_rows.size, field.feature_width))
-            feature_sum.fill(0.0)
-            slot = self._workspace.get("slot", (size * size,), np.int64)
-            slot[hit_rows] = np.arange(hit_rows.size)
+        if self.model.field.deferred:
+            return self._render_deferred(rays, planes, latent_bias, bg, size, threads)
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                           np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
-                          rays.get("view_rgb", _NO_VIEW), bg.numpy(), self._occupied, self._distance,
-                          *self._box, self.step, self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
-                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT, feature_sum=feature_sum,
-                          feature_slot=slot)
+                          rays["view_rgb"], bg.numpy(), self._occupied, self._distance, *self._box, self.step,
+                          self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
+                          density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         self.last_samples = out["samples"]
-        if field.deferred:
-            hit = torch.from_numpy(hit_rows)
-            alpha = torch.from_numpy(out["alpha"])
-            rgb = (1.0 - alpha)[:, None] * bg
-            dirs = torch.from_numpy(rays["dirs"])[hit]
-            shade = self._shader(latent_bias)
-            rgb[hit] = deferred_composite(torch.from_numpy(feature_sum), alpha[hit], bg[hit],
-                                          lambda feats, rows: shade(feats, dirs[rows]))
-        else:
-            rgb = torch.from_numpy(out["rgb"])
-        rgb = rgb.clamp_(0, 1).reshape(size, size, 3)
-        return {"rgb": rgb, "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}
+        return {"rgb": torch.from_numpy(out["rgb"]).clamp_(0, 1).reshape(size, size, 3),
+                "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}
 
-    def _density_head(self, latent_bias: Tensor) -> tuple[np.ndarray, float]:
-        """A linear density head for :func:`avatar.engines.fused_kernels.march_deferred`: ``(w [F], b)``, this
-        frame's share folded into ``b``."""
+    def _density_head(self, planes: Tensor, latent_bias: Tensor) -> tuple:
+        """A deferred field's density head for :func:`avatar.engines.fused_kernels.march_deferred`, for this frame's
+        ``planes [3, r·r, C]``, its share folded into the biases: ``(w_density [F], b_density, hidden_planes
+        [3, r, r, d], b_hidden [d], w_hidden [d])``. A hidden layer ``W [d, F]`` moves onto the texels, plane by
+        plane (``planes[p] @ W[:, pC:(p+1)C].T``: ~12 M multiply-adds a frame at 128² × 16 channels, instead of
+        ``F × d`` per sample)."""
         field = self.model.field
         share = latent_bias[field.layer1.weight.shape[0]:]
-        return field.density.weight[0].contiguous().numpy(), float(field.density.bias + share[0])
+        res, ch = field.hparams["resolution"], planes.shape[-1]
+        if field.density_layer is None:
+            none = np.zeros(0, np.float32)
+            return (field.density.weight[0].contiguous().numpy(), float(field.density.bias + share[0]),
+                    np.zeros((3, res, res, 0), np.float32), none, none)
+        w = field.density_layer.weight  # [d, 3C]
+        hidden_planes = torch.bmm(planes, w.reshape(w.shape[0], 3, ch).permute(1, 2, 0))  # [3, r·r, d]
+        return (np.zeros(3 * ch, np.float32), float(field.density.bias),
+                hidden_planes.reshape(3, res, res, -1).numpy(), (field.density_layer.bias + share).numpy(),
+                field.density.weight[0].contiguous().numpy())
 
-    def _render_deferred(self, rays: dict, planes: np.ndarray, latent_bias: Tensor, bg: Tensor, size: int,
+    def _render_deferred(self, rays: dict, planes_t: Tensor, latent_bias: Tensor, bg: Tensor, size: int,
                          threads: int) -> dict:
-        """A frame of a deferred field with a linear density head: one marching pass per ray (the density inside
-        the march, features composited), then its per-pixel MLP."""
+        """A deferred field's frame: one marching pass per ray (the density inside the march, the features
+        composited), then its per-pixel MLP on the pixels with a head (:func:`avatar.field.fast.deferred_composite`)."""
         from avatar.engines.fused_kernels import march_deferred
 
+        res = self.model.field.hparams["resolution"]
         out = march_deferred(rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
-                             planes, self._center, self._inv_half, self._occupied, self._distance,
-                             *self._box, self.step, self._density_head(latent_bias), self.min_transmittance,
+                             planes_t.reshape(3, res, res, -1).numpy(), self._center, self._inv_half, self._occupied, self._distance,
+                             *self._box, self.step, self._density_head(planes_t, latent_bias), self.min_transmittance,
                              threads=threads, workspace=self._workspace, density_clamp=DENSITY_CLAMP,
                              density_shift=DENSITY_SHIFT)
         self.last_samples = out["samples"]

@@ -118,46 +118,23 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
-def _composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, raw, feats, feature_sum, slot, depth,
-                        trans, min_transmittance, density_clamp, density_shift):
-    """:func:`_composite` for a deferred-shading field, on one chunk of a round: rows ``first …first + len(raw)``
-    (``raw [c, 1]`` density logits, ``feats [c, F]`` their plane features), of active rays ``a_lo …a_hi``. The
-    features are composited onto row ``slot[r]`` of ``feature_sum`` as colours would be (a row per ray that meets
-    the head box: a frame-sized buffer would cost a page fault per 21 rays); a ray stopped in an earlier chunk
-    (transmittance below ``min_transmittance``) takes nothing more."""
-    last = first + raw.shape[0]
-    width = feats.shape[1]
-    for j in prange(a_hi - a_lo):
-        a = a_lo + j
-        r = active[a]
-        tr = trans[r]
-        if tr < min_transmittance:
-            continue
-        for row in range(max(offsets[a], first), min(offsets[a + 1], last)):
-            sigma = math.exp(min(raw[row - first, 0], density_clamp) - density_shift)
-            alpha = 1.0 - math.exp(-sigma * step)
-            w = tr * alpha
-            s = slot[r]
-            for c in range(width):
-                feature_sum[s, c] += w * feats[row - first, c]
-            depth[r] += w * (near[r] + (out_k[a, row - offsets[a]] + 0.5) * step)
-            tr *= 1.0 - alpha
-            if tr < min_transmittance:
-                break
-        trans[r] = tr
-
-
 def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes,
-                    center, inv_half, w_density, b_density, min_transmittance, density_clamp, density_shift, block, part,
-                    parts, feature_sum, alpha, depth, samples):
-    """A deferred-shading field with a linear density head, marched in one pass per ray, for rays ``rays [h]``
-    (those that meet the head box; row ``a`` of every output is ray ``rays[a]``): the samples of
-    :func:`_plan_round` (fixed steps in occupied cells, empty cells skipped by the distance field), each sample's
-    tri-plane features as :func:`_gather`, its density ``exp(min(w_density · f + b_density, density_clamp) −
-    density_shift)`` (``w_density [F]``, ``b_density`` with the frame's share) and its features composited onto
-    ``feature_sum [h, F]`` as :func:`_composite_features` — until the transmittance falls below
-    ``min_transmittance``. Nothing per sample leaves the core: no sample lists, no feature buffer, no MLP. Writes
+                    center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden, min_transmittance,
+                    density_clamp, density_shift, block, part, parts, feature_sum, alpha, depth, samples):
+    """A deferred-shading field marched in one pass per ray, for rays ``rays [h]`` (those that meet the head box;
+    row ``a`` of every output is ray ``rays[a]``): the samples of :func:`_plan_round` (fixed steps in occupied
+    cells, empty cells skipped by the distance field), each sample's tri-plane features ``f`` as :func:`_gather`,
+    its density ``exp(min(raw, density_clamp) − density_shift)`` and its features composited onto
+    ``feature_sum [h, F]`` front to back (as :func:`_composite` composites colours) — until the transmittance falls below
+    ``min_transmittance``. Nothing per sample leaves the core: no sample lists, no feature buffer. Writes
     ``alpha [h]`` (opacity), ``depth [h]`` (far where empty) and ``samples [h]``.
+
+    ``raw = w_density · f + b_density + w_hidden · relu(W f + b_hidden)``: a linear head has ``d = 0`` hidden
+    units; a hidden layer's pre-activations ``W f`` are read like the features, from ``hidden_planes [3, r, r, d]`` —
+    each plane's texels through that plane's share of the layer, made once per frame: the layer is linear and the
+    lookup is a weighted sum of texels, so ``W f`` is the lookup of ``W · texels``. Per sample that is d more
+    values to interpolate instead of ``F × d`` multiply-adds (``b_density`` and ``b_hidden`` carry the frame's
+    share).
 
     Rays go in blocks of ``block``; this call takes blocks ``part, part + parts, …`` (threads run the parts:
     :func:`_march_deferred_parallel`). Positions are float32
@@ -169,7 +146,9 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, bo
     half = np.float32(0.5 * (res - 1))
     one = np.float32(1.0)
     step32 = np.float32(step)
+    hidden = hidden_planes.shape[3]
     f = np.empty(width, np.float32)
+    pre = np.empty(max(hidden, 1), np.float32)  # the hidden layer's pre-activations
     acc = np.empty(width, np.float32)
     n_blocks = (rays.shape[0] + block - 1) // block
     for b in range(part, n_blocks, parts):
@@ -197,6 +176,8 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, bo
                 py = min(max((y - center[1]) * inv_half[1], -one), one)
                 pz = min(max((z - center[2]) * inv_half[2], -one), one)
                 raw = b_density
+                for j in range(hidden):
+                    pre[j] = b_hidden[j]
                 for p in range(3):  # planes xy, xz, yz, as _gather
                     u = px if p < 2 else py
                     v = py if p == 0 else pz
@@ -216,6 +197,11 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, bo
                                + w10 * planes[p, y0 + 1, x0, c] + w11 * planes[p, y0 + 1, x0 + 1, c])
                         f[base + c] = v_c
                         raw += w_density[base + c] * v_c
+                    for j in range(hidden):
+                        pre[j] += (w00 * hidden_planes[p, y0, x0, j] + w01 * hidden_planes[p, y0, x0 + 1, j]
+                                 + w10 * hidden_planes[p, y0 + 1, x0, j] + w11 * hidden_planes[p, y0 + 1, x0 + 1, j])
+                for j in range(hidden):
+                    raw += w_hidden[j] * max(pre[j], np.float32(0.0))
                 sigma = math.exp(min(raw, density_clamp) - density_shift)
                 opacity = one - np.float32(math.exp(-sigma * step))
                 w = tr * opacity
@@ -239,14 +225,15 @@ def _compile(fn, parallel: bool):
 
 
 # One serial and one parallel build of each kernel: one thread skips the threading layer's overhead.
-KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _gather, _composite, _composite_features))
+KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _gather, _composite))
            for parallel in (False, True)}
 MARCH_DEFERRED = _compile(_march_deferred, False)
 
 
 def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm,
-                             planes, center, inv_half, w_density, b_density, min_transmittance, density_clamp,
-                             density_shift, block, parts, feature_sum, alpha, depth, samples):
+                             planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
+                             min_transmittance, density_clamp, density_shift, block, parts, feature_sum, alpha, depth,
+                             samples):
     """:func:`_march_deferred` in ``parts`` parts on numba's threads. Numba hands a parallel loop's body its
     arrays typed with any layout, and the march compiled for those ran ~1.8× slower per thread; each part is the
     serial kernel on the same arrays typed C-contiguous again (``np.ascontiguousarray`` copies nothing: the
@@ -257,8 +244,8 @@ def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, dis
     for part in prange(parts):
         MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(occupied), c(distance), c(box_min),
                        c(cells_per_cm), cell_cm, c(planes), c(center), c(inv_half), c(w_density), b_density,
-                       min_transmittance, density_clamp, density_shift, block, part, parts, c(feature_sum), c(alpha),
-                       c(depth), c(samples))
+                       c(hidden_planes), c(b_hidden), c(w_hidden), min_transmittance, density_clamp, density_shift,
+                       block, part, parts, c(feature_sum), c(alpha), c(depth), c(samples))
 
 
 MARCH_DEFERRED_PARALLEL = _compile(_march_deferred_parallel, True)
@@ -301,21 +288,15 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
                 background: Float[np.ndarray, "n 3"], occupied: np.ndarray, distance: np.ndarray,
                 box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
                 parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
-                density_clamp: float, density_shift: float, feature_sum: np.ndarray | None = None,
-                feature_slot: np.ndarray | None = None) -> dict:
+                density_clamp: float, density_shift: float) -> dict:
     """Render rays through one frame's field. ``mlp(features [m, 3C] float32, out [m, 4] float32)`` is the
     field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
     field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
     frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term.
     Features are gathered and decoded ``chunk`` samples at a time, so that they are still in cache when the MLP
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
-    ``samples`` (field evaluations).
-
-    A deferred-shading field passes ``feature_sum [h, F]`` (zeros) and ``feature_slot [n]`` (the row of each ray
-    that meets the head box): ``mlp`` then writes only the density logit (``out [m, 1]``), the samples' features
-    are composited into ``feature_sum`` chunk by chunk while still in cache, and ``rgb`` is the background times the transmittance left — the caller shades the pixels
-    (:func:`avatar.field.fast.deferred_composite`)."""
-    plan_round, pack, gather, composite, composite_features = KERNELS[parallel]
+    ``samples`` (field evaluations). (A deferred-shading field goes through :func:`march_deferred`.)"""
+    plan_round, pack, gather, composite = KERNELS[parallel]
     ws = workspace or Workspace()
     n = origins.shape[0]
     g = occupied.shape[0]
@@ -345,20 +326,13 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
             break
         row_ray, row_k = ws.get("row_ray", (m,), np.int64), ws.get("row_k", (m,), np.int64)
         pack(active, out_k, offsets, row_ray, row_k)
-        raw = ws.get("raw", (m, 1 if feature_sum is not None else 4))
+        raw = ws.get("raw", (m, 4))
         for first in range(0, m, chunk):
             feats = ws.get("feats", (min(chunk, m - first), width))
             gather(origins, dirs, near, row_ray, row_k, first, step, planes, center, inv_half, feats)
-            part = raw[first:first + feats.shape[0]]
-            mlp(feats, part)
-            if feature_sum is not None:
-                a_lo = int(np.searchsorted(offsets, first, "right")) - 1
-                a_hi = int(np.searchsorted(offsets, first + feats.shape[0], "left"))
-                composite_features(active, offsets, a_lo, a_hi, first, out_k, near, step, part, feats, feature_sum,
-                                   feature_slot, depth, trans, min_transmittance, density_clamp, density_shift)
-        if feature_sum is None:
-            composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
-                      density_clamp, density_shift)
+            mlp(feats, raw[first:first + feats.shape[0]])
+        composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, trans, min_transmittance,
+                  density_clamp, density_shift)
         samples += m
         active = active[(trans[active] >= min_transmittance) & (out_n > 0)]
     color += trans[:, None] * background
@@ -375,9 +349,10 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
                    min_transmittance: float = MIN_TRANSMITTANCE, threads: int = 1,
                    workspace: Workspace | None = None, block: int = 16, *, density_clamp: float,
                    density_shift: float) -> dict:
-    """Render the rays of a deferred-shading field with a linear density head up to its per-pixel MLP
-    (:func:`_march_deferred`, one pass per ray). ``density_head = (w [F], b)``, the frame's share in ``b``;
-    ``planes`` the frame's blended planes laid out ``[3, y, x, C]``.
+    """Render the rays of a deferred-shading field up to its per-pixel MLP (:func:`_march_deferred`, one pass per
+    ray). ``density_head = (w_density [F], b_density, hidden_planes [3, r, r, d], b_hidden [d], w_hidden [d])``
+    with the frame's share in the biases (a linear head: ``d = 0``); ``planes`` the frame's blended planes laid
+    out ``[3, y, x, C]``.
     Returns ``rays [h]`` (the rays that meet the head box), their ``feature_sum [h, F]`` (weighted sums of the
     samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
     ``threads`` threads march the rays (numba's)."""
@@ -390,14 +365,17 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     feature_sum = ws.get("feature_sum", (rays.size, planes.shape[0] * planes.shape[3]))  # (every row written)
     alpha, depth = ws.get("alpha", (rays.size,)), ws.get("depth", (rays.size,))
     samples = ws.get("samples", (rays.size,), np.int64)
-    w_density, b_density = density_head
+    w_density, b_density, hidden_planes, b_hidden, w_hidden = density_head
     # contiguous once here, not in every part of the parallel kernel (a camera's origin is one row broadcast)
-    origins, dirs, near, far, planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes))
+    origins, dirs, near, far, planes, hidden_planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes,
+                                                                                       hidden_planes))
     args = (origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes, center,
-            inv_half, w_density, np.float32(b_density), min_transmittance, density_clamp, density_shift, block)
+            inv_half, w_density, np.float32(b_density), hidden_planes, b_hidden, w_hidden, min_transmittance,
+            density_clamp, density_shift, block)
     outs = (feature_sum, alpha, depth, samples)
     if threads <= 1:
         MARCH_DEFERRED(*args, 0, 1, *outs)
     else:
         MARCH_DEFERRED_PARALLEL(*args, PARTS_PER_THREAD * threads, *outs)
     return {"rays": rays, "feature_sum": feature_sum, "alpha": alpha, "depth": depth, "samples": int(samples.sum())}
+

@@ -108,8 +108,8 @@ def composite_features(active: Int[Tensor, " a"], out_k: Int[Tensor, "a most"], 
                        near: Float[Tensor, " n"], step: float, raw: Float[Tensor, "m 1"], feats: Float[Tensor, "m f"],
                        feature_sum: Float[Tensor, "n f"], depth: Float[Tensor, " n"], trans: Float[Tensor, " n"],
                        min_transmittance: float) -> tuple[Float[Tensor, "n f"], Float[Tensor, " n"], Float[Tensor, " n"]]:
-    """Twin of ``_composite_features`` over a whole round (the kernel takes it a chunk of rows at a time): the
-    samples' features composited onto ``feature_sum`` as :func:`composite` composites colours."""
+    """One round's samples' features composited onto ``feature_sum`` as :func:`composite` composites colours (for
+    :func:`march_deferred`)."""
     w, rows, after = _round_weights(active, out_k, out_n, raw[:, 0], step, trans, min_transmittance)
     t = step_depths(near[active][:, None], out_k, step)
     feature_sum, depth, trans = feature_sum.clone(), depth.clone(), trans.clone()
@@ -123,18 +123,24 @@ def march_deferred(origins: Float[Tensor, "n 3"], dirs: Float[Tensor, "n 3"], ne
                    far: Float[Tensor, " n"], rays: Int[Tensor, " h"], step: float, occupied: Bool[Tensor, "g g g"],
                    box_min: Float[Tensor, " 3"], cells_per_cm: Float[Tensor, " 3"], planes: Float[Tensor, "3 r r ch"],
                    center: Float[Tensor, " 3"], half_extent: Float[Tensor, " 3"], w_density: Float[Tensor, " f"],
-                   b_density: float, min_transmittance: float
+                   b_density: float, min_transmittance: float, weight: Float[Tensor, "d f"] | None = None,
+                   bias: Float[Tensor, " d"] | None = None, out_weight: Float[Tensor, " d"] | None = None
                    ) -> tuple[Float[Tensor, "h f"], Float[Tensor, " h"], Float[Tensor, " h"]]:
     """Twin of ``_march_deferred``, from the twins above: every occupied step of each ray (:func:`plan_round` with
-    room for all of them), their features (:func:`gather`) and linear density logits, composited front to back
-    as one round (:func:`composite_features`). Returns the rays' ``feature_sum``, ``alpha`` and ``depth``."""
+    room for all of them), their features (:func:`gather`) and density logits (``w_density · f + b_density``, plus
+    ``out_weight · relu(weight f + bias)`` for a hidden layer, applied to the features as the field does),
+    composited front to back as one round (:func:`composite_features`). Returns the rays' ``feature_sum``,
+    ``alpha`` and ``depth``."""
     n = origins.shape[0]
     most = max(int(ray_steps(near[rays], far[rays], step).max()) if rays.numel() else 1, 1)
     out_k, out_n, _ = plan_round(origins, dirs, near, far, rays, torch.zeros(n, dtype=torch.long), step, most,
                                  occupied, box_min, cells_per_cm)
     row_ray, row_k = pack(rays, out_k, out_n)
     feats = gather(origins, dirs, near, row_ray, row_k, step, planes, center, half_extent)
-    raw = (feats.double() @ w_density.double() + b_density).float()[:, None]
+    raw = feats.double() @ w_density.double() + b_density
+    if weight is not None:
+        raw = raw + torch.relu(feats.double() @ weight.double().T + bias.double()) @ out_weight.double()
+    raw = raw.float()[:, None]
     feature_sum, depth, trans = composite_features(rays, out_k, out_n, near, step, raw, feats,
                                                    torch.zeros(n, feats.shape[1]), torch.zeros(n), torch.ones(n),
                                                    min_transmittance)

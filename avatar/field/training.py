@@ -156,6 +156,12 @@ class FitConfig:
     distortion_weight: float = arg(0.0, help="fast field: weight of mip-NeRF 360's distortion loss (thinner "
                                              "surfaces, faster renders; 0 = off)")
     occupancy_resolution: int = 64
+    # The bundle's grid, made after training (the training grid stays at occupancy_resolution: refreshed every
+    # occupancy_every steps, a finer one would cost more than it saves). Measured on the 300-frame synthetic
+    # subject: 128³ takes 29 % fewer samples a frame than 64³ (issue 25).
+    bundle_occupancy_resolution: int = arg(128, help="fast field: resolution of the occupancy grid the bundle's "
+                                                     "renderers cull with (a multiple of the training grid's 64; "
+                                                     "finer = fewer empty samples before each surface)")
     occupancy_every: int = 16
     march_steps: int = 192  # marching steps across the head box diagonal (step = diagonal / march_steps)
     device: str = arg("auto", help=DEVICE_HELP + "; under torchrun each rank takes cuda:LOCAL_RANK")
