@@ -65,6 +65,11 @@ MUTATIONS = (
              "avatar/render/grid.py", "        fine.mask = _dilate(fine.density > self.threshold) & inside",
              "        fine.mask = (fine.density > self.threshold) & inside",
              ("tests/test_fast_field.py::test_a_refined_grid_is_finer_inside_the_coarse_one_and_still_renders_the_reference",)),
+    Mutation("fine_distance_not_floored", "a fine occupancy grid's distances are rounded up (a skip can pass an "
+             "occupied cell)", "avatar/engines/fused_kernels.py",
+             "fine_distance = np.minimum(np.floor(distance_field(mask)), 255).astype(np.uint8)",
+             "fine_distance = np.minimum(np.ceil(distance_field(mask)) + 1, 255).astype(np.uint8)",
+             ("tests/test_fused.py::test_empty_space_skipping_never_skips_an_occupied_sample",)),
     Mutation("upsampler_not_premultiplied", "the upsampler can output colour brighter than its opacity",
              "avatar/field/upsample.py", "        return torch.cat([torch.minimum(out[:, :3], out[:, 3:]), out[:, 3:]], 1)",
              "        return out",

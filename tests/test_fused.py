@@ -45,9 +45,10 @@ def test_fused_engine_renders_what_the_torch_engine_renders(request, precision, 
     assert a["alpha"].max() > 0.5  # a head, not only background
 
 
-def test_empty_space_skipping_never_skips_an_occupied_sample():
+@pytest.mark.parametrize("coarse", [64, 12])  # the grid itself; a coarse level of 12³ and the grid's bits
+def test_empty_space_skipping_never_skips_an_occupied_sample(coarse):
     """The distance-field jumps of the planner against stepping through every fixed step, on random grids."""
-    from avatar.engines.fused_kernels import KERNELS, distance_field
+    from avatar.engines.fused_kernels import KERNELS, occupancy_lookup
 
     plan = KERNELS[False][0]
     rng = np.random.default_rng(0)
@@ -66,8 +67,10 @@ def test_empty_space_skipping_never_skips_an_occupied_sample():
         cells = (24 / (box_max - box_min)).astype(np.float32)
         kpos = np.zeros(n, np.int64)
         out_k, out_n = np.zeros((n, 4000), np.int64), np.zeros(n, np.int64)
-        plan(origins, dirs, near, far, np.arange(n), kpos, step, 4000, occupied.astype(np.uint8),
-             distance_field(occupied), box_min, cells, float(10 / 24), out_k, out_n)
+        occupancy = occupancy_lookup(occupied, coarse)
+        level = occupancy[0].shape[0]
+        plan(origins, dirs, near, far, np.arange(n), kpos, step, 4000, *occupancy, box_min,
+             (level / (box_max - box_min)).astype(np.float32), float(10 / level), out_k, out_n)
         for r in range(n):
             t = near[r] + (np.arange(int(np.ceil((far[r] - near[r]) / step - 0.5))) + 0.5) * step
             idx = np.clip(((origins[r] + dirs[r] * t[:, None] - box_min) * cells).astype(int), 0, 23)

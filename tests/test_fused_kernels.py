@@ -31,7 +31,8 @@ def round_layout(rng, n, most):
     return active, out_k, out_n, offsets
 
 
-def test_plan_round_kernel_takes_the_next_occupied_steps():
+@pytest.mark.parametrize("coarse", [64, 8])  # the grid tested directly; a coarse level and the grid's bits (×2)
+def test_plan_round_kernel_takes_the_next_occupied_steps(coarse):
     rng = np.random.default_rng(1)
     g, step, most = 16, 0.25, 5
     occupied = np.zeros((g, g, g), bool)
@@ -40,13 +41,16 @@ def test_plan_round_kernel_takes_the_next_occupied_steps():
         occupied[c[0] - 2:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 2:c[2] + 1] = True
     origins, dirs, near, far = rays(rng)
     box_min, cells = np.zeros(3, np.float32), np.full(3, g / 10.0, np.float32)
+    occupancy = kernels.occupancy_lookup(occupied, coarse)
+    assert occupancy[3] == (2 if coarse == 8 else 1)
+    level = occupancy[0].shape[0]  # the kernel's cells: the coarse level's
     active = np.arange(origins.shape[0], dtype=np.int64)
     kpos, kpos_twin = np.zeros(active.size, np.int64), torch.zeros(active.size, dtype=torch.long)
     steps = twins.ray_steps(T(near), T(far), step)
     for _ in range(3):  # rounds continue where the last one stopped
         out_k, out_n = np.zeros((active.size, most), np.int64), np.zeros(active.size, np.int64)
-        plan_round(origins, dirs, near, far, active, kpos, step, most, occupied.astype(np.uint8),
-                   kernels.distance_field(occupied), box_min, cells, 10.0 / g, out_k, out_n)
+        plan_round(origins, dirs, near, far, active, kpos, step, most, *occupancy, box_min,
+                   np.full(3, level / 10.0, np.float32), 10.0 / level, out_k, out_n)
         k_twin, n_twin, kpos_twin = twins.plan_round(T(origins), T(dirs), T(near), T(far), T(active), kpos_twin,
                                                      step, most, T(occupied), T(box_min), T(cells))
         assert out_n.tolist() == n_twin.tolist()
@@ -99,8 +103,9 @@ def test_composite_kernel_blends_front_to_back_and_stops_rays():
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hidden", [0, 5])  # a linear density head; a hidden layer read from per-frame planes
-def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass(hidden):
+@pytest.mark.parametrize("hidden,coarse", [(0, 64), (5, 64), (5, 8)])  # a linear density head; a hidden layer read
+# from per-frame planes; the grid through a coarse level and its bits
+def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass(hidden, coarse):
     rng = np.random.default_rng(6)
     g, res, ch, step, min_t = 16, 8, 3, 0.25, 0.05
     occupied = np.zeros((g, g, g), bool)
@@ -127,7 +132,7 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
     assert (never_stopping[1] > twin[1]).any() and (twin[1] > 0).any() and (twin[1] == 0).any()
     for threads in (1, 3):
         out = kernels.march_deferred(origins, dirs, near, far, hit, planes, center, (1 / half).astype(np.float32),
-                                     occupied.astype(np.uint8), kernels.distance_field(occupied), box_min, box_max,
+                                     kernels.occupancy_lookup(occupied, coarse), box_min, box_max,
                                      step, (w, b, hidden_planes, bias, out_weight), min_t, threads=threads, block=7,
                                      density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         assert out["rays"].tolist() == rays_hit.tolist()

@@ -54,16 +54,14 @@ class FusedEngine(RenderEngine):
         if precision == "auto":
             precision = "bf16" if loaded.model.field.deferred and native_bf16() else "fp32"
         try:  # numba: imported only when this engine is used
-            from avatar.engines.fused_kernels import Workspace, distance_field
+            from avatar.engines.fused_kernels import Workspace, occupancy_lookup
         except ImportError as exc:
             raise UserError(f"the fused engine needs numba ({exc}); pip install -r requirements.txt") from None
 
         super().__init__(loaded, grid, step, "cpu")
         self.precision = precision
         self.threads = threads
-        mask = self.grid.mask.cpu().numpy().astype(bool)
-        self._occupied = np.ascontiguousarray(mask.astype(np.uint8))
-        self._distance = distance_field(mask)
+        self._occupancy = occupancy_lookup(self.grid.mask.cpu().numpy())
         self._box = (self.box_min.cpu().numpy().astype(np.float32), self.box_max.cpu().numpy().astype(np.float32))
         field = self.model.field
         self._center = field.center.cpu().numpy().astype(np.float32)
@@ -144,7 +142,7 @@ class FusedEngine(RenderEngine):
             return self._render_deferred(rays, planes, latent_bias, bg, size, threads)
         out = march_fused(self._mlp(latent_bias), rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                           np.ascontiguousarray(planes.reshape(3, res, res, -1).numpy()), self._center, self._inv_half,
-                          rays["view_rgb"], bg.numpy(), self._occupied, self._distance, *self._box, self.step,
+                          rays["view_rgb"], bg.numpy(), self._occupancy, *self._box, self.step,
                           self.min_transmittance, parallel=threads > 1, workspace=self._workspace,
                           density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         self.last_samples = out["samples"]
@@ -178,7 +176,7 @@ class FusedEngine(RenderEngine):
 
         res = self.model.field.hparams["resolution"]
         out = march_deferred(rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
-                             planes_t.reshape(3, res, res, -1).numpy(), self._center, self._inv_half, self._occupied, self._distance,
+                             planes_t.reshape(3, res, res, -1).numpy(), self._center, self._inv_half, self._occupancy,
                              *self._box, self.step, self._density_head(planes_t, latent_bias), self.min_transmittance,
                              threads=threads, workspace=self._workspace, density_clamp=DENSITY_CLAMP,
                              density_shift=DENSITY_SHIFT)

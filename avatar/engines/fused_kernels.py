@@ -27,13 +27,41 @@ from numba import njit, prange
 from avatar.render.march import MIN_TRANSMITTANCE
 
 SQRT3 = math.sqrt(3.0)
+# The coarse level of the occupancy lookup (:func:`occupancy_lookup`): 64³ bytes and distances stay in a core's
+# cache; a 128³ grid's own distances (8 MB) did not, and cost more than its 30 % fewer samples saved.
+COARSE = 64
 
 
-def _plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, box_min, cells_per_cm,
-                cell_cm, out_k, out_n):
-    """For each active ray: the step indices of its next ≤ ``most`` occupied samples (from ``kpos``); advances
-    ``kpos`` past them. Empty cells are skipped by their distance to the nearest occupied cell."""
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _skip(x, y, z, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step):
+    """0 when the point ``(x, y, z)`` is in an occupied cell, else how many steps it can skip: every point of an
+    empty cell is at least (distance − √3) cells from every occupied point. The coarse grid (``occupied``,
+    ``distance``) first, then, in an occupied coarse cell of a finer grid (``fine`` > 1), the fine cell's
+    ``fine_distance`` (whole fine cells, 0 inside)."""
     g = occupied.shape[0]
+    fx = (x - box_min[0]) * cells_per_cm[0]
+    fy = (y - box_min[1]) * cells_per_cm[1]
+    fz = (z - box_min[2]) * cells_per_cm[2]
+    ix = min(max(int(fx), 0), g - 1)
+    iy = min(max(int(fy), 0), g - 1)
+    iz = min(max(int(fz), 0), g - 1)
+    if not occupied[ix, iy, iz]:
+        return max(1, int((distance[ix, iy, iz] - SQRT3) * cell_cm / step))
+    if fine > 1:
+        gf = g * fine
+        jx = min(max(int(fx * fine), 0), gf - 1)
+        jy = min(max(int(fy * fine), 0), gf - 1)
+        jz = min(max(int(fz * fine), 0), gf - 1)
+        d = fine_distance[jx, jy, jz]
+        if d:
+            return max(1, int((d - SQRT3) * cell_cm / (fine * step)))
+    return 0
+
+
+def _plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, fine_distance, fine, box_min,
+                cells_per_cm, cell_cm, out_k, out_n):
+    """For each active ray: the step indices of its next ≤ ``most`` occupied samples (from ``kpos``); advances
+    ``kpos`` past them. Empty cells are skipped by their distance to the nearest occupied cell (:func:`_skip`)."""
     for a in prange(active.shape[0]):
         r = active[a]
         k = kpos[r]
@@ -41,16 +69,14 @@ def _plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, di
         n = 0
         while k < steps and n < most:
             t = near[r] + (k + 0.5) * step
-            ix = min(max(int((origins[r, 0] + dirs[r, 0] * t - box_min[0]) * cells_per_cm[0]), 0), g - 1)
-            iy = min(max(int((origins[r, 1] + dirs[r, 1] * t - box_min[1]) * cells_per_cm[1]), 0), g - 1)
-            iz = min(max(int((origins[r, 2] + dirs[r, 2] * t - box_min[2]) * cells_per_cm[2]), 0), g - 1)
-            if occupied[ix, iy, iz]:
+            skip = _skip(origins[r, 0] + dirs[r, 0] * t, origins[r, 1] + dirs[r, 1] * t, origins[r, 2] + dirs[r, 2] * t,
+                         occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step)
+            if skip == 0:
                 out_k[a, n] = k
                 n += 1
                 k += 1
             else:
-                # Every point of this cell is at least (distance − √3) cells from every occupied point.
-                k += max(1, int((distance[ix, iy, iz] - SQRT3) * cell_cm / step))
+                k += skip
         kpos[r] = k
         out_n[a] = n
 
@@ -118,7 +144,8 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
-def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes,
+def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min, cells_per_cm,
+                    cell_cm, planes,
                     center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden, min_transmittance,
                     density_clamp, density_shift, block, part, parts, feature_sum, alpha, depth, samples):
     """A deferred-shading field marched in one pass per ray, for rays ``rays [h]`` (those that meet the head box;
@@ -139,7 +166,6 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, bo
     Rays go in blocks of ``block``; this call takes blocks ``part, part + parts, …`` (threads run the parts:
     :func:`_march_deferred_parallel`). Positions are float32
     (float64 in the other kernels: here they would double the per-sample arithmetic for < 1e-6 cm)."""
-    g = occupied.shape[0]
     res = planes.shape[1]
     ch = planes.shape[3]
     width = 3 * ch
@@ -165,12 +191,9 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, bo
                 x = origins[r, 0] + dirs[r, 0] * t
                 y = origins[r, 1] + dirs[r, 1] * t
                 z = origins[r, 2] + dirs[r, 2] * t
-                ix = min(max(int((x - box_min[0]) * cells_per_cm[0]), 0), g - 1)
-                iy = min(max(int((y - box_min[1]) * cells_per_cm[1]), 0), g - 1)
-                iz = min(max(int((z - box_min[2]) * cells_per_cm[2]), 0), g - 1)
-                if not occupied[ix, iy, iz]:
-                    # Every point of this cell is at least (distance − √3) cells from every occupied point.
-                    k += max(1, int((distance[ix, iy, iz] - SQRT3) * cell_cm / step))
+                skip = _skip(x, y, z, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step)
+                if skip:
+                    k += skip
                     continue
                 px = min(max((x - center[0]) * inv_half[0], -one), one)
                 py = min(max((y - center[1]) * inv_half[1], -one), one)
@@ -230,8 +253,8 @@ KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _
 MARCH_DEFERRED = _compile(_march_deferred, False)
 
 
-def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm,
-                             planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
+def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min,
+                             cells_per_cm, cell_cm, planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
                              min_transmittance, density_clamp, density_shift, block, parts, feature_sum, alpha, depth,
                              samples):
     """:func:`_march_deferred` in ``parts`` parts on numba's threads. Numba hands a parallel loop's body its
@@ -242,7 +265,8 @@ def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, dis
     the cores with them (the march ran ~40 % slower right after a torch op)."""
     c = np.ascontiguousarray
     for part in prange(parts):
-        MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(occupied), c(distance), c(box_min),
+        MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(occupied), c(distance), c(fine_distance),
+                       fine, c(box_min),
                        c(cells_per_cm), cell_cm, c(planes), c(center), c(inv_half), c(w_density), b_density,
                        c(hidden_planes), c(b_hidden), c(w_hidden), min_transmittance, density_clamp, density_shift,
                        block, part, parts, c(feature_sum), c(alpha), c(depth), c(samples))
@@ -252,6 +276,24 @@ MARCH_DEFERRED_PARALLEL = _compile(_march_deferred_parallel, True)
 # Parts per thread: interleaved blocks of rays, so that each thread gets some of the face and some of the empty
 # corners of the head box (measured: 4 beat 1 and 16).
 PARTS_PER_THREAD = 4
+
+
+def occupancy_lookup(mask: np.ndarray, coarse: int = COARSE) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """What the kernels test points against (:func:`_skip`), from an occupancy mask ``[r, r, r]``: a grid finer
+    than ``coarse`` (a multiple of it) becomes a coarse level — ``occupied`` ``[coarse]³`` uint8 (any of its
+    cells), its ``distance`` field — and its own distance field in whole cells, uint8 (``fine_distance``: 2 MB at
+    128³, read only in the coarse level's occupied shell, so it stays in cache), ``fine = r / coarse``; other
+    grids are the coarse level themselves (``fine = 1``). Returns ``(occupied, distance, fine_distance, fine)``."""
+    mask = np.asarray(mask, bool)
+    r = mask.shape[0]
+    if r > coarse and r % coarse == 0:
+        fine = r // coarse
+        occupied = mask.reshape(coarse, fine, coarse, fine, coarse, fine).any(axis=(1, 3, 5))
+        # floor and saturate: a distance is only ever taken smaller, so a skip never passes an occupied cell
+        fine_distance = np.minimum(np.floor(distance_field(mask)), 255).astype(np.uint8)
+    else:
+        fine, occupied, fine_distance = 1, mask, np.zeros((1, 1, 1), np.uint8)
+    return np.ascontiguousarray(occupied.astype(np.uint8)), distance_field(occupied), fine_distance, fine
 
 
 def distance_field(occupied: np.ndarray) -> np.ndarray:
@@ -285,20 +327,22 @@ class Workspace:
 def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
                 far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
                 center: np.ndarray, inv_half: np.ndarray, view_rgb: Float[np.ndarray, "n 3"],
-                background: Float[np.ndarray, "n 3"], occupied: np.ndarray, distance: np.ndarray,
+                background: Float[np.ndarray, "n 3"], occupancy: tuple,
                 box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
                 parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
                 density_clamp: float, density_shift: float) -> dict:
     """Render rays through one frame's field. ``mlp(features [m, 3C] float32, out [m, 4] float32)`` is the
     field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
     field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
-    frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term.
+    frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term;
+    ``occupancy`` the grid's :func:`occupancy_lookup`.
     Features are gathered and decoded ``chunk`` samples at a time, so that they are still in cache when the MLP
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
     ``samples`` (field evaluations). (A deferred-shading field goes through :func:`march_deferred`.)"""
     plan_round, pack, gather, composite = KERNELS[parallel]
     ws = workspace or Workspace()
     n = origins.shape[0]
+    occupied, distance, fine_distance, fine = occupancy
     g = occupied.shape[0]
     extent = (box_max - box_min).astype(np.float32)
     cells_per_cm = (g / extent).astype(np.float32)
@@ -316,8 +360,8 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
         most = ROUNDS[min(i, len(ROUNDS) - 1)]
         out_k = ws.get("out_k", (active.size, most), np.int64)
         out_n = ws.get("out_n", (active.size,), np.int64)
-        plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, box_min, cells_per_cm,
-                   cell_cm, out_k, out_n)
+        plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, fine_distance, fine, box_min,
+                   cells_per_cm, cell_cm, out_k, out_n)
         offsets = ws.get("offsets", (active.size + 1,), np.int64)
         offsets[0] = 0
         np.cumsum(out_n, out=offsets[1:])
@@ -344,7 +388,7 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
 
 def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
                    far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
-                   center: np.ndarray, inv_half: np.ndarray, occupied: np.ndarray, distance: np.ndarray,
+                   center: np.ndarray, inv_half: np.ndarray, occupancy: tuple,
                    box_min: np.ndarray, box_max: np.ndarray, step: float, density_head: tuple,
                    min_transmittance: float = MIN_TRANSMITTANCE, threads: int = 1,
                    workspace: Workspace | None = None, block: int = 16, *, density_clamp: float,
@@ -352,11 +396,12 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     """Render the rays of a deferred-shading field up to its per-pixel MLP (:func:`_march_deferred`, one pass per
     ray). ``density_head = (w_density [F], b_density, hidden_planes [3, r, r, d], b_hidden [d], w_hidden [d])``
     with the frame's share in the biases (a linear head: ``d = 0``); ``planes`` the frame's blended planes laid
-    out ``[3, y, x, C]``.
+    out ``[3, y, x, C]``; ``occupancy`` the grid's :func:`occupancy_lookup`.
     Returns ``rays [h]`` (the rays that meet the head box), their ``feature_sum [h, F]`` (weighted sums of the
     samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
     ``threads`` threads march the rays (numba's)."""
     ws = workspace or Workspace()
+    occupied, distance, fine_distance, fine = occupancy
     g = occupied.shape[0]
     extent = (box_max - box_min).astype(np.float32)
     cells_per_cm = (g / extent).astype(np.float32)
@@ -369,9 +414,9 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     # contiguous once here, not in every part of the parallel kernel (a camera's origin is one row broadcast)
     origins, dirs, near, far, planes, hidden_planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes,
                                                                                        hidden_planes))
-    args = (origins, dirs, near, far, rays, step, occupied, distance, box_min, cells_per_cm, cell_cm, planes, center,
-            inv_half, w_density, np.float32(b_density), hidden_planes, b_hidden, w_hidden, min_transmittance,
-            density_clamp, density_shift, block)
+    args = (origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm,
+            planes, center, inv_half, w_density, np.float32(b_density), hidden_planes, b_hidden, w_hidden,
+            min_transmittance, density_clamp, density_shift, block)
     outs = (feature_sum, alpha, depth, samples)
     if threads <= 1:
         MARCH_DEFERRED(*args, 0, 1, *outs)
