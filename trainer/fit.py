@@ -530,8 +530,9 @@ def finalize_fast_field(run: FitRun, poses: torch.Tensor, meta: dict) -> None:
     model, expressions, intrinsics = run.model, run.expressions, run.intrinsics
     w, h = run.size
     finalize_occupancy(model, expressions)
+    dense: list = []  # the dense reference renders, shared by every gap measured below
     threshold, gap = choose_occupancy_threshold(model, run.train_set, poses, expressions, intrinsics, run.background,
-                                                run.sampling)
+                                                run.sampling, dense)
     frames = finalize_frames(expressions, poses)
     # Rays at ~160 px still cross every cell of a 64³ grid; more pixels only cost time.
     s = min(1.0, 160 / max(w, h))
@@ -542,11 +543,15 @@ def finalize_fast_field(run: FitRun, poses: torch.Tensor, meta: dict) -> None:
     resolution = run.cfg.bundle_occupancy_resolution
     if resolution > model.occupancy.resolution:  # the finer grid, inside the carved cells, if it keeps the pictures
         coarse = model.occupancy
+        coarse_gap = occupancy_gap(model, run.train_set, poses, expressions, intrinsics, run.background, run.sampling,
+                                   cache=dense)  # (after carving)
         model.occupancy = coarse.refined(resolution, [_density_fn(model, expressions[k]) for k in finalize_frames(expressions)])
-        gap = occupancy_gap(model, run.train_set, poses, expressions, intrinsics, run.background, run.sampling)
-        if gap > OCCUPANCY_MAX_GAP_DB:
+        gap = occupancy_gap(model, run.train_set, poses, expressions, intrinsics, run.background, run.sampling,
+                            cache=dense)
+        if gap > coarse_gap + OCCUPANCY_MAX_GAP_DB:
             model.occupancy = coarse
         meta["occupied_fraction"][f"refined_{resolution}"] = round(model.occupancy.occupied_fraction(), 4)
+        meta["occupancy_threshold"]["psnr_gap_db_after_carving"] = round(coarse_gap, 4)
         meta["occupancy_threshold"][f"psnr_gap_db_refined_{resolution}"] = round(gap, 4)
 
 
@@ -676,7 +681,10 @@ def finalize_frames(expressions: torch.Tensor, poses: torch.Tensor | None = None
 
 
 OCCUPANCY_THRESHOLDS = (0.3, 0.1, 0.03, 0.01, 0.0)  # density (1/cm): the largest that keeps the pictures is used
-OCCUPANCY_MAX_GAP_DB = 0.03  # what culling may cost on training frames, against the dense reference
+# What culling may cost on training frames against the dense reference; the bundle's finer grid may add as much
+# again to the carved grid's gap (a real head's 64³ grid already used 0.025 of it; 128³ added 0.02, −0.01 dB on
+# held-out frames, 21 % faster)
+OCCUPANCY_MAX_GAP_DB = 0.03
 
 
 @torch.no_grad()
@@ -691,12 +699,12 @@ def occupancy_gap(model: Avatar, train_set, poses: torch.Tensor, expressions: to
 
 
 def choose_occupancy_threshold(model: Avatar, train_set, poses: torch.Tensor, expressions: torch.Tensor,
-                               intrinsics: torch.Tensor, background: torch.Tensor, sampling: SamplingConfig
-                               ) -> tuple[float, float]:
+                               intrinsics: torch.Tensor, background: torch.Tensor, sampling: SamplingConfig,
+                               cache: list | None = None) -> tuple[float, float]:
     """The largest occupancy threshold whose culled renders of a few training frames score within
     :data:`OCCUPANCY_MAX_GAP_DB` of the dense reference (a young or foggy field needs a lower one). Returns
-    (threshold, gap)."""
-    cache: list = []
+    (threshold, gap). ``cache`` (a list) keeps the dense renders for later gaps."""
+    cache = [] if cache is None else cache
     gap = 0.0
     for threshold in OCCUPANCY_THRESHOLDS:
         model.occupancy.set_threshold(threshold)

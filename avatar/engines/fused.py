@@ -34,7 +34,7 @@ class FusedEngine(RenderEngine):
     one thread of this CPU, no faster on two, and up to 11/255 off at the edges of the expression range for the
     volumetric field; slower than fp32 on CPUs without native bf16). ``auto`` (default): fp32, except a deferred
     field's per-pixel MLP on a CPU with native bfloat16 (avx512_bf16 / AMX), where bf16 is ~1.6× faster on its
-    tens of thousands of pixels (its density head stays fp32: it is overhead-bound, and exp magnifies errors).
+    tens of thousands of pixels (its density head runs inside the march, in fp32: exp magnifies errors).
     ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
 
     A deferred-shading field is marched in one pass per ray (:func:`avatar.engines.fused_kernels.march_deferred`:

@@ -13,7 +13,8 @@ of the occupancy grid (a ray in an empty cell jumps by its distance to the neare
 stop exactly when their transmittance falls below ``min_transmittance`` (per sample, not per block).
 
 Rays are marched in rounds: each round takes the next few occupied samples of every ray still open, runs the
-MLP on all of them at once and composites them; rays that became opaque drop out.
+MLP on all of them at once and composites them; rays that became opaque drop out. A deferred-shading field has
+no per-sample MLP, so its rays are marched in one pass each (:func:`march_deferred`).
 """
 
 from __future__ import annotations
