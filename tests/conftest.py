@@ -55,11 +55,12 @@ def fast_bundle(dataset64, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def linear_density_bundle(dataset64, tmp_path_factory) -> Path:
     """A deferred-shading avatar with a linear density head (--density-hidden 0), trained briefly on the 64²
-    subject: the fused engine marches it in one pass per ray."""
+    subject, its bundle grid refined to 128³ (the smoke preset keeps 64³): the fused engine marches it in one pass
+    per ray through both levels of the grid."""
     out = tmp_path_factory.mktemp("linear") / "avatar"
     r = run_script("trainer/fit.py", "--data", str(dataset64), "--field", "fast", "--preset", "smoke", "--shading",
-                   "deferred", "--density-hidden", "0", "--max-steps", "200", "--eval-frames", "2", "--out", str(out),
-                   timeout=600)
+                   "deferred", "--density-hidden", "0", "--bundle-occupancy-resolution", "128", "--max-steps", "200",
+                   "--eval-frames", "2", "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

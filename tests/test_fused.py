@@ -30,6 +30,8 @@ def test_fused_engine_renders_what_the_torch_engine_renders(request, precision, 
     loaded = load_bundle(request.getfixturevalue(bundle))
     assert loaded.model.field.deferred == (bundle != "fast_bundle")
     assert (loaded.model.field.density_layer is None) == (bundle != "deferred_bundle")  # (a linear head or none)
+    if bundle == "linear_density_bundle":  # fit.py refined its grid, or says why not
+        assert loaded.model.occupancy.resolution == 128 or "psnr_gap_db_refined_128" in loaded.meta["occupancy_threshold"]
     reference = TorchEngine(loaded)
     fused = FusedEngine(loaded, precision=precision, threads=threads)
     for expr, pose, latent in conditions(loaded):
