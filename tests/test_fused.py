@@ -49,7 +49,7 @@ def test_fused_engine_renders_what_the_torch_engine_renders(request, precision, 
 
 @pytest.mark.parametrize("coarse", [64, 12])  # the grid itself; a coarse level of 12³ and the grid's bits
 def test_empty_space_skipping_never_skips_an_occupied_sample(coarse):
-    """The distance-field jumps of the planner against stepping through every fixed step, on random grids."""
+    """The tabled jumps of the planner against stepping through every fixed step, on random grids."""
     from avatar.engines.fused_kernels import KERNELS, occupancy_lookup
 
     plan = KERNELS[False][0]
@@ -69,10 +69,10 @@ def test_empty_space_skipping_never_skips_an_occupied_sample(coarse):
         cells = (24 / (box_max - box_min)).astype(np.float32)
         kpos = np.zeros(n, np.int64)
         out_k, out_n = np.zeros((n, 4000), np.int64), np.zeros(n, np.int64)
-        occupancy = occupancy_lookup(occupied, coarse)
-        level = occupancy[0].shape[0]
-        plan(origins, dirs, near, far, np.arange(n), kpos, step, 4000, *occupancy, box_min,
-             (level / (box_max - box_min)).astype(np.float32), float(10 / level), out_k, out_n)
+        occupancy = occupancy_lookup(occupied, box_max - box_min, step, coarse)
+        level = occupancy.coarse_skip.shape[0]
+        plan(origins, dirs, near, far, np.arange(n), kpos, step, 4000, *occupancy[:3], box_min,
+             (level / (box_max - box_min)).astype(np.float32), out_k, out_n)
         for r in range(n):
             t = near[r] + (np.arange(int(np.ceil((far[r] - near[r]) / step - 0.5))) + 0.5) * step
             idx = np.clip(((origins[r] + dirs[r] * t[:, None] - box_min) * cells).astype(int), 0, 23)

@@ -41,16 +41,16 @@ def test_plan_round_kernel_takes_the_next_occupied_steps(coarse):
         occupied[c[0] - 2:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 2:c[2] + 1] = True
     origins, dirs, near, far = rays(rng)
     box_min, cells = np.zeros(3, np.float32), np.full(3, g / 10.0, np.float32)
-    occupancy = kernels.occupancy_lookup(occupied, coarse)
-    assert occupancy[3] == (2 if coarse == 8 else 1)
-    level = occupancy[0].shape[0]  # the kernel's cells: the coarse level's
+    occupancy = kernels.occupancy_lookup(occupied, np.full(3, 10.0), step, coarse)
+    assert occupancy.fine == (2 if coarse == 8 else 1)
+    level = occupancy.coarse_skip.shape[0]  # the kernel's cells: the coarse level's
     active = np.arange(origins.shape[0], dtype=np.int64)
     kpos, kpos_twin = np.zeros(active.size, np.int64), torch.zeros(active.size, dtype=torch.long)
     steps = twins.ray_steps(T(near), T(far), step)
     for _ in range(3):  # rounds continue where the last one stopped
         out_k, out_n = np.zeros((active.size, most), np.int64), np.zeros(active.size, np.int64)
-        plan_round(origins, dirs, near, far, active, kpos, step, most, *occupancy, box_min,
-                   np.full(3, level / 10.0, np.float32), 10.0 / level, out_k, out_n)
+        plan_round(origins, dirs, near, far, active, kpos, step, most, *occupancy[:3], box_min,
+                   np.full(3, level / 10.0, np.float32), out_k, out_n)
         k_twin, n_twin, kpos_twin = twins.plan_round(T(origins), T(dirs), T(near), T(far), T(active), kpos_twin,
                                                      step, most, T(occupied), T(box_min), T(cells))
         assert out_n.tolist() == n_twin.tolist()
@@ -103,11 +103,12 @@ def test_composite_kernel_blends_front_to_back_and_stops_rays():
         torch.testing.assert_close(T(got), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hidden,coarse", [(0, 64), (5, 64), (5, 8)])  # a linear density head; a hidden layer read
-# from per-frame planes; the grid through a coarse level and its bits
-def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass(hidden, coarse):
+@pytest.mark.parametrize("hidden,coarse,ch", [(0, 64, 3), (5, 64, 3), (5, 8, 3), (0, 64, 8), (16, 64, 12)])
+# a linear density head; a hidden layer read from per-frame planes; the grid through a coarse level and its bits;
+# rows of whole vectors (LANES = 8) and of vectors and a scalar remainder
+def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass(hidden, coarse, ch):
     rng = np.random.default_rng(6)
-    g, res, ch, step, min_t = 16, 8, 3, 0.25, 0.05
+    g, res, step, min_t = 16, 8, 0.25, 0.05
     occupied = np.zeros((g, g, g), bool)
     for _ in range(5):
         c = rng.integers(2, g - 2, 3)
@@ -117,7 +118,7 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
     planes = rng.normal(size=(3, res, res, ch)).astype(np.float32)
     center, half = np.full(3, 5.0, np.float32), np.full(3, 5.0, np.float32)
     box_min, box_max = np.zeros(3, np.float32), np.full(3, 10.0, np.float32)
-    w, b = rng.normal(size=3 * ch).astype(np.float32), 1.5
+    w, b = rng.normal(size=3 * ch).astype(np.float32) * (hidden == 0), 1.5  # (a hidden head has no linear term)
     weight = rng.normal(size=(hidden, 3 * ch)).astype(np.float32)
     bias, out_weight = rng.normal(size=hidden).astype(np.float32), rng.normal(size=hidden).astype(np.float32)
     # the hidden layer moved onto each plane's texels (what the engine does once per frame)
@@ -132,7 +133,7 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
     assert (never_stopping[1] > twin[1]).any() and (twin[1] > 0).any() and (twin[1] == 0).any()
     for threads in (1, 3):
         out = kernels.march_deferred(origins, dirs, near, far, hit, planes, center, (1 / half).astype(np.float32),
-                                     kernels.occupancy_lookup(occupied, coarse), box_min, box_max,
+                                     kernels.occupancy_lookup(occupied, box_max - box_min, step, coarse), box_min, box_max,
                                      step, (w, b, hidden_planes, bias, out_weight), min_t, threads=threads, block=7,
                                      density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         assert out["rays"].tolist() == rays_hit.tolist()

@@ -61,8 +61,8 @@ class FusedEngine(RenderEngine):
         super().__init__(loaded, grid, step, "cpu")
         self.precision = precision
         self.threads = threads
-        self._occupancy = occupancy_lookup(self.grid.mask.cpu().numpy())
         self._box = (self.box_min.cpu().numpy().astype(np.float32), self.box_max.cpu().numpy().astype(np.float32))
+        self._occupancy = occupancy_lookup(self.grid.mask.cpu().numpy(), self._box[1] - self._box[0], self.step)
         field = self.model.field
         self._center = field.center.cpu().numpy().astype(np.float32)
         self._inv_half = (1.0 / field.half_extent).cpu().numpy().astype(np.float32)

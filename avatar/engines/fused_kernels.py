@@ -9,7 +9,8 @@ sample once, and the only per-sample tensor work left is the field's MLP, which 
 Same samples as the torch marcher (fixed steps at ``near + (k + ½)·step``, only in occupied cells, the field
 evaluated exactly, composited front to back, the background closing every ray), so the pictures match it
 (float32: ≤ 1/255; bfloat16: a few /255). Differences in *how*: empty space is skipped with a distance field
-of the occupancy grid (a ray in an empty cell jumps by its distance to the nearest occupied cell), and rays
+of the occupancy grid (a ray in an empty cell jumps as many steps as its cell's distance to the nearest occupied
+cell allows, read from a table), and rays
 stop exactly when their transmittance falls below ``min_transmittance`` (per sample, not per block).
 
 Rays are marched in rounds: each round takes the next few occupied samples of every ray still open, runs the
@@ -20,47 +21,149 @@ no per-sample MLP, so its rays are marched in one pass each (:func:`march_deferr
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from jaxtyping import Float
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from avatar.render.march import MIN_TRANSMITTANCE
 
 SQRT3 = math.sqrt(3.0)
-# The coarse level of the occupancy lookup (:func:`occupancy_lookup`): 64³ bytes and distances stay in a core's
-# cache; a 128³ grid's own distances (8 MB) did not, and cost more than its 30 % fewer samples saved.
+# The coarse level of the occupancy lookup (:func:`occupancy_lookup`): 64³ bytes stay in a core's cache; a 128³
+# grid's own table (2 MB) shares it with the planes, and one 128³ level cost more than two (measured).
 COARSE = 64
 
 
+# -- explicit vector rows ------------------------------------------------------------------------------------------
+# A texel row is 8–16 floats. LLVM's loop vectoriser (numba's only route to SIMD) takes such a loop in chunks of
+# vector width × interleave (64 floats on this CPU), behind run-time aliasing checks between the row and the
+# destination, so a 16-channel row ran its scalar remainder loop: the deferred march's per-sample work, measured
+# on its own, ran 2× slower than with these. Rows are taken LANES floats at a time with explicit vector loads and
+# stores (8: one AVX2 register, half an AVX-512 one — Zen 4 splits those in two anyway); the remainder is scalar.
+LANES = 8
+_VEC = ir.VectorType(ir.FloatType(), LANES)
+
+
+def _vector_at(context, builder, array_type, array, offset):
+    """A pointer to ``LANES`` floats at flat element ``offset`` of a C-contiguous float32 ``array``."""
+    data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
+    return builder.bitcast(builder.gep(data, [offset]), _VEC.as_pointer())
+
+
+def _load(builder, pointer):
+    value = builder.load(pointer)
+    value.align = 4  # rows start at any float
+    return value
+
+
+def _splat(builder, scalar):
+    one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+
+
+@intrinsic
+def _lerp_add(typingctx, dst, at, src, o00, o01, o10, o11, w00, w01, w10, w11):
+    """``dst[at : at+LANES] += w00·src[o00 : …] + w01·src[o01 : …] + w10·src[o10 : …] + w11·src[o11 : …]``
+    (flat offsets into C-contiguous float32 arrays): one bilinear lookup of LANES channels."""
+    sig = types.void(dst, at, src, o00, o01, o10, o11, w00, w01, w10, w11)
+
+    def codegen(context, builder, signature, args):
+        total = None
+        for offset, weight in zip(args[3:7], args[7:11]):
+            term = builder.fmul(_load(builder, _vector_at(context, builder, signature.args[2], args[2], offset)),
+                                _splat(builder, weight), flags=("fast",))
+            total = term if total is None else builder.fadd(total, term, flags=("fast",))
+        target = _vector_at(context, builder, signature.args[0], args[0], args[1])
+        builder.store(builder.fadd(_load(builder, target), total, flags=("fast",)), target).align = 4
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _axpy(typingctx, dst, at, src, src_at, weight):
+    """``dst[at : at+LANES] += weight · src[src_at : src_at+LANES]``."""
+    sig = types.void(dst, at, src, src_at, weight)
+
+    def codegen(context, builder, signature, args):
+        term = builder.fmul(_load(builder, _vector_at(context, builder, signature.args[2], args[2], args[3])),
+                            _splat(builder, args[4]), flags=("fast",))
+        target = _vector_at(context, builder, signature.args[0], args[0], args[1])
+        builder.store(builder.fadd(_load(builder, target), term, flags=("fast",)), target).align = 4
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _flat(typingctx, array, offset):
+    """``array``'s element at flat ``offset`` (C order), for any number of dimensions (numba's ``reshape(-1)``
+    calls out of line each time)."""
+    sig = array.dtype(array, offset)
+
+    def codegen(context, builder, signature, args):
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0]).data
+        return builder.load(builder.gep(data, [args[1]]))
+
+    return sig, codegen
+
+
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
-def _skip(x, y, z, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step):
-    """0 when the point ``(x, y, z)`` is in an occupied cell, else how many steps it can skip: every point of an
-    empty cell is at least (distance − √3) cells from every occupied point. The coarse grid (``occupied``,
-    ``distance``) first, then, in an occupied coarse cell of a finer grid (``fine`` > 1), the fine cell's
-    ``fine_distance`` (whole fine cells, 0 inside)."""
-    g = occupied.shape[0]
+def _lerp_row(dst, at, src, o00, o01, o10, o11, w00, w01, w10, w11, n):
+    """``dst[at : at+n] +=`` (``dst`` one-dimensional) the bilinear lookup of ``n`` channels whose four texel rows
+    start at the flat offsets ``o00 … o11`` of ``src`` (LANES at a time, the rest one by one)."""
+    c = 0
+    while c + LANES <= n:
+        _lerp_add(dst, at + c, src, o00 + c, o01 + c, o10 + c, o11 + c, w00, w01, w10, w11)
+        c += LANES
+    while c < n:
+        dst[at + c] += (w00 * _flat(src, o00 + c) + w01 * _flat(src, o01 + c) + w10 * _flat(src, o10 + c)
+                        + w11 * _flat(src, o11 + c))
+        c += 1
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _axpy_row(dst, src, weight, n):
+    """``dst[:n] += weight · src[:n]`` (LANES at a time, the rest one by one)."""
+    c = 0
+    while c + LANES <= n:
+        _axpy(dst, c, src, c, weight)
+        c += LANES
+    while c < n:
+        dst[c] += weight * src[c]
+        c += 1
+
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _skip(x, y, z, coarse_skip, fine_skip, fine, box_min, cells_per_cm):
+    """0 when the point ``(x, y, z)`` is in an occupied cell, else how many steps it can skip
+    (:func:`occupancy_lookup`'s tables: the coarse level first, then, in an occupied coarse cell of a finer grid
+    (``fine`` > 1), the fine cell's)."""
+    g = coarse_skip.shape[0]
     fx = (x - box_min[0]) * cells_per_cm[0]
     fy = (y - box_min[1]) * cells_per_cm[1]
     fz = (z - box_min[2]) * cells_per_cm[2]
     ix = min(max(int(fx), 0), g - 1)
     iy = min(max(int(fy), 0), g - 1)
     iz = min(max(int(fz), 0), g - 1)
-    if not occupied[ix, iy, iz]:
-        return max(1, int((distance[ix, iy, iz] - SQRT3) * cell_cm / step))
-    if fine > 1:
-        gf = g * fine
-        jx = min(max(int(fx * fine), 0), gf - 1)
-        jy = min(max(int(fy * fine), 0), gf - 1)
-        jz = min(max(int(fz * fine), 0), gf - 1)
-        d = fine_distance[jx, jy, jz]
-        if d:
-            return max(1, int((d - SQRT3) * cell_cm / (fine * step)))
-    return 0
+    skip = coarse_skip[ix, iy, iz]
+    if skip or fine == 1:
+        return np.int64(skip)
+    gf = g * fine
+    jx = min(max(int(fx * fine), 0), gf - 1)
+    jy = min(max(int(fy * fine), 0), gf - 1)
+    jz = min(max(int(fz * fine), 0), gf - 1)
+    return np.int64(fine_skip[jx, jy, jz])
 
 
-def _plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, fine_distance, fine, box_min,
-                cells_per_cm, cell_cm, out_k, out_n):
+def _plan_round(origins, dirs, near, far, active, kpos, step, most, coarse_skip, fine_skip, fine, box_min,
+                cells_per_cm, out_k, out_n):
     """For each active ray: the step indices of its next ≤ ``most`` occupied samples (from ``kpos``); advances
     ``kpos`` past them. Empty cells are skipped by their distance to the nearest occupied cell (:func:`_skip`)."""
     for a in prange(active.shape[0]):
@@ -71,7 +174,7 @@ def _plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, di
         while k < steps and n < most:
             t = near[r] + (k + 0.5) * step
             skip = _skip(origins[r, 0] + dirs[r, 0] * t, origins[r, 1] + dirs[r, 1] * t, origins[r, 2] + dirs[r, 2] * t,
-                         occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step)
+                         coarse_skip, fine_skip, fine, box_min, cells_per_cm)
             if skip == 0:
                 out_k[a, n] = k
                 n += 1
@@ -145,8 +248,8 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
-def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min, cells_per_cm,
-                    cell_cm, planes,
+def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
+                    planes,
                     center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden, min_transmittance,
                     density_clamp, density_shift, block, part, parts, feature_sum, alpha, depth, samples):
     """A deferred-shading field marched in one pass per ray, for rays ``rays [h]`` (those that meet the head box;
@@ -157,8 +260,9 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fi
     ``min_transmittance``. Nothing per sample leaves the core: no sample lists, no feature buffer. Writes
     ``alpha [h]`` (opacity), ``depth [h]`` (far where empty) and ``samples [h]``.
 
-    ``raw = w_density · f + b_density + w_hidden · relu(W f + b_hidden)``: a linear head has ``d = 0`` hidden
-    units; a hidden layer's pre-activations ``W f`` are read like the features, from ``hidden_planes [3, r, r, d]`` —
+    ``raw = b_density + w_density · f`` for a linear head (``d = 0`` hidden units), ``b_density + w_hidden ·
+    relu(W f + b_hidden)`` for a hidden layer (as the field's two heads; ``w_density`` is not read then), whose
+    pre-activations ``W f`` are read like the features, from ``hidden_planes [3, r, r, d]`` —
     each plane's texels through that plane's share of the layer, made once per frame: the layer is linear and the
     lookup is a weighted sum of texels, so ``W f`` is the lookup of ``W · texels``. Per sample that is d more
     values to interpolate instead of ``F × d`` multiply-adds (``b_density`` and ``b_hidden`` carry the frame's
@@ -173,6 +277,8 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fi
     half = np.float32(0.5 * (res - 1))
     one = np.float32(1.0)
     step32 = np.float32(step)
+    clamp32 = np.float32(density_clamp)
+    shift32 = np.float32(density_shift)
     hidden = hidden_planes.shape[3]
     f = np.empty(width, np.float32)
     pre = np.empty(max(hidden, 1), np.float32)  # the hidden layer's pre-activations
@@ -192,7 +298,7 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fi
                 x = origins[r, 0] + dirs[r, 0] * t
                 y = origins[r, 1] + dirs[r, 1] * t
                 z = origins[r, 2] + dirs[r, 2] * t
-                skip = _skip(x, y, z, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm, step)
+                skip = _skip(x, y, z, coarse_skip, fine_skip, fine, box_min, cells_per_cm)
                 if skip:
                     k += skip
                     continue
@@ -200,6 +306,7 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fi
                 py = min(max((y - center[1]) * inv_half[1], -one), one)
                 pz = min(max((z - center[2]) * inv_half[2], -one), one)
                 raw = b_density
+                f[:] = 0.0
                 for j in range(hidden):
                     pre[j] = b_hidden[j]
                 for p in range(3):  # planes xy, xz, yz, as _gather
@@ -215,22 +322,24 @@ def _march_deferred(origins, dirs, near, far, rays, step, occupied, distance, fi
                     w01 = wx * (one - wy)
                     w10 = (one - wx) * wy
                     w11 = wx * wy
-                    base = p * ch
-                    for c in range(ch):
-                        v_c = (w00 * planes[p, y0, x0, c] + w01 * planes[p, y0, x0 + 1, c]
-                               + w10 * planes[p, y0 + 1, x0, c] + w11 * planes[p, y0 + 1, x0 + 1, c])
-                        f[base + c] = v_c
-                        raw += w_density[base + c] * v_c
+                    texel = (p * res + y0) * res + x0  # the four texels: texel, +1, +res, +res+1
+                    o = texel * ch
+                    _lerp_row(f, p * ch, planes, o, o + ch, o + res * ch, o + (res + 1) * ch, w00, w01, w10, w11, ch)
+                    if hidden:
+                        o = texel * hidden
+                        _lerp_row(pre, 0, hidden_planes, o, o + hidden, o + res * hidden, o + (res + 1) * hidden,
+                                  w00, w01, w10, w11, hidden)
+                if hidden:
                     for j in range(hidden):
-                        pre[j] += (w00 * hidden_planes[p, y0, x0, j] + w01 * hidden_planes[p, y0, x0 + 1, j]
-                                 + w10 * hidden_planes[p, y0 + 1, x0, j] + w11 * hidden_planes[p, y0 + 1, x0 + 1, j])
-                for j in range(hidden):
-                    raw += w_hidden[j] * max(pre[j], np.float32(0.0))
-                sigma = math.exp(min(raw, density_clamp) - density_shift)
-                opacity = one - np.float32(math.exp(-sigma * step))
+                        raw += w_hidden[j] * max(pre[j], np.float32(0.0))
+                else:  # (a hidden head's w_density is 0)
+                    for c in range(width):
+                        raw += w_density[c] * f[c]
+                # (float32 throughout: a float64 operand made both of these libm's double exp)
+                sigma = math.exp(min(raw, clamp32) - shift32)
+                opacity = one - math.exp(-sigma * step32)
                 w = tr * opacity
-                for c in range(width):
-                    acc[c] += w * f[c]
+                _axpy_row(acc, f, w, width)
                 d += w * t
                 tr *= one - opacity
                 n += 1
@@ -254,8 +363,8 @@ KERNELS = {parallel: tuple(_compile(f, parallel) for f in (_plan_round, _pack, _
 MARCH_DEFERRED = _compile(_march_deferred, False)
 
 
-def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min,
-                             cells_per_cm, cell_cm, planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
+def _march_deferred_parallel(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min,
+                             cells_per_cm, planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
                              min_transmittance, density_clamp, density_shift, block, parts, feature_sum, alpha, depth,
                              samples):
     """:func:`_march_deferred` in ``parts`` parts on numba's threads. Numba hands a parallel loop's body its
@@ -266,9 +375,8 @@ def _march_deferred_parallel(origins, dirs, near, far, rays, step, occupied, dis
     the cores with them (the march ran ~40 % slower right after a torch op)."""
     c = np.ascontiguousarray
     for part in prange(parts):
-        MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(occupied), c(distance), c(fine_distance),
-                       fine, c(box_min),
-                       c(cells_per_cm), cell_cm, c(planes), c(center), c(inv_half), c(w_density), b_density,
+        MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(coarse_skip), c(fine_skip), fine,
+                       c(box_min), c(cells_per_cm), c(planes), c(center), c(inv_half), c(w_density), b_density,
                        c(hidden_planes), c(b_hidden), c(w_hidden), min_transmittance, density_clamp, density_shift,
                        block, part, parts, c(feature_sum), c(alpha), c(depth), c(samples))
 
@@ -279,22 +387,48 @@ MARCH_DEFERRED_PARALLEL = _compile(_march_deferred_parallel, True)
 PARTS_PER_THREAD = 4
 
 
-def occupancy_lookup(mask: np.ndarray, coarse: int = COARSE) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """What the kernels test points against (:func:`_skip`), from an occupancy mask ``[r, r, r]``: a grid finer
-    than ``coarse`` (a multiple of it) becomes a coarse level — ``occupied`` ``[coarse]³`` uint8 (any of its
-    cells), its ``distance`` field — and its own distance field in whole cells, uint8 (``fine_distance``: 2 MB at
-    128³, read only in the coarse level's occupied shell, so it stays in cache), ``fine = r / coarse``; other
-    grids are the coarse level themselves (``fine = 1``). Returns ``(occupied, distance, fine_distance, fine)``."""
+class Occupancy(NamedTuple):
+    """What the kernels test points against (:func:`_skip`, made by :func:`occupancy_lookup` for one step size):
+    per cell, 0 where occupied, else how many steps a ray may skip from any point of it (1–255)."""
+
+    coarse_skip: np.ndarray  # uint8 [c, c, c]: the coarse level (any of its fine cells occupied)
+    fine_skip: np.ndarray  # uint8 [c·fine]³: the finer grid's own, read in the coarse level's occupied shell
+    fine: int  # fine cells per coarse cell along an axis (1: the grid is the coarse level; fine_skip unused)
+    step: float  # the step size (cm) the tables count in
+
+
+def skip_steps(distance: np.ndarray, cell_cm: float, step: float) -> np.ndarray:
+    """Steps a ray may skip from any point of an empty cell whose centre is ``distance`` cells (of ``cell_cm``)
+    from the nearest occupied cell's (:func:`distance_field`): every point of it is at least ``distance − √3``
+    cells from every occupied point. At least 1, saturated at 255 (a skip is only ever taken shorter); 0 where
+    occupied. Tabled once, so a step of the march reads one byte instead of a distance and a division."""
+    steps = np.trunc((distance.astype(np.float64) - SQRT3) * cell_cm / step)
+    return np.where(distance == 0, 0, np.clip(steps, 1, 255)).astype(np.uint8)
+
+
+def occupancy_lookup(mask: np.ndarray, extent: np.ndarray, step: float, coarse: int = COARSE) -> Occupancy:
+    """The kernels' :class:`Occupancy` of an occupancy mask ``[r, r, r]`` over a box of ``extent`` cm, for steps
+    of ``step`` cm: a grid finer than ``coarse`` (a multiple of it) gets a coarse level (``[coarse]³``, occupied
+    where any of its cells is) in front of its own table (``fine = r / coarse``); other grids are the coarse
+    level themselves."""
     mask = np.asarray(mask, bool)
     r = mask.shape[0]
+    cell_cm = float(np.min(extent)) / r  # the smallest side: a skip's length is a lower bound on every axis
     if r > coarse and r % coarse == 0:
         fine = r // coarse
         occupied = mask.reshape(coarse, fine, coarse, fine, coarse, fine).any(axis=(1, 3, 5))
-        # floor and saturate: a distance is only ever taken smaller, so a skip never passes an occupied cell
-        fine_distance = np.minimum(np.floor(distance_field(mask)), 255).astype(np.uint8)
+        fine_skip = skip_steps(distance_field(mask), cell_cm, step)
     else:
-        fine, occupied, fine_distance = 1, mask, np.zeros((1, 1, 1), np.uint8)
-    return np.ascontiguousarray(occupied.astype(np.uint8)), distance_field(occupied), fine_distance, fine
+        fine, occupied, fine_skip = 1, mask, np.zeros((1, 1, 1), np.uint8)
+    coarse_skip = skip_steps(distance_field(occupied), cell_cm * fine, step)
+    return Occupancy(np.ascontiguousarray(coarse_skip), np.ascontiguousarray(fine_skip), fine, float(step))
+
+
+def _tables(occupancy: Occupancy, step: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The skip tables, checked against the march's step (tables for a longer step would skip occupied cells)."""
+    if not math.isclose(occupancy.step, step, rel_tol=1e-6):
+        raise ValueError(f"occupancy tables are for steps of {occupancy.step} cm, the march takes {step}")
+    return occupancy.coarse_skip, occupancy.fine_skip, occupancy.fine
 
 
 def distance_field(occupied: np.ndarray) -> np.ndarray:
@@ -328,7 +462,7 @@ class Workspace:
 def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
                 far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
                 center: np.ndarray, inv_half: np.ndarray, view_rgb: Float[np.ndarray, "n 3"],
-                background: Float[np.ndarray, "n 3"], occupancy: tuple,
+                background: Float[np.ndarray, "n 3"], occupancy: Occupancy,
                 box_min: np.ndarray, box_max: np.ndarray, step: float, min_transmittance: float = MIN_TRANSMITTANCE,
                 parallel: bool = False, workspace: Workspace | None = None, chunk: int = 8192, *,
                 density_clamp: float, density_shift: float) -> dict:
@@ -336,18 +470,16 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
     field's decoder without its activations (see :func:`_composite`; ``density_clamp``/``density_shift`` are the
     field's, :data:`avatar.field.fast.DENSITY_CLAMP` and ``DENSITY_SHIFT``), writing into ``out``; ``planes`` the
     frame's blended planes laid out ``[3, y, x, C]``; ``view_rgb`` each ray's view-dependent colour term;
-    ``occupancy`` the grid's :func:`occupancy_lookup`.
+    ``occupancy`` the grid's :func:`occupancy_lookup` for ``step``.
     Features are gathered and decoded ``chunk`` samples at a time, so that they are still in cache when the MLP
     reads them. Returns ``rgb [n, 3]``, ``alpha [n]``, ``depth [n]`` (of the head, far where it is empty) and
     ``samples`` (field evaluations). (A deferred-shading field goes through :func:`march_deferred`.)"""
     plan_round, pack, gather, composite = KERNELS[parallel]
     ws = workspace or Workspace()
     n = origins.shape[0]
-    occupied, distance, fine_distance, fine = occupancy
-    g = occupied.shape[0]
+    coarse_skip, fine_skip, fine, g = *_tables(occupancy, step), occupancy.coarse_skip.shape[0]
     extent = (box_max - box_min).astype(np.float32)
     cells_per_cm = (g / extent).astype(np.float32)
-    cell_cm = float(extent.min() / g)
     color = np.zeros((n, 3), np.float32)
     depth = np.zeros(n, np.float32)
     trans = np.ones(n, np.float32)
@@ -361,8 +493,8 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
         most = ROUNDS[min(i, len(ROUNDS) - 1)]
         out_k = ws.get("out_k", (active.size, most), np.int64)
         out_n = ws.get("out_n", (active.size,), np.int64)
-        plan_round(origins, dirs, near, far, active, kpos, step, most, occupied, distance, fine_distance, fine, box_min,
-                   cells_per_cm, cell_cm, out_k, out_n)
+        plan_round(origins, dirs, near, far, active, kpos, step, most, coarse_skip, fine_skip, fine, box_min,
+                   cells_per_cm, out_k, out_n)
         offsets = ws.get("offsets", (active.size + 1,), np.int64)
         offsets[0] = 0
         np.cumsum(out_n, out=offsets[1:])
@@ -389,7 +521,7 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
 
 def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
                    far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
-                   center: np.ndarray, inv_half: np.ndarray, occupancy: tuple,
+                   center: np.ndarray, inv_half: np.ndarray, occupancy: Occupancy,
                    box_min: np.ndarray, box_max: np.ndarray, step: float, density_head: tuple,
                    min_transmittance: float = MIN_TRANSMITTANCE, threads: int = 1,
                    workspace: Workspace | None = None, block: int = 16, *, density_clamp: float,
@@ -397,16 +529,14 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     """Render the rays of a deferred-shading field up to its per-pixel MLP (:func:`_march_deferred`, one pass per
     ray). ``density_head = (w_density [F], b_density, hidden_planes [3, r, r, d], b_hidden [d], w_hidden [d])``
     with the frame's share in the biases (a linear head: ``d = 0``); ``planes`` the frame's blended planes laid
-    out ``[3, y, x, C]``; ``occupancy`` the grid's :func:`occupancy_lookup`.
+    out ``[3, y, x, C]``; ``occupancy`` the grid's :func:`occupancy_lookup` for ``step``.
     Returns ``rays [h]`` (the rays that meet the head box), their ``feature_sum [h, F]`` (weighted sums of the
     samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
     ``threads`` threads march the rays (numba's)."""
     ws = workspace or Workspace()
-    occupied, distance, fine_distance, fine = occupancy
-    g = occupied.shape[0]
+    coarse_skip, fine_skip, fine, g = *_tables(occupancy, step), occupancy.coarse_skip.shape[0]
     extent = (box_max - box_min).astype(np.float32)
     cells_per_cm = (g / extent).astype(np.float32)
-    cell_cm = float(extent.min() / g)
     rays = np.flatnonzero(hit).astype(np.int64)
     feature_sum = ws.get("feature_sum", (rays.size, planes.shape[0] * planes.shape[3]))  # (every row written)
     alpha, depth = ws.get("alpha", (rays.size,)), ws.get("depth", (rays.size,))
@@ -415,7 +545,7 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     # contiguous once here, not in every part of the parallel kernel (a camera's origin is one row broadcast)
     origins, dirs, near, far, planes, hidden_planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes,
                                                                                        hidden_planes))
-    args = (origins, dirs, near, far, rays, step, occupied, distance, fine_distance, fine, box_min, cells_per_cm, cell_cm,
+    args = (origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
             planes, center, inv_half, w_density, np.float32(b_density), hidden_planes, b_hidden, w_hidden,
             min_transmittance, density_clamp, density_shift, block)
     outs = (feature_sum, alpha, depth, samples)
