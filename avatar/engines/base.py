@@ -77,7 +77,7 @@ class RenderEngine:
         # a fixed block count on a GPU (no host sync, CUDA-graph friendly); the CPU finds the exact one per frame
         self._n_blocks = None if self.device.type == "cpu" else max_blocks(
             self.box_min, self.box_max, self.step, self.grid.block_steps(self.step))
-        self._pixels: dict[int, tuple[Tensor, Tensor]] = {}
+        self._pixels: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # size: (pixel grid, intrinsics, camera rays)
         self._backgrounds: dict[tuple, Tensor] = {}
         self.last_samples = 0
 
@@ -97,8 +97,8 @@ class RenderEngine:
               latent: Float[Tensor, " l"]) -> tuple[dict, object, dict]:
         """The part of a frame whose shapes depend only on ``size``: the rays, the field's frame state and the
         block plan (:func:`avatar.occupancy.block_plan`)."""
-        pixels, k = self._pixels[size]
-        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max)
+        pixels, k, camera = self._pixels[size]
+        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max, camera)
         state = self.frame_state(expression, latent)
         plan = block_plan(self.grid, rays["origins"], rays["dirs"], rays["near"], rays["far"], self.step,
                           n_blocks=self._n_blocks)
@@ -126,13 +126,16 @@ class RenderEngine:
         return time.perf_counter() - start
 
     def _inputs(self, expression, head_pose, latent, size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The frame's conditioning as float32 tensors on the engine's device; caches the pixel grid of ``size``."""
+        """The frame's conditioning as float32 tensors on the engine's device; caches the pixel grid of ``size``
+        and its unit camera-space directions."""
         dev = self.device
         as_t = lambda a: torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float32, device=dev)
         if size not in self._pixels:
             w, h = self.loaded.image_size
             k = torch.as_tensor(self.loaded.intrinsics * (size / h), dtype=torch.float32, device=dev)
-            self._pixels = {size: (ray_utils.pixel_grid(size, size, dev), k)}
+            pixels = ray_utils.pixel_grid(size, size, dev)
+            camera = ray_utils.unit_directions(ray_utils.camera_directions(pixels.float(), k))
+            self._pixels = {size: (pixels, k, camera)}
         return as_t(expression), as_t(head_pose), as_t(latent)
 
     @torch.inference_mode()

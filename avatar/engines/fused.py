@@ -118,8 +118,8 @@ class FusedEngine(RenderEngine):
 
     def _rays(self, size: int, head_pose: Tensor) -> dict[str, np.ndarray]:
         """This frame's rays at ``size`` as arrays, with each ray's view-dependent colour term."""
-        pixels, k = self._pixels[size]
-        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max)
+        pixels, k, camera = self._pixels[size]
+        rays = ray_utils.frame_rays(pixels, k, head_pose, self.box_min, self.box_max, camera)
         if not self.model.field.deferred:  # (a deferred field's view term is its pixels', in field.shade)
             rays["view_rgb"] = spherical_harmonics_deg2(rays["dirs"]) @ self._view_weight
         return {key: value.numpy() for key, value in rays.items()}
@@ -184,9 +184,8 @@ class FusedEngine(RenderEngine):
         hit = torch.from_numpy(out["rays"])
         alpha = torch.zeros(size * size)
         alpha[hit] = torch.from_numpy(out["alpha"])
-        rgb = (1.0 - alpha)[:, None] * bg
-        dirs = torch.from_numpy(rays["dirs"])[hit]
+        dirs = torch.from_numpy(rays["dirs"])
         shade = self._shader(latent_bias)
-        rgb[hit] = deferred_composite(torch.from_numpy(out["feature_sum"]), alpha[hit], bg[hit],
-                                      lambda feats, rows: shade(feats, dirs[rows]))
+        rgb = deferred_composite(torch.from_numpy(out["feature_sum"]), alpha, bg,
+                                 lambda feats, rows: shade(feats, dirs[hit[rows]]), pixels=hit)
         return {"rgb": rgb.clamp_(0, 1).reshape(size, size, 3), "alpha": alpha.reshape(size, size)}

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from avatar.field.encoding import spherical_harmonics_deg2
@@ -48,20 +48,24 @@ def triplane_lookup(planes: Float[Tensor, "3 ch r r"], p: Float[Tensor, "n 3"]) 
     return feats.reshape(-1, n)
 
 
-def deferred_composite(feature_sum: Float[Tensor, "n f"], alpha: Float[Tensor, " n"],
-                       background: Float[Tensor, "n 3"], shade) -> Float[Tensor, "n 3"]:
+def deferred_composite(feature_sum: Float[Tensor, "h f"], alpha: Float[Tensor, " n"],
+                       background: Float[Tensor, "n 3"], shade, pixels: Int[Tensor, " h"] | None = None
+                       ) -> Float[Tensor, "n 3"]:
     """A deferred-shading field's pixels: ``alpha · shade(features / alpha) + (1 − alpha) · background`` where
     ``alpha ≥`` :data:`SHADE_MIN_ALPHA`, the background times ``1 − alpha`` elsewhere. ``feature_sum`` is each
     ray's compositing-weighted sum of sample features and ``alpha`` the sum of the weights (so ``1 − alpha`` is the
     transmittance left for the background); ``shade(features [m, f], rows [m]) → colour [m, 3]`` is the per-pixel
-    MLP on the shaded rays (``rows`` index them). Dividing by ``alpha`` shades the surface's mean feature, so a
-    faint edge gets the colour of its surface, only fainter."""
+    MLP on the shaded rays (``rows`` index ``feature_sum``). Dividing by ``alpha`` shades the surface's mean
+    feature, so a faint edge gets the colour of its surface, only fainter. ``pixels``: the pixels (rows of
+    ``alpha`` and ``background``) that ``feature_sum``'s rows are, where only some rays were marched (the others'
+    ``alpha`` is 0); default: every pixel, in order."""
     rgb = (1.0 - alpha)[:, None] * background
-    rows = torch.nonzero(alpha >= SHADE_MIN_ALPHA)[:, 0]
+    marched = alpha if pixels is None else alpha[pixels]
+    rows = torch.nonzero(marched >= SHADE_MIN_ALPHA)[:, 0]
     if rows.numel():
-        a = alpha[rows]
+        a = marched[rows]
         colour = shade(feature_sum[rows] / a[:, None], rows)
-        rgb = rgb.index_add(0, rows, a[:, None] * colour)
+        rgb = rgb.index_add(0, rows if pixels is None else pixels[rows], a[:, None] * colour)
     return rgb
 
 
