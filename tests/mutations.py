@@ -72,7 +72,11 @@ MUTATIONS = (
     Mutation("gather_blend_drops_neutral", "an engine's channels-last frame state leaves the neutral planes out",
              "avatar/field/fast.py", "        planes = offset.add_(neutral.permute(0, 3, 1, 2))",
              "        planes = offset",
-             ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
+             ("tests/test_fast_field.py::test_an_engines_channels_last_frame_state_is_the_blend_and_follows_the_parameters",)),
+    Mutation("gather_layout_never_refreshed", "an engine's channels-last copies of the planes are kept after the "
+             "planes change", "avatar/field/fast.py", "        if cached is None or cached[0] != key:",
+             "        if cached is None:",
+             ("tests/test_fast_field.py::test_an_engines_channels_last_frame_state_is_the_blend_and_follows_the_parameters",)),
     Mutation("vector_lerp_drops_a_corner", "the march's vector bilinear lookup leaves out its fourth texel",
              "avatar/engines/fused_kernels.py", "zip(args[3:7], args[7:11])", "zip(args[3:6], args[7:10])",
              ("tests/test_fused_kernels.py::test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass",)),

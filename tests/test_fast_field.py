@@ -276,3 +276,23 @@ def test_a_deferred_fields_culled_render_matches_its_dense_reference(blocks_per_
     assert dense["alpha"].min() > 0.99 and culled["samples"] < dense["samples"]
     torch.testing.assert_close(culled["rgb"], dense["rgb"], atol=3e-3, rtol=0)
     torch.testing.assert_close(culled["alpha"], dense["alpha"], atol=2e-3, rtol=0)
+
+
+def test_an_engines_channels_last_frame_state_is_the_blend_and_follows_the_parameters():
+    """Engines take the frame state channels-last, blended from copies of the planes in that layout: the same
+    numbers as blend + channels_last, and new copies once the parameters change."""
+    torch.manual_seed(3)
+    f = FastField([-10, -10, -10], [10, 10, 10], expression_dim=6, latent_dim=2, resolution=16, channels=4, bases=3,
+                  expression_resolution=8)
+    with torch.no_grad():
+        f.expression_planes.normal_()
+    expression, latent = torch.randn(6), torch.randn(2)
+    for _ in range(2):
+        with torch.inference_mode():
+            planes, bias = f.frame_state(expression, latent, channels_last=True)
+            want = f.channels_last(f.blend(torch.cat([expression, latent])))
+        assert f._layout is not None and planes.is_contiguous()  # (the engines' path was taken)
+        torch.testing.assert_close(planes, want)
+        with torch.no_grad():  # a training step changes the planes in place
+            f.planes.add_(1.0)
+            f.expression_planes.mul_(2.0)
