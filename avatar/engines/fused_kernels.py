@@ -32,7 +32,6 @@ from numba.extending import intrinsic
 
 from avatar.render.march import MIN_TRANSMITTANCE
 
-SQRT3 = math.sqrt(3.0)
 # The coarse level of the occupancy lookup (:func:`occupancy_lookup`): 64³ bytes stay in a core's cache; a 128³
 # grid's own table (2 MB) shares it with the planes, and one 128³ level cost more than two (measured).
 COARSE = 64
@@ -397,13 +396,23 @@ class Occupancy(NamedTuple):
     step: float  # the step size (cm) the tables count in
 
 
-def skip_steps(distance: np.ndarray, cell_cm: float, step: float) -> np.ndarray:
-    """Steps a ray may skip from any point of an empty cell whose centre is ``distance`` cells (of ``cell_cm``)
-    from the nearest occupied cell's (:func:`distance_field`): every point of it is at least ``distance − √3``
-    cells from every occupied point. At least 1, saturated at 255 (a skip is only ever taken shorter); 0 where
-    occupied. Tabled once, so a step of the march reads one byte instead of a distance and a division."""
-    steps = np.trunc((distance.astype(np.float64) - SQRT3) * cell_cm / step)
-    return np.where(distance == 0, 0, np.clip(steps, 1, 255)).astype(np.uint8)
+def skip_steps(occupied: np.ndarray, cell_cm: float, step: float) -> np.ndarray:
+    """Per cell of an occupancy grid ``[g, g, g]`` (cells of at least ``cell_cm`` on every axis): 0 where
+    occupied, else how many steps a ray may take from any point of it without passing an occupied cell's point.
+
+    The gap between two cells (as boxes) is ``|max(|Δi| − 1, 0)|`` cells, which is the distance between the
+    centres of the one cell and the nearest of the 3×3×3 cells around the other: the distance field of the grid
+    grown by one cell (:func:`distance_field`; 0 next to an occupied cell). The samples a skip of ``s`` steps
+    passes over lie within ``(s − 1)·step`` of the point (the one it lands on is tested), so ``s = ⌊gap/step⌋ + 1``
+    (a hair less, for rounding; the bound from the centre distance alone, ``distance − √3``, skipped a step at a
+    time through the shell two cells from the surface, where most steps of a frame were). At least 1, at most 255
+    (taken shorter, a skip stays safe). Tabled once: a step of the march reads one byte."""
+    from scipy.ndimage import binary_dilation
+
+    grown = binary_dilation(occupied, np.ones((3, 3, 3), bool))
+    gap_cm = distance_field(grown).astype(np.float64) * cell_cm
+    steps = np.floor((gap_cm - 1e-4 * cell_cm) / step) + 1
+    return np.where(occupied, 0, np.clip(steps, 1, 255)).astype(np.uint8)
 
 
 def occupancy_lookup(mask: np.ndarray, extent: np.ndarray, step: float, coarse: int = COARSE) -> Occupancy:
@@ -417,10 +426,10 @@ def occupancy_lookup(mask: np.ndarray, extent: np.ndarray, step: float, coarse: 
     if r > coarse and r % coarse == 0:
         fine = r // coarse
         occupied = mask.reshape(coarse, fine, coarse, fine, coarse, fine).any(axis=(1, 3, 5))
-        fine_skip = skip_steps(distance_field(mask), cell_cm, step)
+        fine_skip = skip_steps(mask, cell_cm, step)
     else:
         fine, occupied, fine_skip = 1, mask, np.zeros((1, 1, 1), np.uint8)
-    coarse_skip = skip_steps(distance_field(occupied), cell_cm * fine, step)
+    coarse_skip = skip_steps(occupied, cell_cm * fine, step)
     return Occupancy(np.ascontiguousarray(coarse_skip), np.ascontiguousarray(fine_skip), fine, float(step))
 
 
