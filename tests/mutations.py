@@ -77,6 +77,10 @@ MUTATIONS = (
              "planes change", "avatar/field/fast.py", "        if cached is None or cached[0] != key:",
              "        if cached is None:",
              ("tests/test_fast_field.py::test_an_engines_channels_last_frame_state_is_the_blend_and_follows_the_parameters",)),
+    Mutation("lockstep_first_steps_mixed_up", "rays that search for their first occupied step side by side all "
+             "start from the first one's", "avatar/engines/fused_kernels.py", "        first[i] = k[i]",
+             "        first[i] = k[0]",
+             ("tests/test_fused_kernels.py::test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass",)),
     Mutation("vector_lerp_drops_a_corner", "the march's vector bilinear lookup leaves out its fourth texel",
              "avatar/engines/fused_kernels.py", "zip(args[3:7], args[7:11])", "zip(args[3:6], args[7:10])",
              ("tests/test_fused_kernels.py::test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass",)),

@@ -247,6 +247,44 @@ def _composite(active, offsets, out_k, near, step, raw, view_rgb, color, depth, 
         trans[r] = tr
 
 
+# Rays that look for their first occupied step side by side (:func:`_first_steps`).
+LOCKSTEP = 4
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _first_steps(origins, dirs, near, far, rays, start, stop, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
+                 first, k, steps, done):
+    """``first[i]``: the first occupied step of ray ``rays[start + i]`` (``i < stop − start ≤ LOCKSTEP``; its step
+    count where it has none), the rays skipping through empty space in turns. A ray's skips are one chain of
+    dependent loads and conversions (~30 % of a deferred frame's march); a few independent chains at once keep the
+    core busy while each waits (3–10 % faster a frame). ``k``, ``steps``, ``done``: scratch of ``LOCKSTEP``."""
+    n = stop - start
+    for i in range(n):
+        r = rays[start + i]
+        steps[i] = int(math.ceil((far[r] - near[r]) / step - 0.5))
+        k[i] = 0
+        done[i] = False
+    searching = n
+    while searching:
+        for i in range(n):
+            if done[i]:
+                continue
+            r = rays[start + i]
+            skip = 0
+            if k[i] < steps[i]:
+                t = near[r] + (np.float32(k[i]) + np.float32(0.5)) * step
+                skip = _skip(origins[r, 0] + dirs[r, 0] * t, origins[r, 1] + dirs[r, 1] * t,
+                             origins[r, 2] + dirs[r, 2] * t, coarse_skip, fine_skip, fine, box_min, cells_per_cm)
+            if skip:
+                k[i] += skip
+            else:
+                done[i] = True
+                searching -= 1
+    for i in range(n):
+        first[i] = k[i]
+
+
+
 def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
                     planes,
                     center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden, min_transmittance,
@@ -283,12 +321,20 @@ def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip
     pre = np.empty(max(hidden, 1), np.float32)  # the hidden layer's pre-activations
     acc = np.empty(width, np.float32)
     n_blocks = (rays.shape[0] + block - 1) // block
+    first = np.zeros(block, np.int64)  # each ray of a block: its first occupied step
+    first_k, first_steps, first_done = (np.zeros(LOCKSTEP, np.int64), np.zeros(LOCKSTEP, np.int64),
+                                        np.zeros(LOCKSTEP, np.bool_))  # (_first_steps' scratch)
     for b in range(part, n_blocks, parts):
-        for a in range(b * block, min((b + 1) * block, rays.shape[0])):
+        lo = b * block
+        hi = min((b + 1) * block, rays.shape[0])
+        for a in range(lo, hi, LOCKSTEP):
+            _first_steps(origins, dirs, near, far, rays, a, min(a + LOCKSTEP, hi), step32, coarse_skip, fine_skip,
+                         fine, box_min, cells_per_cm, first[a - lo:], first_k, first_steps, first_done)
+        for a in range(lo, hi):
             r = rays[a]
             steps = int(math.ceil((far[r] - near[r]) / step - 0.5))
             acc[:] = 0.0
-            k = 0
+            k = first[a - lo]
             tr = np.float32(1.0)
             d = np.float32(0.0)
             n = 0
