@@ -53,9 +53,9 @@ MUTATIONS = (
              ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
     Mutation("hidden_planes_misaligned", "the density head's hidden layer is moved onto the planes with each "
              "plane given another plane's share of the layer",
-             "avatar/engines/fused.py", "w.reshape(w.shape[0], 3, ch).permute(1, 2, 0)",
-             "w.reshape(w.shape[0], 3, ch).permute(1, 2, 0).flip(0)",
-             ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
+             "avatar/field/fast.py", "                share = w.reshape(w.shape[0], 3, -1).permute(1, 0, 2)  # [3, d, C]",
+             "                share = w.reshape(w.shape[0], 3, -1).permute(1, 0, 2).flip(0)  # [3, d, C]",
+             ("tests/test_fast_field.py::test_a_deferred_fields_gather_state_appends_its_density_heads_hidden_layer_per_texel",)),
     Mutation("refined_grid_leaves_carved_cells", "the bundle's finer occupancy grid brings back cells the carving "
              "dropped", "avatar/render/grid.py",
              "        fine.mask = _dilate(fine.density > self.threshold) & inside",

@@ -296,3 +296,27 @@ def test_an_engines_channels_last_frame_state_is_the_blend_and_follows_the_param
         with torch.no_grad():  # a training step changes the planes in place
             f.planes.add_(1.0)
             f.expression_planes.mul_(2.0)
+
+
+@pytest.mark.parametrize("density_hidden", [5, 0])
+def test_a_deferred_fields_gather_state_appends_its_density_heads_hidden_layer_per_texel(density_hidden):
+    """The fused engine's frame state: each texel's features, then (a hidden head) the hidden layer's share of
+    its plane applied to them — made from bases blended channels-last, or from the planes where it cannot be."""
+    torch.manual_seed(4)
+    f = FastField([-10, -10, -10], [10, 10, 10], expression_dim=6, latent_dim=2, resolution=16, channels=4, bases=3,
+                  expression_resolution=8, shading="deferred", density_hidden=density_hidden)
+    with torch.no_grad():
+        f.expression_planes.normal_()
+    expression, latent = torch.randn(6), torch.randn(2)
+    with torch.inference_mode():
+        state, bias = f.gather_state(expression, latent)
+        planes, want_bias = f.frame_state(expression, latent, channels_last=True)
+        want = planes
+        if density_hidden:
+            w = f.density_layer.weight  # [d, 3C]: plane p's texels through columns pC…(p+1)C
+            want = torch.cat([planes, torch.stack([planes[p] @ w[:, 4 * p:4 * (p + 1)].T for p in range(3)])], -1)
+    assert state.shape == (3, 16 * 16, 4 + density_hidden) and state.is_contiguous()
+    torch.testing.assert_close(state, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias, want_bias)
+    state_slow, _ = f.gather_state(expression, latent)  # with gradients on: the planes, then the layer
+    torch.testing.assert_close(state_slow.detach(), want, atol=1e-5, rtol=1e-5)

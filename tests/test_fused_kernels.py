@@ -121,7 +121,7 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
     w, b = rng.normal(size=3 * ch).astype(np.float32) * (hidden == 0), 1.5  # (a hidden head has no linear term)
     weight = rng.normal(size=(hidden, 3 * ch)).astype(np.float32)
     bias, out_weight = rng.normal(size=hidden).astype(np.float32), rng.normal(size=hidden).astype(np.float32)
-    # the hidden layer moved onto each plane's texels (what the engine does once per frame)
+    # the hidden layer moved onto each plane's texels, after their features (what the field does once per frame)
     hidden_planes = np.stack([planes[p] @ weight[:, p * ch:(p + 1) * ch].T for p in range(3)]).astype(np.float32)
     rays_hit = np.flatnonzero(hit)
     cells = T(np.full(3, g / 10.0, np.float32))
@@ -132,9 +132,10 @@ def test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pa
                                           T(box_min), cells, T(planes), T(center), T(half), T(w), b, 0.0, **layer)
     assert (never_stopping[1] > twin[1]).any() and (twin[1] > 0).any() and (twin[1] == 0).any()
     for threads in (1, 3):
-        out = kernels.march_deferred(origins, dirs, near, far, hit, planes, center, (1 / half).astype(np.float32),
+        out = kernels.march_deferred(origins, dirs, near, far, hit, np.concatenate([planes, hidden_planes], -1), center,
+                                     (1 / half).astype(np.float32),
                                      kernels.occupancy_lookup(occupied, box_max - box_min, step, coarse), box_min, box_max,
-                                     step, (w, b, hidden_planes, bias, out_weight), min_t, threads=threads, block=7,
+                                     step, (w, b, bias, out_weight), min_t, threads=threads, block=7,
                                      density_clamp=DENSITY_CLAMP, density_shift=DENSITY_SHIFT)
         assert out["rays"].tolist() == rays_hit.tolist()
         for got, want in zip((out["feature_sum"], out["alpha"], out["depth"]), twin):

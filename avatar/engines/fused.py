@@ -83,7 +83,10 @@ class FusedEngine(RenderEngine):
         self.min_transmittance = min_transmittance
 
     def frame_state(self, expression, latent):
-        return self.model.field.frame_state(expression, latent, channels_last=True)
+        field = self.model.field
+        if field.deferred:  # (with the density head's hidden pre-activations per texel: see _density_head)
+            return field.gather_state(expression, latent)
+        return field.frame_state(expression, latent, channels_last=True)
 
     def _mlp(self, latent_bias: Tensor):
         """The volumetric field's decoder without activations, ``features [m, 3C] → raw [m, 4]``, for this frame's
@@ -131,7 +134,7 @@ class FusedEngine(RenderEngine):
         from avatar.engines.fused_kernels import march_fused
 
         expression, head_pose, latent = self._inputs(expression, head_pose, latent, size)
-        planes, latent_bias = self.frame_state(expression, latent)  # planes [3, r·r, C]
+        planes, latent_bias = self.frame_state(expression, latent)  # planes [3, r·r, C] (+ d: a deferred head's)
         res = self.model.field.hparams["resolution"]
         threads = self.threads or torch.get_num_threads()
         if threads > 1:
@@ -149,24 +152,17 @@ class FusedEngine(RenderEngine):
         return {"rgb": torch.from_numpy(out["rgb"]).clamp_(0, 1).reshape(size, size, 3),
                 "alpha": torch.from_numpy(out["alpha"]).reshape(size, size)}
 
-    def _density_head(self, planes: Tensor, latent_bias: Tensor) -> tuple:
-        """A deferred field's density head for :func:`avatar.engines.fused_kernels.march_deferred`, for this frame's
-        ``planes [3, r·r, C]``, its share folded into the biases: ``(w_density [F], b_density, hidden_planes
-        [3, r, r, d], b_hidden [d], w_hidden [d])``. A hidden layer ``W [d, F]`` moves onto the texels, plane by
-        plane (``planes[p] @ W[:, pC:(p+1)C].T``: ~12 M multiply-adds a frame at 128² × 16 channels, instead of
-        ``F × d`` per sample)."""
+    def _density_head(self, latent_bias: Tensor) -> tuple:
+        """A deferred field's density head for :func:`avatar.engines.fused_kernels.march_deferred`, this frame's
+        share folded into the biases: ``(w_density [F], b_density, b_hidden [d], w_hidden [d])``. Its hidden
+        layer's weights are in the planes already (:meth:`avatar.field.fast.FastField.gather_state`)."""
         field = self.model.field
         share = latent_bias[field.layer1.weight.shape[0]:]
-        res, ch = field.hparams["resolution"], planes.shape[-1]
         if field.density_layer is None:
             none = np.zeros(0, np.float32)
-            return (field.density.weight[0].contiguous().numpy(), float(field.density.bias + share[0]),
-                    np.zeros((3, res, res, 0), np.float32), none, none)
-        w = field.density_layer.weight  # [d, 3C]
-        hidden_planes = torch.bmm(planes, w.reshape(w.shape[0], 3, ch).permute(1, 2, 0))  # [3, r·r, d]
-        return (np.zeros(3 * ch, np.float32), float(field.density.bias),
-                hidden_planes.reshape(3, res, res, -1).numpy(), (field.density_layer.bias + share).numpy(),
-                field.density.weight[0].contiguous().numpy())
+            return (field.density.weight[0].contiguous().numpy(), float(field.density.bias + share[0]), none, none)
+        return (np.zeros(field.density_layer.weight.shape[1], np.float32), float(field.density.bias),
+                (field.density_layer.bias + share).numpy(), field.density.weight[0].contiguous().numpy())
 
     def _render_deferred(self, rays: dict, planes_t: Tensor, latent_bias: Tensor, bg: Tensor, size: int,
                          threads: int) -> dict:
@@ -177,7 +173,7 @@ class FusedEngine(RenderEngine):
         res = self.model.field.hparams["resolution"]
         out = march_deferred(rays["origins"], rays["dirs"], rays["near"], rays["far"], rays["hit"],
                              planes_t.reshape(3, res, res, -1).numpy(), self._center, self._inv_half, self._occupancy,
-                             *self._box, self.step, self._density_head(planes_t, latent_bias), self.min_transmittance,
+                             *self._box, self.step, self._density_head(latent_bias), self.min_transmittance,
                              threads=threads, workspace=self._workspace, density_clamp=DENSITY_CLAMP,
                              density_shift=DENSITY_SHIFT)
         self.last_samples = out["samples"]

@@ -286,8 +286,7 @@ def _first_steps(origins, dirs, near, far, rays, start, stop, step, coarse_skip,
 
 
 def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
-                    planes,
-                    center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden, min_transmittance,
+                    planes, center, inv_half, w_density, b_density, b_hidden, w_hidden, min_transmittance,
                     density_clamp, density_shift, block, part, parts, feature_sum, alpha, depth, samples):
     """A deferred-shading field marched in one pass per ray, for rays ``rays [h]`` (those that meet the head box;
     row ``a`` of every output is ray ``rays[a]``): the samples of :func:`_plan_round` (fixed steps in occupied
@@ -299,24 +298,25 @@ def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip
 
     ``raw = b_density + w_density · f`` for a linear head (``d = 0`` hidden units), ``b_density + w_hidden ·
     relu(W f + b_hidden)`` for a hidden layer (as the field's two heads; ``w_density`` is not read then), whose
-    pre-activations ``W f`` are read like the features, from ``hidden_planes [3, r, r, d]`` —
-    each plane's texels through that plane's share of the layer, made once per frame: the layer is linear and the
-    lookup is a weighted sum of texels, so ``W f`` is the lookup of ``W · texels``. Per sample that is d more
-    values to interpolate instead of ``F × d`` multiply-adds (``b_density`` and ``b_hidden`` carry the frame's
-    share).
+    pre-activations ``W f`` are read like the features: ``planes [3, r, r, C + d]`` holds, after each texel's C
+    features, its d values through its plane's share of the layer
+    (:meth:`avatar.field.fast.FastField.gather_state`): the layer is linear and the lookup is a weighted sum of
+    texels, so ``W f`` is the lookup of ``W · texels``. Per sample that is d more values to interpolate, from the
+    same rows, instead of ``F × d`` multiply-adds (``b_density`` and ``b_hidden`` carry the frame's share).
 
     Rays go in blocks of ``block``; this call takes blocks ``part, part + parts, …`` (threads run the parts:
     :func:`_march_deferred_parallel`). Positions are float32
     (float64 in the other kernels: here they would double the per-sample arithmetic for < 1e-6 cm)."""
     res = planes.shape[1]
-    ch = planes.shape[3]
+    hidden = b_hidden.shape[0]
+    row = planes.shape[3]  # floats per texel: its features, then its hidden pre-activations
+    ch = row - hidden
     width = 3 * ch
     half = np.float32(0.5 * (res - 1))
     one = np.float32(1.0)
     step32 = np.float32(step)
     clamp32 = np.float32(density_clamp)
     shift32 = np.float32(density_shift)
-    hidden = hidden_planes.shape[3]
     f = np.empty(width, np.float32)
     pre = np.empty(max(hidden, 1), np.float32)  # the hidden layer's pre-activations
     acc = np.empty(width, np.float32)
@@ -368,11 +368,11 @@ def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip
                     w10 = (one - wx) * wy
                     w11 = wx * wy
                     texel = (p * res + y0) * res + x0  # the four texels: texel, +1, +res, +res+1
-                    o = texel * ch
-                    _lerp_row(f, p * ch, planes, o, o + ch, o + res * ch, o + (res + 1) * ch, w00, w01, w10, w11, ch)
-                    if hidden:
-                        o = texel * hidden
-                        _lerp_row(pre, 0, hidden_planes, o, o + hidden, o + res * hidden, o + (res + 1) * hidden,
+                    o = texel * row
+                    _lerp_row(f, p * ch, planes, o, o + row, o + res * row, o + (res + 1) * row, w00, w01, w10, w11, ch)
+                    if hidden:  # (the same four rows, after the features: one fetch of each texel's cache lines)
+                        o += ch
+                        _lerp_row(pre, 0, planes, o, o + row, o + res * row, o + (res + 1) * row,
                                   w00, w01, w10, w11, hidden)
                 if hidden:
                     for j in range(hidden):
@@ -409,7 +409,7 @@ MARCH_DEFERRED = _compile(_march_deferred, False)
 
 
 def _march_deferred_parallel(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min,
-                             cells_per_cm, planes, center, inv_half, w_density, b_density, hidden_planes, b_hidden, w_hidden,
+                             cells_per_cm, planes, center, inv_half, w_density, b_density, b_hidden, w_hidden,
                              min_transmittance, density_clamp, density_shift, block, parts, feature_sum, alpha, depth,
                              samples):
     """:func:`_march_deferred` in ``parts`` parts on numba's threads. Numba hands a parallel loop's body its
@@ -422,7 +422,7 @@ def _march_deferred_parallel(origins, dirs, near, far, rays, step, coarse_skip, 
     for part in prange(parts):
         MARCH_DEFERRED(c(origins), c(dirs), c(near), c(far), c(rays), step, c(coarse_skip), c(fine_skip), fine,
                        c(box_min), c(cells_per_cm), c(planes), c(center), c(inv_half), c(w_density), b_density,
-                       c(hidden_planes), c(b_hidden), c(w_hidden), min_transmittance, density_clamp, density_shift,
+                       c(b_hidden), c(w_hidden), min_transmittance, density_clamp, density_shift,
                        block, part, parts, c(feature_sum), c(alpha), c(depth), c(samples))
 
 
@@ -575,16 +575,17 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
 
 
 def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n 3"], near: Float[np.ndarray, " n"],
-                   far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r c"],
+                   far: Float[np.ndarray, " n"], hit: np.ndarray, planes: Float[np.ndarray, "3 r r w"],
                    center: np.ndarray, inv_half: np.ndarray, occupancy: Occupancy,
                    box_min: np.ndarray, box_max: np.ndarray, step: float, density_head: tuple,
                    min_transmittance: float = MIN_TRANSMITTANCE, threads: int = 1,
                    workspace: Workspace | None = None, block: int = 16, *, density_clamp: float,
                    density_shift: float) -> dict:
     """Render the rays of a deferred-shading field up to its per-pixel MLP (:func:`_march_deferred`, one pass per
-    ray). ``density_head = (w_density [F], b_density, hidden_planes [3, r, r, d], b_hidden [d], w_hidden [d])``
-    with the frame's share in the biases (a linear head: ``d = 0``); ``planes`` the frame's blended planes laid
-    out ``[3, y, x, C]``; ``occupancy`` the grid's :func:`occupancy_lookup` for ``step``.
+    ray). ``density_head = (w_density [F], b_density, b_hidden [d], w_hidden [d])`` with the frame's share in the
+    biases (a linear head: ``d = 0``); ``planes`` the frame's blended planes laid out ``[3, y, x, C + d]``, each
+    texel's hidden pre-activations after its features (``w = C + d``); ``occupancy`` the grid's
+    :func:`occupancy_lookup` for ``step``.
     Returns ``rays [h]`` (the rays that meet the head box), their ``feature_sum [h, F]`` (weighted sums of the
     samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
     ``threads`` threads march the rays (numba's)."""
@@ -593,15 +594,15 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     extent = (box_max - box_min).astype(np.float32)
     cells_per_cm = (g / extent).astype(np.float32)
     rays = np.flatnonzero(hit).astype(np.int64)
-    feature_sum = ws.get("feature_sum", (rays.size, planes.shape[0] * planes.shape[3]))  # (every row written)
+    w_density, b_density, b_hidden, w_hidden = density_head
+    features = planes.shape[0] * (planes.shape[3] - b_hidden.shape[0])
+    feature_sum = ws.get("feature_sum", (rays.size, features))  # (every row written)
     alpha, depth = ws.get("alpha", (rays.size,)), ws.get("depth", (rays.size,))
     samples = ws.get("samples", (rays.size,), np.int64)
-    w_density, b_density, hidden_planes, b_hidden, w_hidden = density_head
     # contiguous once here, not in every part of the parallel kernel (a camera's origin is one row broadcast)
-    origins, dirs, near, far, planes, hidden_planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes,
-                                                                                       hidden_planes))
+    origins, dirs, near, far, planes = (np.ascontiguousarray(a) for a in (origins, dirs, near, far, planes))
     args = (origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
-            planes, center, inv_half, w_density, np.float32(b_density), hidden_planes, b_hidden, w_hidden,
+            planes, center, inv_half, w_density, np.float32(b_density), b_hidden, w_hidden,
             min_transmittance, density_clamp, density_shift, block)
     outs = (feature_sum, alpha, depth, samples)
     if threads <= 1:

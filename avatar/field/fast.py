@@ -299,19 +299,46 @@ class FastField(nn.Module):
         planes = self.blend(condition)
         return self.channels_last(planes) if channels_last else planes, self.latent_bias(condition)
 
-    def _gather_layout(self) -> tuple[Tensor, Tensor] | None:
-        """The neutral planes ``[3, r, r, C]`` and the expression bases ``[k, 3, re, re, C]`` with channels last,
+    def _gather_layout(self, hidden: bool = False) -> tuple[Tensor, Tensor] | None:
+        """The neutral planes ``[3, r, r, w]`` and the expression bases ``[k, 3, re, re, w]`` with channels last
+        (``w = C``; with ``hidden``, each texel's C features then their :meth:`gather_state` hidden pre-activations),
         for a frozen field's frames (an engine's: no gradient, not exported) with bases at their own resolution
-        and no warp; None otherwise. Copied once per version of the parameters."""
+        and no warp; None otherwise. Made once per version of the parameters."""
         if (self.expression_planes is None or self.warp is not None or torch.is_grad_enabled()
                 or torch.onnx.is_in_onnx_export()):
             return None
-        key = tuple((p.data_ptr(), p._version) for p in (self.planes, self.expression_planes))
+        params = (self.planes, self.expression_planes) + ((self.density_layer.weight,) if hidden else ())
+        key = (hidden,) + tuple((p.data_ptr(), p._version) for p in params)
         cached = getattr(self, "_layout", None)
         if cached is None or cached[0] != key:
-            cached = self._layout = (key, self.planes[0].permute(0, 2, 3, 1).contiguous(),
-                                     self.expression_planes.permute(0, 1, 3, 4, 2).contiguous())
+            neutral = self.planes[0].permute(0, 2, 3, 1).contiguous()
+            bases = self.expression_planes.permute(0, 1, 3, 4, 2).contiguous()
+            if hidden:  # plane p's texels through its share of the layer: W[:, pC:(p+1)C]
+                w = self.density_layer.weight  # [d, 3C]
+                share = w.reshape(w.shape[0], 3, -1).permute(1, 0, 2)  # [3, d, C]
+                neutral = torch.cat([neutral, torch.einsum("pijc,pdc->pijd", neutral, share)], -1)
+                bases = torch.cat([bases, torch.einsum("kpijc,pdc->kpijd", bases, share)], -1)
+            cached = self._layout = (key, neutral, bases)
         return cached[1:]
+
+    def gather_state(self, expression: Float[Tensor, " e"], latent: Float[Tensor, " l"]
+                     ) -> tuple[Float[Tensor, "3 rr w"], Float[Tensor, " b"]]:
+        """A deferred field's frame state for a marcher that runs its density head inside the march (the fused
+        engine): :meth:`frame_state`'s channels-last planes with each texel's hidden pre-activations after its C
+        features (``w = C + d``): its plane's share of the density head's hidden layer applied to it. The layer is
+        linear and a bilinear lookup is a weighted sum of texels, so a lookup of those gives ``W f`` (bias apart),
+        and blending and upsampling are linear too: they are taken once, on the bases. A linear head has none
+        (``w = C``)."""
+        if self.density_layer is None:
+            return self.frame_state(expression, latent, channels_last=True)
+        condition = torch.cat([expression, latent])
+        layout = self._gather_layout(hidden=True)
+        if layout is not None:
+            return self._blend_for_gathers(condition, *layout), self.latent_bias(condition)
+        planes = self.channels_last(self.blend(condition))  # [3, rr, C]
+        w = self.density_layer.weight
+        pre = torch.bmm(planes, w.reshape(w.shape[0], 3, -1).permute(1, 2, 0))  # [3, rr, d]
+        return torch.cat([planes, pre], -1), self.latent_bias(condition)
 
     def _blend_for_gathers(self, condition: Float[Tensor, " c"], neutral: Float[Tensor, "3 r r ch"],
                            bases: Float[Tensor, "k 3 re re ch"]) -> Float[Tensor, "3 rr ch"]:
