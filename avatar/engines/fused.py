@@ -38,8 +38,9 @@ class FusedEngine(RenderEngine):
     ``threads``: for its kernels and the MLP (0 = torch's current setting, read at each frame).
 
     A deferred-shading field is marched in one pass per ray (:func:`avatar.engines.fused_kernels.march_deferred`:
-    its density head inside the march — a hidden layer read from per-frame planes —, no sample lists, no feature
-    buffer), then shaded per pixel (:meth:`_shader`).
+    its density head inside the march — the hidden layer's pre-activations read with the features, from the same
+    texel rows (:meth:`avatar.field.fast.FastField.gather_state`) —, no sample lists, no feature buffer), then
+    shaded per pixel (:meth:`_shader`).
     """
 
     name = "fused"

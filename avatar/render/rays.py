@@ -26,6 +26,7 @@ def camera_directions(pixels: Float[Tensor, "n 2"], intrinsics: Float[Tensor, "4
 
 
 def unit_directions(dirs: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:
+    """Each direction scaled to length 1."""
     return dirs / dirs.norm(dim=-1, keepdim=True)
 
 
