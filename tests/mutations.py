@@ -81,6 +81,11 @@ MUTATIONS = (
              "start from the first one's", "avatar/engines/fused_kernels.py", "        first[i] = k[i]",
              "        first[i] = k[0]",
              ("tests/test_fused_kernels.py::test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass",)),
+    Mutation("deferred_pixels_misplaced", "the fused engine composites each shaded ray's colour onto the pixel of "
+             "its place among the marched rays", "avatar/field/fast.py",
+             "rgb.index_add(0, rows if pixels is None else pixels[rows], a[:, None] * colour)",
+             "rgb.index_add(0, rows, a[:, None] * colour)",
+             ("tests/test_fused.py::test_fused_engine_renders_what_the_torch_engine_renders",)),
     Mutation("vector_lerp_drops_a_corner", "the march's vector bilinear lookup leaves out its fourth texel",
              "avatar/engines/fused_kernels.py", "zip(args[3:7], args[7:11])", "zip(args[3:6], args[7:10])",
              ("tests/test_fused_kernels.py::test_deferred_march_kernel_marches_gathers_and_composites_each_ray_in_one_pass",)),

@@ -138,7 +138,6 @@ def _axpy_row(dst, src, weight, n):
         c += 1
 
 
-
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
 def _skip(x, y, z, coarse_skip, fine_skip, fine, box_min, cells_per_cm):
     """0 when the point ``(x, y, z)`` is in an occupied cell, else how many steps it can skip
@@ -164,7 +163,7 @@ def _skip(x, y, z, coarse_skip, fine_skip, fine, box_min, cells_per_cm):
 def _plan_round(origins, dirs, near, far, active, kpos, step, most, coarse_skip, fine_skip, fine, box_min,
                 cells_per_cm, out_k, out_n):
     """For each active ray: the step indices of its next ≤ ``most`` occupied samples (from ``kpos``); advances
-    ``kpos`` past them. Empty cells are skipped by their distance to the nearest occupied cell (:func:`_skip`)."""
+    ``kpos`` past them. Empty cells are skipped by the occupancy's skip tables (:func:`_skip`)."""
     for a in prange(active.shape[0]):
         r = active[a]
         k = kpos[r]
@@ -284,13 +283,13 @@ def _first_steps(origins, dirs, near, far, rays, start, stop, step, coarse_skip,
         first[i] = k[i]
 
 
-
 def _march_deferred(origins, dirs, near, far, rays, step, coarse_skip, fine_skip, fine, box_min, cells_per_cm,
                     planes, center, inv_half, w_density, b_density, b_hidden, w_hidden, min_transmittance,
                     density_clamp, density_shift, block, part, parts, feature_sum, alpha, depth, samples):
     """A deferred-shading field marched in one pass per ray, for rays ``rays [h]`` (those that meet the head box;
     row ``a`` of every output is ray ``rays[a]``): the samples of :func:`_plan_round` (fixed steps in occupied
-    cells, empty cells skipped by the distance field), each sample's tri-plane features ``f`` as :func:`_gather`,
+    cells, empty cells skipped by the skip tables; each ray's first one found with its block's neighbours,
+    :func:`_first_steps`), each sample's tri-plane features ``f`` as :func:`_gather`,
     its density ``exp(min(raw, density_clamp) − density_shift)`` and its features composited onto
     ``feature_sum [h, F]`` front to back (as :func:`_composite` composites colours) — until the transmittance falls below
     ``min_transmittance``. Nothing per sample leaves the core: no sample lists, no feature buffer. Writes
@@ -479,11 +478,15 @@ def occupancy_lookup(mask: np.ndarray, extent: np.ndarray, step: float, coarse: 
     return Occupancy(np.ascontiguousarray(coarse_skip), np.ascontiguousarray(fine_skip), fine, float(step))
 
 
-def _tables(occupancy: Occupancy, step: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """The skip tables, checked against the march's step (tables for a longer step would skip occupied cells)."""
+def _tables(occupancy: Occupancy, step: float, box_min: np.ndarray, box_max: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """The kernels' occupancy arguments ``(coarse_skip, fine_skip, fine, cells_per_cm)`` (coarse cells per cm
+    on each axis of the box), the tables checked against the march's step (tables for a longer step would skip
+    occupied cells)."""
     if not math.isclose(occupancy.step, step, rel_tol=1e-6):
         raise ValueError(f"occupancy tables are for steps of {occupancy.step} cm, the march takes {step}")
-    return occupancy.coarse_skip, occupancy.fine_skip, occupancy.fine
+    cells_per_cm = (occupancy.coarse_skip.shape[0] / (box_max - box_min).astype(np.float32)).astype(np.float32)
+    return occupancy.coarse_skip, occupancy.fine_skip, occupancy.fine, cells_per_cm
 
 
 def distance_field(occupied: np.ndarray) -> np.ndarray:
@@ -532,9 +535,7 @@ def march_fused(mlp, origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, 
     plan_round, pack, gather, composite = KERNELS[parallel]
     ws = workspace or Workspace()
     n = origins.shape[0]
-    coarse_skip, fine_skip, fine, g = *_tables(occupancy, step), occupancy.coarse_skip.shape[0]
-    extent = (box_max - box_min).astype(np.float32)
-    cells_per_cm = (g / extent).astype(np.float32)
+    coarse_skip, fine_skip, fine, cells_per_cm = _tables(occupancy, step, box_min, box_max)
     color = np.zeros((n, 3), np.float32)
     depth = np.zeros(n, np.float32)
     trans = np.ones(n, np.float32)
@@ -590,9 +591,7 @@ def march_deferred(origins: Float[np.ndarray, "n 3"], dirs: Float[np.ndarray, "n
     samples' features, a workspace buffer), ``alpha [h]`` and ``depth [h]``, and ``samples`` (field evaluations).
     ``threads`` threads march the rays (numba's)."""
     ws = workspace or Workspace()
-    coarse_skip, fine_skip, fine, g = *_tables(occupancy, step), occupancy.coarse_skip.shape[0]
-    extent = (box_max - box_min).astype(np.float32)
-    cells_per_cm = (g / extent).astype(np.float32)
+    coarse_skip, fine_skip, fine, cells_per_cm = _tables(occupancy, step, box_min, box_max)
     rays = np.flatnonzero(hit).astype(np.int64)
     w_density, b_density, b_hidden, w_hidden = density_head
     features = planes.shape[0] * (planes.shape[3] - b_hidden.shape[0])

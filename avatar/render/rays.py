@@ -30,14 +30,13 @@ def unit_directions(dirs: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:
     return dirs / dirs.norm(dim=-1, keepdim=True)
 
 
-def rays_to_canonical(dirs_cam: Float[Tensor, "n 3"], head_pose: Float[Tensor, "4 4"], unit: bool = False
+def rays_to_canonical(dirs_cam: Float[Tensor, "n 3"], head_pose: Float[Tensor, "4 4"]
                       ) -> tuple[Float[Tensor, "n 3"], Float[Tensor, "n 3"]]:
-    """Camera rays (from the camera centre) → canonical-space origins and unit directions. Normalised before
-    the rotation (which keeps lengths), so a fixed camera's unit directions can be made once (``unit=True``: they
-    are already)."""
+    """Camera rays (from the camera centre, *unit* directions) → canonical-space origins and unit directions.
+    Normalised before the rotation (which keeps lengths), so a fixed camera's unit directions are made once."""
     inv_rot = head_pose[:3, :3].T
     origin = -inv_rot @ head_pose[:3, 3]
-    dirs = (dirs_cam if unit else unit_directions(dirs_cam)) @ inv_rot.T
+    dirs = dirs_cam @ inv_rot.T
     return origin.expand_as(dirs), dirs
 
 
@@ -64,6 +63,6 @@ def frame_rays(pixels: Float[Tensor, "n 2"], intrinsics: Float[Tensor, "4"], hea
     (``unit_directions(camera_directions(pixels, intrinsics))``)."""
     if camera is None:
         camera = unit_directions(camera_directions(pixels.float(), intrinsics))
-    origins, dirs = rays_to_canonical(camera, head_pose, unit=True)
+    origins, dirs = rays_to_canonical(camera, head_pose)
     near, far, hit = intersect_box(origins, dirs, box_min, box_max)
     return {"origins": origins, "dirs": dirs, "near": near, "far": far, "hit": hit}
